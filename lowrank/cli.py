@@ -1,0 +1,86 @@
+"""The ``lowrank`` command.
+
+lowrank inspect decompose_info.json    # per layer: method, ranks, parameters and MACs before/after
+"""
+
+import argparse
+import sys
+
+from .info import DecomposeInfoError, read_document
+
+
+def _ratio(before, after):
+    return f"{before / after:.2f}x" if after else "-"
+
+
+def inspect_table(path) -> str:
+    """A table of the layers recorded in a lowrank info file, with totals and the skipped layers."""
+    document = read_document(path)
+    if isinstance(document, list):
+        raise DecomposeInfoError(
+            f"{path}: an AMCT info file records no costs; replay it with decompose_network, then save a lowrank one"
+        )
+    header = ("layer", "method", "ranks", "params", "decomposed", "ratio", "MACs/pos", "decomposed", "ratio")
+    rows, totals = [], [0, 0, 0, 0]
+    for layer in document["layers"]:
+        try:
+            (p0, p1), (m0, m1) = layer["params"], layer["macs_per_position"]
+            ranks = "x".join(str(rank) for rank in layer["ranks"])
+            rows.append(
+                (
+                    layer["name"],
+                    layer["method"],
+                    ranks,
+                    f"{p0:,}",
+                    f"{p1:,}",
+                    _ratio(p0, p1),
+                    f"{m0:,}",
+                    f"{m1:,}",
+                    _ratio(m0, m1),
+                )
+            )
+        except (KeyError, TypeError, ValueError) as error:
+            raise DecomposeInfoError(f"{path}: layer record {layer!r} is incomplete: {error!r}") from None
+        totals = [t + v for t, v in zip(totals, (p0, p1, m0, m1))]
+    p0, p1, m0, m1 = totals
+    rows.append(
+        (
+            f"total ({len(document['layers'])} layers)",
+            "",
+            "",
+            f"{p0:,}",
+            f"{p1:,}",
+            _ratio(p0, p1),
+            f"{m0:,}",
+            f"{m1:,}",
+            _ratio(m0, m1),
+        )
+    )
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    lines = [
+        "  ".join(cell.ljust(width) if i < 3 else cell.rjust(width) for i, (cell, width) in enumerate(zip(row, widths)))
+        for row in [header, *rows]
+    ]
+    lines.insert(1, "-" * len(lines[0]))
+    lines.insert(len(lines) - 1, "-" * len(lines[0]))
+    for skipped in document.get("skipped", []):
+        lines.append(f"skipped {skipped.get('name')!r}: {skipped.get('reason')}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="lowrank", description="Low-rank decomposition of PyTorch models.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    inspect = commands.add_parser("inspect", help="print the layers recorded in a decomposition info file")
+    inspect.add_argument("info_file", help="a decomposition info file written by auto_decomposition")
+    args = parser.parse_args(argv)
+    try:
+        print(inspect_table(args.info_file))
+    except (OSError, DecomposeInfoError) as error:
+        print(f"lowrank: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,351 @@
+"""The public API, with the seeds' names: AMCT's ``auto_decomposition``/``decompose_network`` and
+msModelSlim's ``Decompose``.
+
+Every call first plans (which layers, which ranks, the new weights) without touching the model,
+then writes the info file, then replaces the layers: an error never leaves a half-decomposed model
+or a half-written file.
+"""
+
+import ast
+import copy
+import functools
+import inspect
+import os
+import textwrap
+import time
+from collections import defaultdict
+
+import torch
+from torch import nn
+from torch.nn.modules.conv import _ConvNd
+from torch.nn.utils import parametrize
+from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
+
+from .info import Replacement, load_json, read_info, write_info
+from .log import logger
+from .methods import build_module, dense_cost, method_for, output_shape_changes
+from .policy import RankPolicy
+from .stats import count_parameters
+
+CONV_METHODS = ("spatial", "tucker2", "svd")
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _self_path(node: ast.AST) -> str | None:
+    """``"a.b"`` for the expression ``self.a.b``, else None."""
+    parts = []
+    while isinstance(node, ast.Attribute):
+        parts.append(node.attr)
+        node = node.value
+    if isinstance(node, ast.Name) and node.id == "self" and parts:
+        return ".".join(reversed(parts))
+    return None
+
+
+@functools.cache
+def _paths_with_direct_weight_use(cls: type) -> frozenset[str]:
+    """Submodule paths whose ``weight`` or ``bias`` a method of ``cls`` (other than ``__init__``) reads
+    directly, e.g. ``{"out_proj"}`` for ``nn.MultiheadAttention``, which passes ``self.out_proj.weight``
+    to a functional instead of calling ``self.out_proj``. Replacing such a submodule would break its
+    owner, so it is left alone. Classes whose source is unavailable are assumed not to."""
+    paths = set()
+    for klass in cls.__mro__:
+        if klass in (nn.Module, object):
+            continue
+        try:
+            tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
+        except (OSError, TypeError, SyntaxError):
+            continue
+        for function in ast.walk(tree):
+            if isinstance(function, (ast.FunctionDef, ast.AsyncFunctionDef)) and function.name != "__init__":
+                for node in ast.walk(function):
+                    if isinstance(node, ast.Attribute) and node.attr in ("weight", "bias"):
+                        path = _self_path(node.value)
+                        if path:
+                            paths.add(path)
+    return frozenset(paths)
+
+
+def _scan(model: nn.Module) -> tuple[dict[str, nn.Module], dict[str, str]]:
+    """Conv2d and Linear layers that can be replaced, and every other conv/linear layer with the reason
+    it cannot."""
+    names_of = defaultdict(list)
+    for name, module in model.named_modules(remove_duplicate=False):
+        names_of[id(module)].append(name)
+    owners = defaultdict(list)
+    for name, param in model.named_parameters(remove_duplicate=False):
+        owners[id(param)].append(name)
+    candidates, skipped = {}, {}
+    for name, module in model.named_modules():
+        if not isinstance(module, (_ConvNd, nn.Linear)):
+            continue
+        reason = _why_not(model, name, module, names_of, owners)
+        if reason:
+            skipped[name] = reason
+        else:
+            candidates[name] = module
+    return candidates, skipped
+
+
+def _why_not(model, name, module, names_of, owners) -> str | None:
+    if not name:
+        return "the model itself is the layer; wrap it in a container such as nn.Sequential"
+    if not isinstance(module, (nn.Conv2d, nn.Linear)):
+        return f"{type(module).__name__} is not supported (Conv2d and Linear are)"
+    parts = name.split(".")
+    for depth in range(len(parts)):
+        owner = model.get_submodule(".".join(parts[:depth]))
+        if ".".join(parts[depth:]) in _paths_with_direct_weight_use(type(owner)):
+            return f"{type(owner).__name__} reads its weights directly instead of calling it"
+    if isinstance(module.weight, nn.parameter.UninitializedParameter):
+        return "its weights are not initialised yet (lazy module)"
+    if parametrize.is_parametrized(module):
+        return "its weight is parametrized (torch.nn.utils.parametrize)"
+    if type(module) not in (nn.Conv2d, nn.Linear):
+        base = "Conv2d" if isinstance(module, nn.Conv2d) else "Linear"
+        return f"{type(module).__name__} is a subclass of {base} whose forward may differ"
+    others = [other for other in names_of[id(module)] if other != name]
+    if others:
+        return f"the module is shared with {others[0]!r}"
+    for param in module.parameters(recurse=False):
+        tied = [owner for owner in owners[id(param)] if owner.rpartition(".")[0] != name]
+        if tied:
+            return f"its parameters are tied with {tied[0]!r}"
+    if isinstance(module, nn.Conv2d) and module.groups > 1:
+        kind = "depthwise" if module.groups == module.in_channels else "grouped"
+        return f"{kind} convolution (groups={module.groups})"
+    if module._forward_hooks or module._forward_pre_hooks or module._backward_hooks:
+        return "hooks are registered on it and would be lost"
+    if module.weight.dtype not in SUPPORTED_DTYPES:
+        return f"unsupported dtype {module.weight.dtype}"
+    return None
+
+
+def _plan(model, policy: RankPolicy, conv_method: str, with_weights: bool, what: str):
+    """Replacements for the layers the policy selects, and the reasons the others are left alone."""
+    candidates, skipped = _scan(model)
+    for name, reason in skipped.items():
+        logger.info("Skip: %r: %s", name, reason)
+    replacements = []
+    with logging_redirect_tqdm(loggers=[logger]):
+        for name, layer in tqdm(candidates.items(), desc=what, unit="layer", disable=None, leave=False):
+            logger.info("Processing: %r", name)
+            reason, replacement = _plan_layer(name, layer, policy, conv_method, with_weights)
+            if reason:
+                skipped[name] = reason
+                logger.info("Skip: %r: %s", name, reason)
+            else:
+                replacements.append(replacement)
+    return replacements, skipped
+
+
+def _plan_layer(name, layer, policy, conv_method, with_weights):
+    rule, reason = policy.rule_for(name)
+    if rule is None:
+        return reason, None
+    method = method_for(layer, rule.method or conv_method)
+    reason = method.unsupported(layer)
+    if reason:
+        return reason, None
+    if with_weights and layer.weight.is_meta:
+        return "its weights are on the meta device (load them first, or decompose the structure only)", None
+    ranks, reason = policy.choose_ranks(method, layer, rule)
+    if ranks is None:
+        return reason, None
+    specs = method.specs(layer, ranks)
+    reason = output_shape_changes(layer, specs)
+    if reason:
+        return reason, None
+    replacement = Replacement(
+        name, method.name, ranks, specs, before=dense_cost(layer), after=method.cost(layer, ranks)
+    )
+    if with_weights:
+        replacement.weights = method.weights(layer, ranks)
+    return None, replacement
+
+
+@torch.no_grad()
+def _apply(model: nn.Module, replacements: list[Replacement]) -> dict[str, list[str]]:
+    """Replaces each planned layer by its nn.Sequential, on the layer's device and dtype, keeping its
+    memory format, training mode and requires_grad; fills the weights when the plan has them."""
+    changes = {}
+    for replacement in replacements:
+        layer = model.get_submodule(replacement.name)
+        weight = layer.weight
+        new = nn.Sequential(
+            *(build_module(spec, device=weight.device, dtype=weight.dtype) for spec in replacement.specs)
+        )
+        for module, value in zip(new, replacement.weights):
+            module.weight.copy_(value)
+        if replacement.weights and layer.bias is not None:
+            new[-1].bias.copy_(layer.bias)
+        if (
+            weight.dim() == 4
+            and not weight.is_meta
+            and weight.is_contiguous(memory_format=torch.channels_last)
+            and not weight.is_contiguous()
+        ):
+            new.to(memory_format=torch.channels_last)
+        new.requires_grad_(weight.requires_grad)
+        new.train(layer.training)
+        parent_name, _, child_name = replacement.name.rpartition(".")
+        setattr(model.get_submodule(parent_name), child_name, new)
+        changes[replacement.name] = replacement.new_names
+        logger.info("Decompose: %r -> %s", replacement.name, replacement.new_names)
+    return changes
+
+
+def _make_policy(options: dict) -> RankPolicy:
+    try:
+        return RankPolicy(**options)
+    except TypeError:
+        valid = [name for name in RankPolicy.__dataclass_fields__ if name != "default"]
+        unknown = sorted(set(options) - set(valid))
+        raise ValueError(
+            f"unknown policy option(s) {', '.join(unknown)}; valid options: method, {', '.join(valid)}"
+        ) from None
+
+
+def _check_method(method: str) -> str:
+    if method not in CONV_METHODS:
+        raise ValueError(f"unknown method {method!r} for k x k convolutions; valid methods: {', '.join(CONV_METHODS)}")
+    return method
+
+
+def _decompose(model, policy, method, with_weights, info_path, what) -> dict[str, list[str]]:
+    logger.info("%s start.", what)
+    start = time.perf_counter()
+    params_before = count_parameters(model)
+    replacements, skipped = _plan(model, policy, method, with_weights, what)
+    if not replacements:
+        logger.info("No layer meets decomposition conditions.")
+    if info_path is not None:
+        write_info(info_path, model, replacements, skipped, {"method": method, **policy.describe()})
+        logger.info("Decomposition information file is saved to: %s", os.path.realpath(info_path))
+    changes = _apply(model, replacements)
+    logger.info(
+        "%d layer(s) decomposed, parameters %d -> %d, in %.2f s.",
+        len(changes),
+        params_before,
+        count_parameters(model),
+        time.perf_counter() - start,
+    )
+    logger.info("%s complete.", what)
+    return changes
+
+
+def auto_decomposition(model: nn.Module, decompose_info_path=None, *, method: str = "spatial", **policy):
+    """Decomposes ``model``'s layers in place, weights included (AMCT's ``auto_decomposition``).
+
+    Args:
+        model: any ``nn.Module``. Conv2d layers with a k x k kernel use ``method``; Linear layers and
+            1x1 convolutions use ``svd``. Layers that cannot be replaced safely are left alone, and
+            the reason is logged and recorded in the info file.
+        decompose_info_path: where to write the decomposition info file (structure only, no
+            weights), which ``decompose_network`` replays. None: no file.
+        method: ``"spatial"`` (AMCT's, default), ``"tucker2"`` (msModelSlim's) or ``"svd"``.
+        **policy: the rank policy, see ``lowrank.policy``: one of ``rank``, ``ratio``, ``energy``,
+            ``vbmf``; and ``layers``, ``exclude``, ``ratio_of``, ``divisor``, ``min_rank``. Default:
+            ``ratio=0.3`` of each layer's multiply-adds.
+
+    Returns:
+        ``(model, changes)``: the same model, and ``{"conv2": ["conv2.0", "conv2.1"], ...}`` for
+        the replaced layers.
+    """
+    method = _check_method(method)
+    changes = _decompose(model, _make_policy(policy), method, True, decompose_info_path, "auto_decomposition")
+    return model, changes
+
+
+def decompose_network(model: nn.Module, decompose_info_path):
+    """Replays the structure recorded in an info file on ``model``, in place, with default-initialised
+    weights (AMCT's ``decompose_network``): load the decomposed weights afterwards.
+
+    Reads lowrank's info files and AMCT's. Every recorded layer is checked against the model first;
+    a mismatch raises ``DecomposeInfoError`` naming the file, the layer and the difference, and
+    leaves the model untouched.
+
+    Returns:
+        ``(model, changes)`` as ``auto_decomposition``.
+    """
+    logger.info("decompose_network start.")
+    replacements = read_info(decompose_info_path, model)
+    if not replacements:
+        logger.info("No layer meets decomposition conditions.")
+    changes = _apply(model, replacements)
+    logger.info("decompose_network complete.")
+    return model, changes
+
+
+class Decompose:
+    """msModelSlim's interface: ``Decompose(model).from_ratio(0.5).decompose_network()``.
+
+    Args:
+        model: the model to decompose; ``decompose_network`` returns a decomposed copy and leaves
+            it untouched.
+        config_file: a JSON file of policy options (the keywords of ``auto_decomposition``,
+            ``method`` included), read by ``from_file()``.
+        method: the method for k x k convolutions, ``"tucker2"`` by default as in msModelSlim;
+            ``"spatial"`` selects AMCT's.
+    """
+
+    def __init__(self, model: nn.Module, config_file=None, method: str = "tucker2"):
+        self.model = model
+        self.config_file = config_file
+        self.method = _check_method(method)
+        self.policy = None
+
+    def _set(self, **options) -> "Decompose":
+        self.policy = _make_policy(options)
+        return self
+
+    def from_ratio(self, ratio: float, ratio_of: str = "flops", **options) -> "Decompose":
+        """Ranks whose cost is at most ``ratio`` of each layer's (multiply-adds, or ``"params"``)."""
+        return self._set(ratio=ratio, ratio_of=ratio_of, **options)
+
+    def from_fixed(self, rank, **options) -> "Decompose":
+        """The same rank for every layer (or one per rank of the method, e.g. ``(in_rank, out_rank)``)."""
+        return self._set(rank=rank, **options)
+
+    def from_energy(self, energy: float, **options) -> "Decompose":
+        """The smallest ranks keeping ``energy`` of each layer's squared singular values."""
+        return self._set(energy=energy, **options)
+
+    def from_vbmf(self, **options) -> "Decompose":
+        """Ranks estimated by EVBMF."""
+        return self._set(vbmf=True, **options)
+
+    def from_dict(self, layers: dict, **options) -> "Decompose":
+        """Only the layers whose names match a key (a regular expression), each with its own rule:
+        ``{"layer1\\\\..*conv2": 0.5, "fc": {"rank": 64}, "layer4.*": None}``."""
+        return self._set(layers=layers, **options)
+
+    def from_file(self) -> "Decompose":
+        """The policy (and optionally ``method``) from ``config_file``."""
+        if self.config_file is None:
+            raise ValueError("from_file() needs Decompose(model, config_file=...)")
+        options = load_json(self.config_file)
+        if not isinstance(options, dict):
+            raise ValueError(
+                f"{self.config_file}: expected a JSON object of policy options, got {type(options).__name__}"
+            )
+        options = dict(options)
+        if "method" in options:
+            self.method = _check_method(options.pop("method"))
+        try:
+            return self._set(**options)
+        except ValueError as error:
+            raise ValueError(f"{self.config_file}: {error}") from None
+
+    def decompose_network(self, do_decompose_weight: bool = True) -> nn.Module:
+        """A decomposed copy of the model. With ``do_decompose_weight=False`` only the structure is
+        built (default-initialised), for processes that then load the weights saved by the one that
+        decomposed them."""
+        if self.policy is None:
+            raise ValueError(
+                "choose a policy first: from_ratio, from_fixed, from_energy, from_vbmf, from_dict or from_file"
+            )
+        model = copy.deepcopy(self.model)
+        _decompose(model, self.policy, self.method, do_decompose_weight, None, "decompose_network")
+        return model

@@ -1,0 +1,247 @@
+"""The decomposition info file: versioned JSON that replays a decomposition's structure without weights.
+
+::
+
+    {"format": "lowrank-decompose-info", "version": 1, "lowrank_version": "0.1.0", "policy": {...},
+     "layers": [{"name": "conv2", "type": "Conv2d", "args": {<constructor arguments>},
+                 "weight_shape": [128, 128, 3, 3], "method": "spatial", "ranks": [57],
+                 "modules": [{"name": "conv2.0", "type": "Conv2d", "args": {...}, "weight_shape": [...]},
+                             {"name": "conv2.1", ...}],
+                 "params": [147456, 43776], "macs_per_position": [147456, 43776]}],
+     "skipped": [{"name": "conv1", "reason": "..."}]}
+
+``read_info`` also reads AMCT's files: a JSON list of ``{"ori_layer_info": {"layer_name": ...},
+"mode": "SCFK", "decom_nodes": {"first": {"weight_shape": [...]}, "last": {...}}}`` records, AMCT's
+spatial decomposition of one conv each. The two weight shapes say which side comes first
+(``(r, Cin, kh, 1)`` then ``(Cout, r, 1, kw)``, or the transposed order); the mode must be one of
+AMCT's four. Every record is checked against the model before anything is changed, and an error
+names the file, the layer and the mismatch.
+"""
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .io import atomic_write
+from .methods import METHODS, MODULE_TYPES, Cost, build_module, dense_cost, layer_args, output_shape_changes, specs_cost
+
+FORMAT = "lowrank-decompose-info"
+VERSION = 1
+AMCT_MODES = ("FCFK", "FCSK", "SCFK", "SCSK")
+AMCT_NAME_KEYS = ("layer_name", "name", "op_name")
+
+
+class DecomposeInfoError(ValueError):
+    """An info file that cannot be read or does not match the model."""
+
+
+@dataclass
+class Replacement:
+    """The plan for one layer: the new modules' structure, and their costs next to the dense layer's."""
+
+    name: str
+    method: str
+    ranks: tuple[int, ...]
+    specs: list[dict]
+    before: Cost
+    after: Cost
+    weights: list[torch.Tensor] = field(default_factory=list, repr=False)
+
+    @property
+    def new_names(self) -> list[str]:
+        return [f"{self.name}.{index}" for index in range(len(self.specs))]
+
+    def to_json(self, layer: nn.Module) -> dict:
+        modules = []
+        for name, spec in zip(self.new_names, self.specs):
+            shape = list(build_module(spec, device="meta").weight.shape)
+            modules.append({"name": name, **spec, "weight_shape": shape})
+        return {
+            "name": self.name,
+            "type": type(layer).__name__,
+            "args": layer_args(layer),
+            "weight_shape": list(layer.weight.shape),
+            "method": self.method,
+            "ranks": list(self.ranks),
+            "modules": modules,
+            "params": [self.before.params, self.after.params],
+            "macs_per_position": [self.before.macs, self.after.macs],
+        }
+
+
+def write_info(path, model: nn.Module, replacements: list[Replacement], skipped: dict[str, str], policy: dict) -> None:
+    """Writes the info file for ``replacements`` of ``model``'s layers (before they are replaced)."""
+    from . import __version__
+
+    document = {
+        "format": FORMAT,
+        "version": VERSION,
+        "lowrank_version": __version__,
+        "policy": policy,
+        "layers": [r.to_json(model.get_submodule(r.name)) for r in replacements],
+        "skipped": [{"name": name, "reason": reason} for name, reason in skipped.items()],
+    }
+    atomic_write(path, lambda file: json.dump(document, file, indent=2), binary=False)
+
+
+def load_json(path) -> object:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"decomposition info file not found: {path}")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise DecomposeInfoError(
+            f"{path}: malformed JSON at line {error.lineno}, column {error.colno}: {error.msg}"
+        ) from None
+    except UnicodeDecodeError as error:
+        raise DecomposeInfoError(f"{path}: not a text file: {error}") from None
+
+
+def read_document(path) -> list | dict:
+    """The parsed file: AMCT's list of records, or our document after its format and version checks."""
+    document = load_json(path)
+    if isinstance(document, list):
+        return document
+    if not isinstance(document, dict):
+        raise DecomposeInfoError(
+            f"{path}: expected a JSON object (lowrank) or list (AMCT), got {type(document).__name__}"
+        )
+    if document.get("format") != FORMAT:
+        raise DecomposeInfoError(
+            f"{path}: not a decomposition info file (format is {document.get('format')!r}, expected {FORMAT!r})"
+        )
+    version = document.get("version")
+    if version != VERSION:
+        raise DecomposeInfoError(
+            f"{path}: unsupported info file version {version!r}; this lowrank reads version {VERSION}"
+        )
+    if not isinstance(document.get("layers"), list):
+        raise DecomposeInfoError(f"{path}: 'layers' must be a list")
+    return document
+
+
+def read_info(path: str | os.PathLike, model: nn.Module) -> list[Replacement]:
+    """Reads and checks an info file (ours or AMCT's) against ``model``; returns the replacements."""
+    document = read_document(path)
+    if isinstance(document, list):
+        records = [_from_amct(path, model, index, record) for index, record in enumerate(document)]
+    else:
+        records = [_from_ours(path, model, index, record) for index, record in enumerate(document["layers"])]
+    seen = set()
+    for record in records:
+        if record.name in seen:
+            raise DecomposeInfoError(f"{path}: layer {record.name!r} appears twice")
+        seen.add(record.name)
+    return records
+
+
+def _model_layer(path, model, name, expected_type):
+    try:
+        layer = model.get_submodule(name)
+    except AttributeError:
+        raise DecomposeInfoError(f"{path}: layer {name!r} is not in the model") from None
+    if type(layer).__name__ != expected_type:
+        hint = " (is the model already decomposed?)" if isinstance(layer, nn.Sequential) else ""
+        raise DecomposeInfoError(
+            f"{path}: layer {name!r} is {type(layer).__name__} in the model but {expected_type} in the file{hint}"
+        )
+    return layer
+
+
+def _require(path, where, record, key, kind):
+    if not isinstance(record, dict) or key not in record:
+        raise DecomposeInfoError(f"{path}: {where} has no {key!r}")
+    value = record[key]
+    if not isinstance(value, kind):
+        raise DecomposeInfoError(f"{path}: {where}: {key!r} must be a {kind.__name__}, got {value!r}")
+    return value
+
+
+def _from_ours(path, model, index, record) -> Replacement:
+    where = f"layers[{index}]"
+    name = _require(path, where, record, "name", str)
+    where = f"layer {name!r}"
+    layer = _model_layer(path, model, name, _require(path, where, record, "type", str))
+    recorded = _require(path, where, record, "args", dict)
+    for key, value in layer_args(layer).items():
+        if recorded.get(key) != value:
+            raise DecomposeInfoError(
+                f"{path}: {where}: {key} is {value!r} in the model but {recorded.get(key)!r} in the file"
+            )
+    method = _require(path, where, record, "method", str)
+    if method not in METHODS:
+        raise DecomposeInfoError(f"{path}: {where}: unknown method {method!r}; valid methods: {', '.join(METHODS)}")
+    ranks = _require(path, where, record, "ranks", list)
+    modules = _require(path, where, record, "modules", list)
+    specs = []
+    for position, module in enumerate(modules):
+        module_where = f"{where}, module {position}"
+        module_type = _require(path, module_where, module, "type", str)
+        if module_type not in MODULE_TYPES:
+            raise DecomposeInfoError(
+                f"{path}: {module_where}: type {module_type!r} is not one of {', '.join(MODULE_TYPES)}"
+            )
+        spec = {"type": module_type, "args": _require(path, module_where, module, "args", dict)}
+        try:
+            shape = list(build_module(spec, device="meta").weight.shape)
+        except (TypeError, ValueError, RuntimeError) as error:
+            raise DecomposeInfoError(f"{path}: {module_where}: invalid arguments {spec['args']}: {error}") from None
+        recorded_shape = module.get("weight_shape")
+        if recorded_shape is not None and recorded_shape != shape:
+            raise DecomposeInfoError(
+                f"{path}: {module_where}: weight shape {recorded_shape} does not match its arguments ({shape})"
+            )
+        specs.append(spec)
+    return _replacement(path, name, layer, method, tuple(ranks), specs)
+
+
+def _from_amct(path, model, index, record) -> Replacement:
+    where = f"record {index}"
+    info = _require(path, where, record, "ori_layer_info", dict)
+    name = next((info[key] for key in AMCT_NAME_KEYS if isinstance(info.get(key), str)), None)
+    if name is None:
+        raise DecomposeInfoError(f"{path}: {where}: ori_layer_info has none of {', '.join(AMCT_NAME_KEYS)}")
+    where = f"layer {name!r}"
+    mode = _require(path, where, record, "mode", str)
+    if mode not in AMCT_MODES:
+        raise DecomposeInfoError(f"{path}: {where}: unknown mode {mode!r}; AMCT modes: {', '.join(AMCT_MODES)}")
+    layer = _model_layer(path, model, name, "Conv2d")
+    args = layer_args(layer)
+    for key in set(info) & set(args):
+        value = list(info[key]) if isinstance(info[key], (list, tuple)) else info[key]
+        if value != args[key] and [value, value] != args[key]:
+            raise DecomposeInfoError(
+                f"{path}: {where}: {key} is {args[key]!r} in the model but {info[key]!r} in the file"
+            )
+    nodes = _require(path, where, record, "decom_nodes", dict)
+    first = _require(path, f"{where}, decom_nodes", nodes, "first", dict).get("weight_shape")
+    last = _require(path, f"{where}, decom_nodes", nodes, "last", dict).get("weight_shape")
+    if not (isinstance(first, list) and isinstance(last, list) and len(first) == 4 and len(last) == 4):
+        raise DecomposeInfoError(f"{path}: {where}: decom_nodes need 4-d weight_shape lists, got {first} and {last}")
+    rank = first[0]
+    (kh, kw), cin, cout = layer.kernel_size, layer.in_channels, layer.out_channels
+    orders = {True: ([rank, cin, kh, 1], [cout, rank, 1, kw]), False: ([rank, cin, 1, kw], [cout, rank, kh, 1])}
+    vertical = next((order for order, shapes in orders.items() if [first, last] == list(shapes)), None)
+    if vertical is None or not isinstance(rank, int) or rank < 1:
+        raise DecomposeInfoError(
+            f"{path}: {where}: weight shapes {first} and {last} are not a spatial decomposition of the model's "
+            f"{cout}x{cin}x{kh}x{kw} kernel (expected {orders[True][0]} then {orders[True][1]}, "
+            "or the transposed order)"
+        )
+    return _replacement(
+        path, name, layer, "spatial", (rank,), METHODS["spatial"].specs(layer, (rank,), vertical_first=vertical)
+    )
+
+
+def _replacement(path, name, layer, method, ranks, specs) -> Replacement:
+    problem = output_shape_changes(layer, specs)
+    if problem:
+        raise DecomposeInfoError(
+            f"{path}: layer {name!r}: the recorded structure does not replace the layer: {problem}"
+        )
+    return Replacement(name, method, ranks, specs, before=dense_cost(layer), after=specs_cost(specs))

@@ -1,0 +1,64 @@
+"""Files written the way AMCT and msModelSlim write them: atomically (a temporary file in the same
+folder, then ``os.replace``) with owner/group-only permissions (0640 files, 0750 new folders), so a
+reader never sees a half-written file and a crash never leaves one behind."""
+
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+FILE_MODE = 0o640
+DIR_MODE = 0o750
+
+
+def make_parent_dirs(path: str | os.PathLike) -> None:
+    """Creates the missing parent folders of ``path`` with mode 0750."""
+    missing = []
+    parent = Path(path).resolve().parent
+    while not parent.exists():
+        missing.append(parent)
+        parent = parent.parent
+    for folder in reversed(missing):
+        folder.mkdir(mode=DIR_MODE, exist_ok=True)
+        os.chmod(folder, DIR_MODE)  # mkdir's mode is filtered by the umask
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[object], None], binary: bool = True) -> None:
+    """Calls ``write(file)`` on a temporary file next to ``path``, then moves it onto ``path``."""
+    path = Path(path)
+    make_parent_dirs(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb" if binary else "w", encoding=None if binary else "utf-8") as file:
+            write(file)
+            file.flush()
+            os.fsync(file.fileno())
+        os.chmod(tmp, FILE_MODE)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_state_dict(state_dict: dict, path: str | os.PathLike) -> None:
+    """``torch.save`` of a state dict, atomically, mode 0640."""
+    atomic_write(path, lambda file: torch.save(state_dict, file))
+
+
+def load_state_dict(path: str | os.PathLike, map_location="cpu") -> dict:
+    """``torch.load`` with ``weights_only=True``; a missing, truncated or foreign file raises an error
+    that names it."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file not found: {path}")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as error:
+        raise ValueError(
+            f"cannot read weights file {path} (truncated or not a PyTorch state dict?): {error}"
+        ) from error
+    if not isinstance(state, dict):
+        raise ValueError(f"weights file {path} holds a {type(state).__name__}, not a state dict")
+    return state

@@ -1,0 +1,312 @@
+"""Decomposition methods: how one dense layer becomes an ``nn.Sequential`` of smaller standard layers.
+
+A method knows, for a layer it supports: the largest meaningful ranks, the cost of the replacement
+at given ranks, the constructor arguments of the new modules (the structure, which an info file
+replays without weights), the spectra its rank policies read, and the new weights.
+
+Ranks are tuples in data-flow order: ``(r,)`` for ``svd`` and ``spatial``, ``(in_rank, out_rank)``
+for ``tucker2``.
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from . import functional as F
+
+MODULE_TYPES = {"Conv2d": nn.Conv2d, "Linear": nn.Linear}
+
+
+@dataclass(frozen=True)
+class Cost:
+    """Parameters (weights only; the bias is the same before and after) and multiply-adds per output
+    position (per output pixel for a convolution, per output row for a linear layer). Image borders
+    are ignored, so a strided spatial decomposition is costed as on a large image."""
+
+    params: int
+    macs: int
+
+
+def layer_args(layer: nn.Module) -> dict:
+    """Constructor arguments of a ``Conv2d`` or ``Linear``, JSON-ready."""
+    if isinstance(layer, nn.Linear):
+        return {"in_features": layer.in_features, "out_features": layer.out_features, "bias": layer.bias is not None}
+    return {
+        "in_channels": layer.in_channels,
+        "out_channels": layer.out_channels,
+        "kernel_size": list(layer.kernel_size),
+        "stride": list(layer.stride),
+        "padding": layer.padding if isinstance(layer.padding, str) else list(layer.padding),
+        "dilation": list(layer.dilation),
+        "groups": layer.groups,
+        "bias": layer.bias is not None,
+        "padding_mode": layer.padding_mode,
+    }
+
+
+def build_module(spec: dict, device=None, dtype=None) -> nn.Module:
+    """A new ``Conv2d``/``Linear`` from ``{"type": ..., "args": {...}}``, default-initialised."""
+    return MODULE_TYPES[spec["type"]](**spec["args"], device=device, dtype=dtype)
+
+
+def _conv_spec(
+    in_ch, out_ch, kernel, *, stride=(1, 1), padding=(0, 0), dilation=(1, 1), bias=False, padding_mode="zeros"
+):
+    args = {
+        "in_channels": in_ch,
+        "out_channels": out_ch,
+        "kernel_size": list(kernel),
+        "stride": list(stride),
+        "padding": padding if isinstance(padding, str) else list(padding),
+        "dilation": list(dilation),
+        "groups": 1,
+        "bias": bias,
+        "padding_mode": padding_mode,
+    }
+    return {"type": "Conv2d", "args": args}
+
+
+def _linear_spec(in_features, out_features, bias):
+    return {"type": "Linear", "args": {"in_features": in_features, "out_features": out_features, "bias": bias}}
+
+
+def _weight_size(spec: dict) -> int:
+    args = spec["args"]
+    if spec["type"] == "Linear":
+        return args["in_features"] * args["out_features"]
+    return args["out_channels"] * args["in_channels"] // args["groups"] * math.prod(args["kernel_size"])
+
+
+def specs_cost(specs: list[dict]) -> Cost:
+    """Cost of a chain of modules. A module runs once per position of its own output, and each
+    later strided conv keeps one position in ``stride_h * stride_w``: so each module's weight size is
+    scaled by the product of the strides after it."""
+    params = macs = 0
+    positions = 1
+    for spec in reversed(specs):
+        size = _weight_size(spec)
+        params += size
+        macs += size * positions
+        if spec["type"] == "Conv2d":
+            positions *= math.prod(spec["args"]["stride"])
+    return Cost(params, macs)
+
+
+def layer_spec(layer: nn.Module) -> dict:
+    return {"type": type(layer).__name__, "args": layer_args(layer)}
+
+
+def dense_cost(layer: nn.Module) -> Cost:
+    return specs_cost([layer_spec(layer)])
+
+
+def output_shape_changes(layer: nn.Module, specs: list[dict]) -> str | None:
+    """Runs the dense layer and the replacement on the meta device (no memory, no compute) and says
+    how their output shapes differ, or returns None when they agree."""
+    if isinstance(layer, nn.Linear):
+        sample = torch.empty(2, layer.in_features, device="meta")
+    else:
+        size = [d * (k - 1) + 3 * s + 2 for k, s, d in zip(layer.kernel_size, layer.stride, layer.dilation)]
+        sample = torch.empty(1, layer.in_channels, *size, device="meta")
+    dense = build_module(layer_spec(layer), device="meta")
+    replacement = nn.Sequential(*(build_module(spec, device="meta") for spec in specs))
+    try:
+        expected, got = dense(sample).shape, replacement(sample).shape
+    except RuntimeError as error:
+        return f"the replacement does not run on the layer's input: {error}"
+    return None if expected == got else f"output shape {tuple(got)} instead of {tuple(expected)}"
+
+
+class Method:
+    """Base class; see the module docstring."""
+
+    name = ""
+    rank_names: tuple[str, ...] = ("rank",)
+
+    def unsupported(self, layer: nn.Module) -> str | None:
+        return None
+
+    def full_ranks(self, layer: nn.Module) -> tuple[int, ...]:
+        raise NotImplementedError
+
+    def cost(self, layer: nn.Module, ranks: tuple[int, ...]) -> Cost:
+        return specs_cost(self.specs(layer, ranks))
+
+    def specs(self, layer: nn.Module, ranks: tuple[int, ...]) -> list[dict]:
+        raise NotImplementedError
+
+    def spectra(self, layer: nn.Module) -> list[tuple[torch.Tensor, tuple[int, int]]]:
+        """Per rank: all singular values of the matrix that rank truncates, and that matrix's shape."""
+        return [(F.singular_values(matrix), tuple(matrix.shape)) for matrix in self._matrices(layer)]
+
+    def _matrices(self, layer: nn.Module) -> list[torch.Tensor]:
+        raise NotImplementedError
+
+    def weights(self, layer: nn.Module, ranks: tuple[int, ...]) -> list[torch.Tensor]:
+        """The new modules' weights, in order, float64."""
+        raise NotImplementedError
+
+
+class SVD(Method):
+    """``Linear`` -> Linear(in, r) -> Linear(r, out); ``Conv2d`` -> the layer's kernel to r channels, then
+    a 1x1 conv (stride, padding and dilation stay on the first)."""
+
+    name = "svd"
+
+    def _matrices(self, layer):
+        return [layer.weight.detach().reshape(layer.weight.shape[0], -1)]
+
+    def full_ranks(self, layer):
+        return (min(layer.weight.shape[0], layer.weight[0].numel()),)
+
+    def specs(self, layer, ranks):
+        (rank,) = ranks
+        if isinstance(layer, nn.Linear):
+            return [
+                _linear_spec(layer.in_features, rank, False),
+                _linear_spec(rank, layer.out_features, layer.bias is not None),
+            ]
+        first = _conv_spec(
+            layer.in_channels,
+            rank,
+            layer.kernel_size,
+            stride=layer.stride,
+            padding=layer.padding,
+            dilation=layer.dilation,
+            padding_mode=layer.padding_mode,
+        )
+        last = _conv_spec(rank, layer.out_channels, (1, 1), bias=layer.bias is not None)
+        return [first, last]
+
+    def weights(self, layer, ranks):
+        (rank,) = ranks
+        left, right = F.low_rank_factors(self._matrices(layer)[0], rank)
+        shape = layer.weight.shape
+        if isinstance(layer, nn.Linear):
+            return [right, left]
+        return [right.reshape(rank, *shape[1:]), left.reshape(shape[0], rank, 1, 1)]
+
+
+class Spatial(Method):
+    """AMCT's method: a kh x kw conv -> a (kh x 1) conv with r outputs, then a (1 x kw) conv (or the
+    transposed order when it is cheaper). Each keeps the stride, padding and dilation of its own axis;
+    the bias goes on the last."""
+
+    name = "spatial"
+
+    def unsupported(self, layer):
+        if not isinstance(layer, nn.Conv2d):
+            return "spatial decomposes Conv2d only"
+        if tuple(layer.kernel_size) == (1, 1):
+            return "a 1x1 kernel has no spatial extent"
+        return None
+
+    def vertical_first(self, layer: nn.Conv2d) -> bool:
+        """Vertical-first (AMCT's order) unless horizontal-first costs fewer multiply-adds, then params.
+        Both costs are linear in the rank, so rank 1 decides."""
+        vertical, horizontal = (specs_cost(self.specs(layer, (1,), vertical_first=order)) for order in (True, False))
+        return (vertical.macs, vertical.params) <= (horizontal.macs, horizontal.params)
+
+    def _matrices(self, layer):
+        return [F.spatial_unfold(layer.weight.detach(), self.vertical_first(layer))]
+
+    def full_ranks(self, layer):
+        (kh, kw), vertical = layer.kernel_size, self.vertical_first(layer)
+        first_k, last_k = (kh, kw) if vertical else (kw, kh)
+        return (min(layer.in_channels * first_k, layer.out_channels * last_k),)
+
+    def specs(self, layer, ranks, vertical_first: bool | None = None):
+        (rank,) = ranks
+        if vertical_first is None:
+            vertical_first = self.vertical_first(layer)
+        first_axis = 0 if vertical_first else 1
+        return [
+            self._axis_spec(layer, layer.in_channels, rank, first_axis, bias=False),
+            self._axis_spec(layer, rank, layer.out_channels, 1 - first_axis, bias=layer.bias is not None),
+        ]
+
+    @staticmethod
+    def _axis_spec(layer, in_ch, out_ch, axis, bias):
+        """A conv covering only ``axis`` (0: height, 1: width) of ``layer``'s kernel, stride, padding and
+        dilation; the other axis gets kernel 1, stride 1, padding 0."""
+
+        def keep(values, fill):
+            return [values[0], fill] if axis == 0 else [fill, values[1]]
+
+        padding = layer.padding if isinstance(layer.padding, str) else keep(layer.padding, 0)
+        return _conv_spec(
+            in_ch,
+            out_ch,
+            keep(layer.kernel_size, 1),
+            stride=keep(layer.stride, 1),
+            padding=padding,
+            dilation=keep(layer.dilation, 1),
+            bias=bias,
+            padding_mode=layer.padding_mode,
+        )
+
+    def weights(self, layer, ranks):
+        (rank,) = ranks
+        return list(F.spatial_factors(layer.weight.detach(), rank, self.vertical_first(layer)))
+
+
+class Tucker2(Method):
+    """msModelSlim's method: a k x k conv -> 1x1 (Cin -> r_in), k x k (r_in -> r_out, the layer's stride,
+    padding and dilation), 1x1 (r_out -> Cout, with the bias). HOOI started from HOSVD."""
+
+    name = "tucker2"
+    rank_names = ("in_rank", "out_rank")
+
+    def unsupported(self, layer):
+        if not isinstance(layer, nn.Conv2d):
+            return "tucker2 decomposes Conv2d only"
+        if tuple(layer.kernel_size) == (1, 1):
+            return "a 1x1 kernel has no spatial extent"
+        return None
+
+    def _matrices(self, layer):
+        weight = layer.weight.detach()
+        return [F.unfold(weight, 1), F.unfold(weight, 0)]
+
+    def full_ranks(self, layer):
+        return (layer.in_channels, layer.out_channels)
+
+    def specs(self, layer, ranks):
+        in_rank, out_rank = ranks
+        return [
+            _conv_spec(layer.in_channels, in_rank, (1, 1)),
+            _conv_spec(
+                in_rank,
+                out_rank,
+                layer.kernel_size,
+                stride=layer.stride,
+                padding=layer.padding,
+                dilation=layer.dilation,
+                padding_mode=layer.padding_mode,
+            ),
+            _conv_spec(out_rank, layer.out_channels, (1, 1), bias=layer.bias is not None),
+        ]
+
+    def weights(self, layer, ranks):
+        in_rank, out_rank = ranks
+        core, u_out, u_in = F.tucker2(layer.weight.detach(), in_rank, out_rank)
+        return [u_in.T[:, :, None, None], core, u_out[:, :, None, None]]
+
+
+METHODS = {method.name: method for method in (SVD(), Spatial(), Tucker2())}
+
+
+def get_method(name: str) -> Method:
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise ValueError(f"unknown decomposition method {name!r}; valid methods: {', '.join(METHODS)}") from None
+
+
+def method_for(layer: nn.Module, conv_method: str) -> Method:
+    """``svd`` for Linear layers and 1x1 convolutions, ``conv_method`` for larger kernels."""
+    if isinstance(layer, nn.Linear) or tuple(layer.kernel_size) == (1, 1):
+        return METHODS["svd"]
+    return get_method(conv_method)

@@ -1,0 +1,221 @@
+"""Rank policies: which layers to decompose and at which ranks.
+
+A rule picks the ranks of one layer:
+- ``rank``: a fixed rank (an int, or one int per rank of the method, e.g. ``(in_rank, out_rank)``);
+- ``ratio``: the largest ranks whose cost is at most this fraction of the dense layer's
+  (``ratio_of="flops"``, multiply-adds, or ``"params"``);
+- ``energy``: the smallest ranks that keep this fraction of the squared singular values;
+- ``vbmf``: ranks estimated by EVBMF (Nakajima et al. 2013), as in Kim et al. 2016.
+``layers`` maps regular expressions (matched against the whole layer name, first match wins) to a
+rule for those layers, or to ``None`` to leave them alone; ``exclude`` lists expressions of layers
+to leave alone. With no rule and no ``layers``, the default rule is ``ratio=DEFAULT_RATIO``.
+
+Automatic rules (ratio, energy, vbmf) round ranks to a multiple of ``divisor`` (down for ratio, to
+stay within budget; up for energy and vbmf, to keep at least what was asked) and leave a layer alone
+when a rank would fall below ``min_rank`` (or its full rank, when smaller): a handful of directions
+cannot carry a layer such as the first conv of a network on 1 input channel or a 10-class classifier.
+A fixed rank is used as given. Whatever the rule, a layer is replaced only when the replacement has
+fewer parameters and fewer multiply-adds than the dense layer.
+"""
+
+import math
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from . import functional as F
+from .methods import Method, dense_cost
+
+DEFAULT_RATIO = 0.3  # cuts a 3x3 conv about 3x in FLOPs: the seed's MNIST conv2 goes 128->57->128
+RULES = ("rank", "ratio", "energy", "vbmf")
+RATIO_OF = ("flops", "params")
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One rule: ``kind`` in RULES with its ``value``, and an optional method for k x k convs."""
+
+    kind: str
+    value: object
+    method: str | None = None
+
+    def __str__(self):
+        return "vbmf" if self.kind == "vbmf" else f"{self.kind}={self.value}"
+
+
+def _check_fraction(name, value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
+        raise ValueError(f"{name} must be a number in (0, 1], got {value!r}")
+
+
+def _check_rank(value):
+    ranks = value if isinstance(value, (list, tuple)) else (value,)
+    if not ranks or any(isinstance(r, bool) or not isinstance(r, int) or r < 1 for r in ranks):
+        raise ValueError(f"rank must be a positive int or a sequence of positive ints, got {value!r}")
+
+
+def make_rule(spec, where: str) -> Rule | None:
+    """A Rule from a user value: None (leave alone), an int (rank), a float in (0, 1) (ratio), or a
+    dict with one of RULES and optionally ``method``. ``where`` names the value in errors."""
+    if spec is None:
+        return None
+    if isinstance(spec, bool):
+        raise ValueError(f"{where}: expected a rank, a ratio, a dict or None, got {spec!r}")
+    if isinstance(spec, int):
+        spec = {"rank": spec}
+    elif isinstance(spec, float):
+        spec = {"ratio": spec}
+    if not isinstance(spec, Mapping):
+        raise ValueError(f"{where}: expected a rank, a ratio, a dict or None, got {spec!r}")
+    unknown = set(spec) - set(RULES) - {"method"}
+    given = [kind for kind in RULES if kind in spec and _given(spec[kind])]
+    if unknown or len(given) != 1:
+        raise ValueError(
+            f"{where}: expected exactly one of {', '.join(RULES)} (and optionally method), got {dict(spec)!r}"
+        )
+    kind = given[0]
+    value = spec[kind]
+    if kind == "rank":
+        _check_rank(value)
+        value = tuple(value) if isinstance(value, (list, tuple)) else value
+    elif kind in ("ratio", "energy"):
+        _check_fraction(f"{where}: {kind}", value)
+    elif value is not True:
+        raise ValueError(f"{where}: vbmf must be True, got {value!r}")
+    return Rule(kind, value, spec.get("method"))
+
+
+@dataclass
+class RankPolicy:
+    """Options of ``auto_decomposition`` and ``Decompose``; see the module docstring."""
+
+    rank: int | Sequence[int] | None = None
+    ratio: float | None = None
+    energy: float | None = None
+    vbmf: bool = False
+    layers: Mapping[str, object] | None = None
+    exclude: Sequence[str] = ()
+    ratio_of: str = "flops"
+    divisor: int = 1
+    min_rank: int = 8
+    default: Rule | None = field(init=False, default=None)
+
+    def __post_init__(self):
+        given = {kind: getattr(self, kind) for kind in RULES if _given(getattr(self, kind))}
+        if len(given) > 1:
+            raise ValueError(f"give at most one of {', '.join(RULES)}; got {', '.join(given)}")
+        if self.ratio_of not in RATIO_OF:
+            raise ValueError(f"ratio_of must be one of {', '.join(RATIO_OF)}, got {self.ratio_of!r}")
+        for name in ("divisor", "min_rank"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if isinstance(self.exclude, str):
+            self.exclude = [self.exclude]
+        self._exclude = [_compile(pattern, "exclude") for pattern in self.exclude]
+        self._layers = [
+            (_compile(key, "layers"), make_rule(value, f"layers[{key!r}]"))
+            for key, value in (self.layers or {}).items()
+        ]
+        if given:
+            self.default = make_rule(given, "policy")
+        elif not self.layers:
+            self.default = Rule("ratio", DEFAULT_RATIO)
+
+    def rule_for(self, name: str) -> tuple[Rule | None, str]:
+        """The rule for layer ``name``, or None with the reason it is left alone."""
+        for pattern in self._exclude:
+            if pattern.fullmatch(name):
+                return None, f"excluded by {pattern.pattern!r}"
+        for pattern, rule in self._layers:
+            if pattern.fullmatch(name):
+                return rule, "" if rule else f"left alone by layers[{pattern.pattern!r}]"
+        return self.default, "" if self.default else "not matched by any key of layers"
+
+    def describe(self) -> dict:
+        """The policy as JSON-ready options, for the info file."""
+        return {
+            "rule": str(self.default) if self.default else None,
+            "layers": {key: _describe(value) for key, value in (self.layers or {}).items()},
+            "exclude": list(self.exclude),
+            "ratio_of": self.ratio_of,
+            "divisor": self.divisor,
+            "min_rank": self.min_rank,
+        }
+
+    def choose_ranks(self, method: Method, layer: nn.Module, rule: Rule) -> tuple[tuple[int, ...] | None, str]:
+        """Ranks for ``layer`` under ``rule``, or None with the reason the layer is left alone."""
+        full = method.full_ranks(layer)
+        if rule.kind == "rank":
+            wanted = rule.value if isinstance(rule.value, tuple) else (rule.value,) * len(full)
+            if len(wanted) != len(full):
+                needs = f"{method.name} needs {len(full)} ({', '.join(method.rank_names)})"
+                return None, f"rank {rule.value} gives {len(wanted)} ranks, {needs}"
+            ranks = tuple(min(r, f) for r, f in zip(wanted, full))
+        else:
+            if rule.kind == "ratio":
+                ranks = self._ratio_ranks(method, layer, rule.value)
+                if ranks is None:
+                    return None, f"no rank fits {rule}"
+                ranks = tuple(
+                    max(self.divisor, r // self.divisor * self.divisor) if f >= self.divisor else r
+                    for r, f in zip(ranks, full)
+                )
+            else:
+                spectra = method.spectra(layer)
+                if rule.kind == "energy":
+                    ranks = tuple(F.energy_rank(values, rule.value) for values, _ in spectra)
+                else:
+                    ranks = tuple(F.evbmf_rank(values, shape) for values, shape in spectra)
+                ranks = tuple(math.ceil(r / self.divisor) * self.divisor for r in ranks)
+            ranks = tuple(min(r, f) for r, f in zip(ranks, full))
+            if any(r < min(self.min_rank, f) for r, f in zip(ranks, full)):
+                return None, f"{rule} gives rank {_show(ranks)}, below min_rank {self.min_rank}"
+        dense, cost = dense_cost(layer), method.cost(layer, ranks)
+        if cost.params >= dense.params or cost.macs >= dense.macs:
+            return None, (
+                f"rank {_show(ranks)} is not cheaper (params {dense.params} -> {cost.params}, "
+                f"MACs per position {dense.macs} -> {cost.macs})"
+            )
+        return ranks, ""
+
+    def _ratio_ranks(self, method, layer, ratio):
+        """Largest ranks, scaled together with the full ranks, whose cost fits ``ratio`` of the dense one."""
+        full = method.full_ranks(layer)
+        largest = max(full)
+        field_name = "macs" if self.ratio_of == "flops" else "params"
+        budget = ratio * getattr(dense_cost(layer), field_name)
+
+        def ranks_at(step):
+            return tuple(max(1, round(step * f / largest)) for f in full)
+
+        low, high = 0, largest  # invariant: ranks_at(low) fits (or low == 0), ranks_at(high + 1) does not
+        while low < high:
+            mid = (low + high + 1) // 2
+            if getattr(method.cost(layer, ranks_at(mid)), field_name) <= budget:
+                low = mid
+            else:
+                high = mid - 1
+        return ranks_at(low) if low else None
+
+
+def _given(value) -> bool:
+    """Whether a rule option is set: None and False (vbmf's default) mean not set; 0 is set (and invalid)."""
+    return value is not None and value is not False
+
+
+def _compile(pattern, where):
+    try:
+        return re.compile(pattern)
+    except (re.error, TypeError) as error:
+        raise ValueError(f"{where}: invalid regular expression {pattern!r}: {error}") from None
+
+
+def _describe(value):
+    return list(value) if isinstance(value, tuple) else value
+
+
+def _show(ranks):
+    return ranks[0] if len(ranks) == 1 else list(ranks)

@@ -1,0 +1,41 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+import lowrank
+from lowrank.cli import main
+
+
+def test_inspect_prints_a_table_with_totals_and_skips(net, tmp_path, capsys):
+    path = tmp_path / "info.json"
+    lowrank.auto_decomposition(net, path)
+    assert main(["inspect", str(path)]) == 0
+    out = capsys.readouterr().out
+    (layer,) = json.loads(path.read_text())["layers"]
+    rank = layer["ranks"][0]
+    assert "layer" in out and "method" in out and "MACs/pos" in out
+    row = next(line for line in out.splitlines() if line.startswith("conv2 "))
+    assert row.split()[:5] == ["conv2", "spatial", str(rank), "147,456", f"{768 * rank:,}"]
+    assert "total (1 layers)" in out
+    assert "skipped 'conv1'" in out and "skipped 'fc'" in out
+
+
+def test_inspect_errors_exit_2(tmp_path, capsys):
+    assert main(["inspect", str(tmp_path / "missing.json")]) == 2
+    assert "lowrank: error: decomposition info file not found" in capsys.readouterr().err
+    amct = tmp_path / "amct.json"
+    amct.write_text("[]")
+    assert main(["inspect", str(amct)]) == 2
+    assert "an AMCT info file records no costs" in capsys.readouterr().err
+
+
+@pytest.mark.integration
+def test_console_script_is_installed(net, tmp_path):
+    path = tmp_path / "info.json"
+    lowrank.auto_decomposition(net, path)
+    result = subprocess.run(
+        [sys.executable, "-m", "lowrank.cli", "inspect", str(path)], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0 and "conv2" in result.stdout

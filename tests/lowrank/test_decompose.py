@@ -1,0 +1,201 @@
+import json
+
+import pytest
+import torch
+from torch import nn
+from torch.nn.utils import parametrizations
+
+import lowrank
+from tests.conftest import Net
+
+X = torch.randn(2, 1, 28, 28)
+
+
+def test_auto_decomposition_logs_the_seed_lines(net, lowrank_log, tmp_path):
+    info = tmp_path / "decompose_info.json"
+    model, changes = lowrank.auto_decomposition(net, info)
+    assert model is net
+    assert changes == {"conv2": ["conv2.0", "conv2.1"]}
+    expected = [
+        "auto_decomposition start.",
+        "Processing: 'conv1'",
+        "Processing: 'conv2'",
+        f"Decomposition information file is saved to: {info.resolve()}",
+        "Decompose: 'conv2' -> ['conv2.0', 'conv2.1']",
+        "auto_decomposition complete.",
+    ]
+    assert [line for line in lowrank_log if line in expected] == expected
+
+
+def test_structure_only_replay_then_load_gives_identical_outputs(net, lowrank_log, tmp_path):
+    for method in ("spatial", "tucker2", "svd"):
+        torch.manual_seed(0)
+        decomposed, _ = lowrank.auto_decomposition(Net(), tmp_path / f"{method}.json", method=method)
+        lowrank_log.clear()
+        rebuilt, changes = lowrank.decompose_network(Net(), tmp_path / f"{method}.json")
+        assert lowrank_log == [
+            "decompose_network start.",
+            f"Decompose: 'conv2' -> {changes['conv2']}",
+            "decompose_network complete.",
+        ]
+        rebuilt.load_state_dict(decomposed.state_dict())  # strict
+        assert torch.equal(rebuilt(X), decomposed(X)), method
+
+
+def test_nothing_to_decompose(lowrank_log, tmp_path):
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.Linear(4, 4))
+    _, changes = lowrank.auto_decomposition(model, tmp_path / "info.json")
+    assert changes == {}
+    assert "No layer meets decomposition conditions." in lowrank_log
+    _, changes = lowrank.decompose_network(nn.Sequential(nn.Conv2d(1, 4, 3), nn.Linear(4, 4)), tmp_path / "info.json")
+    assert changes == {}
+
+
+def test_decompose_returns_a_new_model_and_leaves_the_original(net):
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    model = lowrank.Decompose(net).from_ratio(0.5).decompose_network()
+    assert model is not net and isinstance(net.conv2, nn.Conv2d)
+    assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())
+    assert len(model.conv2) == 3  # tucker2 by default, as msModelSlim
+
+
+def test_decompose_structure_only_matches_and_loads(net, tmp_path):
+    decomposer = lowrank.Decompose(net, method="spatial").from_energy(0.8, min_rank=1)
+    with_weights = decomposer.decompose_network()
+    structure = decomposer.decompose_network(do_decompose_weight=False)
+    assert {k: v.shape for k, v in structure.state_dict().items()} == {
+        k: v.shape for k, v in with_weights.state_dict().items()
+    }
+    assert not torch.equal(structure(X), with_weights(X))
+    torch.save(with_weights.state_dict(), tmp_path / "decompose_state_dict.ckpt")
+    structure.load_state_dict(torch.load(tmp_path / "decompose_state_dict.ckpt", weights_only=True))
+    assert torch.equal(structure(X), with_weights(X))
+
+
+@pytest.mark.parametrize("choose", ["from_fixed", "from_vbmf", "from_dict"])
+def test_decompose_policies(net, choose):
+    decomposer = lowrank.Decompose(net)
+    decomposer = {
+        "from_fixed": lambda: decomposer.from_fixed(16),
+        "from_vbmf": lambda: decomposer.from_vbmf(min_rank=1),
+        "from_dict": lambda: decomposer.from_dict({"conv2": {"rank": [10, 20]}}),
+    }[choose]()
+    model = decomposer.decompose_network()
+    assert isinstance(model.conv2, nn.Sequential)
+    assert model(X).shape == (2, 10)
+
+
+def test_decompose_from_file(net, tmp_path):
+    config = tmp_path / "policy.json"
+    config.write_text(json.dumps({"method": "spatial", "layers": {"conv2": {"rank": 24}}}))
+    model = lowrank.Decompose(net, config_file=config).from_file().decompose_network()
+    assert [m.out_channels for m in model.conv2] == [24, 128]
+    config.write_text(json.dumps({"ratios": 0.5}))
+    with pytest.raises(ValueError, match="policy.json: unknown policy option"):
+        lowrank.Decompose(net, config_file=config).from_file()
+    with pytest.raises(ValueError, match="needs Decompose\\(model, config_file=...\\)"):
+        lowrank.Decompose(net).from_file()
+    with pytest.raises(ValueError, match="choose a policy first"):
+        lowrank.Decompose(net).decompose_network()
+
+
+class UsesWeightDirectly(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(64, 64)
+
+    def forward(self, x):
+        return nn.functional.linear(x, self.proj.weight) + self.proj.bias
+
+
+class CustomLinear(nn.Linear):
+    def forward(self, x):
+        return super().forward(x) * 2
+
+
+def test_layers_that_cannot_be_replaced_are_skipped_with_a_reason(lowrank_log):
+    shared = nn.Linear(64, 64)
+    tied_a, tied_b = nn.Linear(64, 64), nn.Linear(64, 64)
+    tied_b.weight = tied_a.weight
+    hooked = nn.Linear(64, 64)
+    hooked.register_forward_hook(lambda *args: None)
+    model = nn.ModuleDict(
+        {
+            "grouped": nn.Conv2d(64, 64, 3, groups=4),
+            "depthwise": nn.Conv2d(64, 64, 3, groups=64),
+            "transposed": nn.ConvTranspose2d(64, 64, 3),
+            "conv1d": nn.Conv1d(64, 64, 3),
+            "attention": nn.MultiheadAttention(64, 4),
+            "functional": UsesWeightDirectly(),
+            "custom": CustomLinear(64, 64),
+            "shared_a": shared,
+            "shared_b": shared,
+            "tied_a": tied_a,
+            "tied_b": tied_b,
+            "hooked": hooked,
+            "normed": parametrizations.weight_norm(nn.Linear(64, 64)),
+            "lazy": nn.LazyLinear(64),
+            "fine": nn.Linear(64, 64),
+        }
+    )
+    _, changes = lowrank.auto_decomposition(model)
+    assert list(changes) == ["fine"]
+    reasons = "\n".join(line for line in lowrank_log if line.startswith("Skip:"))
+    for expected in [
+        "'grouped': grouped convolution (groups=4)",
+        "'depthwise': depthwise convolution (groups=64)",
+        "'transposed': ConvTranspose2d is not supported",
+        "'conv1d': Conv1d is not supported",
+        "'attention.out_proj': MultiheadAttention reads its weights directly",
+        "'functional.proj': UsesWeightDirectly reads its weights directly",
+        "'custom': CustomLinear is a subclass of Linear whose forward may differ",
+        "'shared_a': the module is shared with 'shared_b'",
+        "'tied_a': its parameters are tied with 'tied_b.weight'",
+        "'hooked': hooks are registered on it",
+        "'normed': its weight is parametrized",
+        "'lazy': its weights are not initialised yet",
+    ]:
+        assert expected in reasons
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16, torch.float16])
+def test_dtype_is_kept(dtype):
+    model = nn.Sequential(nn.Conv2d(32, 32, 3)).to(dtype)
+    model, _ = lowrank.auto_decomposition(model)
+    assert all(p.dtype == dtype for p in model.parameters())
+
+
+def test_memory_format_training_mode_and_requires_grad_are_kept():
+    model = nn.Sequential(nn.Conv2d(32, 32, 3), nn.Conv2d(32, 32, 3)).to(memory_format=torch.channels_last)
+    model[1].requires_grad_(False)
+    model.eval()
+    model, _ = lowrank.auto_decomposition(model, method="tucker2")
+    assert all(m.weight.is_contiguous(memory_format=torch.channels_last) for m in model[0] if m.kernel_size != (1, 1))
+    assert all(p.requires_grad for p in model[0].parameters())
+    assert not any(p.requires_grad for p in model[1].parameters())
+    assert not any(m.training for m in model.modules())
+
+
+def test_meta_weights_need_structure_only(lowrank_log):
+    model = nn.Sequential(nn.Conv2d(32, 32, 3, device="meta"))
+    _, changes = lowrank.auto_decomposition(model)
+    assert not changes and any("meta device" in line for line in lowrank_log)
+    structure = lowrank.Decompose(model).from_ratio(0.3).decompose_network(do_decompose_weight=False)
+    assert structure[0][0].weight.is_meta
+
+
+def test_count_parameters_and_flops():
+    model = nn.Sequential(nn.Linear(10, 20), nn.ReLU(), nn.Linear(20, 5))
+    assert lowrank.count_parameters(model) == 10 * 20 + 20 + 20 * 5 + 5
+    assert lowrank.count_flops(model, torch.randn(3, 10)) == 3 * (10 * 20 + 20 * 5)
+
+
+def test_set_logger_level(lowrank_log):
+    try:
+        lowrank.set_logger_level("warning")
+        lowrank.auto_decomposition(nn.Sequential(nn.Linear(64, 64)))
+        assert lowrank_log == []
+    finally:
+        lowrank.set_logger_level("info")
+    with pytest.raises(ValueError, match="unknown log level 'loud'; valid levels: debug, info"):
+        lowrank.set_logger_level("loud")

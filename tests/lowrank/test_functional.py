@@ -1,0 +1,122 @@
+import pytest
+import torch
+
+from lowrank import functional as F
+from tests.conftest import relative_error
+
+
+def optimal_error(matrix, rank):
+    values = torch.linalg.svdvals(matrix.double())
+    return values[rank:].square().sum().sqrt().item()
+
+
+@pytest.mark.parametrize("shape", [(40, 60), (60, 40), (50, 50)])
+def test_low_rank_factors_full_rank_reproduces_matrix(shape):
+    matrix = torch.randn(*shape, dtype=torch.float64)
+    left, right = F.low_rank_factors(matrix, min(shape))
+    assert relative_error(left @ right, matrix) < 1e-12
+
+
+def test_full_rank_of_a_rank_deficient_matrix_is_exact():
+    matrix = torch.randn(30, 5, dtype=torch.float64) @ torch.randn(5, 40, dtype=torch.float64)
+    left, right = F.low_rank_factors(matrix, 30)
+    assert relative_error(left @ right, matrix) < 1e-10
+    assert torch.isfinite(left).all() and torch.isfinite(right).all()
+
+
+@pytest.mark.parametrize("shape,rank", [((80, 120), 10), ((120, 80), 30), ((1200, 1500), 100), ((1500, 1100), 150)])
+def test_truncation_is_optimal(shape, rank):
+    # The last two take the randomized path: they must stay within 1% of the optimal error.
+    matrix = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
+    left, right = F.low_rank_factors(matrix, rank)
+    error = (matrix.double() - left @ right).norm().item()
+    assert error <= 1.01 * optimal_error(matrix, rank)
+
+
+def test_factors_are_balanced():
+    matrix = torch.randn(50, 70, dtype=torch.float64)
+    left, right = F.low_rank_factors(matrix, 10)
+    assert torch.allclose(left.norm(dim=0), right.norm(dim=1))
+
+
+def test_error_falls_as_rank_grows():
+    matrix = torch.randn(64, 96, dtype=torch.float64)
+    errors = [(matrix - torch.matmul(*F.low_rank_factors(matrix, rank))).norm().item() for rank in (4, 16, 32, 64)]
+    assert errors == sorted(errors, reverse=True) and errors[-1] < 1e-10
+
+
+def test_randomized_path_leaves_global_rng_alone():
+    matrix = torch.randn(1100, 1200)
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    first = F.low_rank_factors(matrix, 50)
+    assert torch.equal(torch.rand(3), expected)
+    second = F.low_rank_factors(matrix, 50)
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+
+
+def test_rank_out_of_range_is_an_error():
+    with pytest.raises(ValueError, match="rank must be between 1 and 4"):
+        F.low_rank_factors(torch.randn(4, 6), 5)
+
+
+@pytest.mark.parametrize("vertical_first", [True, False])
+def test_spatial_factors_full_rank_reproduce_kernel(vertical_first):
+    weight = torch.randn(6, 5, 3, 4, dtype=torch.float64)
+    rank = min(F.spatial_unfold(weight, vertical_first).shape)
+    first, last = F.spatial_factors(weight, rank, vertical_first)
+    assert first.shape == ((rank, 5, 3, 1) if vertical_first else (rank, 5, 1, 4))
+    assert last.shape == ((6, rank, 1, 4) if vertical_first else (6, rank, 3, 1))
+    rebuilt = torch.einsum("rci,orj->ocij", first.flatten(2), last.flatten(2))
+    if not vertical_first:
+        rebuilt = torch.einsum("rcj,ori->ocij", first.flatten(2), last.flatten(2))
+    assert relative_error(rebuilt, weight) < 1e-12
+
+
+def tucker_rebuild(core, u_out, u_in):
+    return torch.einsum("srhw,os,ir->oihw", core, u_out, u_in)
+
+
+def test_tucker2_full_rank_reproduces_kernel():
+    weight = torch.randn(12, 10, 3, 3, dtype=torch.float64)
+    assert relative_error(tucker_rebuild(*F.tucker2(weight, 10, 12)), weight) < 1e-12
+
+
+def test_tucker2_improves_on_hosvd_and_matches_tensorly():
+    tensorly = pytest.importorskip("tensorly")
+    from tensorly.decomposition import partial_tucker
+
+    weight = torch.randn(32, 24, 3, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    ours = relative_error(tucker_rebuild(*F.tucker2(weight, 10, 12)), weight)
+    hosvd = relative_error(tucker_rebuild(*F.tucker2(weight, 10, 12, max_iter=0)), weight)
+    tensorly.set_backend("pytorch")
+    try:
+        (core, factors), _ = partial_tucker(weight, rank=[12, 10], modes=[0, 1], init="svd")
+    finally:
+        tensorly.set_backend("numpy")
+    theirs = relative_error(tucker_rebuild(core, factors[0], factors[1]), weight)
+    assert ours < hosvd
+    assert ours <= theirs * (1 + 1e-6)
+
+
+def test_energy_rank():
+    values = torch.tensor([4.0, 2.0, 1.0, 1.0])  # squares 16, 4, 1, 1 of 22
+    assert F.energy_rank(values, 0.7) == 1
+    assert F.energy_rank(values, 0.9) == 2
+    assert F.energy_rank(values, 1.0) == 4
+
+
+@pytest.mark.parametrize("planted", [3, 12])
+def test_evbmf_finds_a_planted_rank(planted):
+    generator = torch.Generator().manual_seed(planted)
+    signal = torch.randn(200, planted, generator=generator, dtype=torch.float64) @ torch.randn(
+        planted, 300, generator=generator, dtype=torch.float64
+    )
+    matrix = signal + 0.3 * torch.randn(200, 300, generator=generator, dtype=torch.float64)
+    assert F.evbmf_rank(F.singular_values(matrix), tuple(matrix.shape)) == planted
+
+
+def test_singular_values_match_lapack():
+    matrix = torch.randn(30, 20, dtype=torch.float64)
+    assert torch.allclose(F.singular_values(matrix), torch.linalg.svdvals(matrix), atol=1e-10)

@@ -1,0 +1,71 @@
+"""Every torchvision classification model must come out of auto_decomposition still running, with
+the same output shape. The default run covers one model of each family of layers quickly; the slow
+run covers the others."""
+
+import pytest
+import torch
+import torchvision
+from torchvision.models.vision_transformer import VisionTransformer
+
+import lowrank
+
+
+def check_still_runs(model, x, **policy):
+    model.eval()
+    with torch.no_grad():
+        expected = model(x).shape
+        model, changes = lowrank.auto_decomposition(model, **policy)
+        assert changes
+        assert model(x).shape == expected
+    return changes
+
+
+@pytest.mark.parametrize("method", ["spatial", pytest.param("tucker2", marks=pytest.mark.slow)])
+def test_resnet18(method):
+    check_still_runs(torchvision.models.resnet18(num_classes=10), torch.randn(1, 3, 64, 64), method=method)
+
+
+def test_mobilenet_v3_small():
+    # depthwise convs and squeeze-excitation 1x1 convs
+    check_still_runs(torchvision.models.mobilenet_v3_small(num_classes=10), torch.randn(1, 3, 64, 64))
+
+
+def test_tiny_vision_transformer_keeps_attention_projections():
+    model = VisionTransformer(
+        image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=64, mlp_dim=256, num_classes=10
+    )
+    changes = check_still_runs(model, torch.randn(2, 3, 32, 32), min_rank=1)
+    assert not any(name.endswith("out_proj") for name in changes)
+    assert any("mlp" in name for name in changes)
+
+
+SLOW_MODELS = {
+    "alexnet": 224,
+    "vgg11_bn": 224,
+    "resnext50_32x4d": 128,
+    "wide_resnet50_2": 128,
+    "densenet121": 128,
+    "googlenet": 128,
+    "inception_v3": 299,
+    "squeezenet1_1": 128,
+    "shufflenet_v2_x1_0": 128,
+    "mnasnet1_0": 128,
+    "efficientnet_b0": 128,
+    "efficientnet_v2_s": 128,
+    "regnet_y_400mf": 128,
+    "convnext_tiny": 128,
+    "mobilenet_v2": 128,
+    "vit_b_16": 224,
+    "swin_t": 224,
+    "swin_v2_t": 256,
+    "maxvit_t": 224,
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(SLOW_MODELS))
+def test_torchvision_model(name):
+    kwargs = {"aux_logits": False, "init_weights": False} if name in ("googlenet", "inception_v3") else {}
+    model = torchvision.models.get_model(name, **kwargs)
+    size = SLOW_MODELS[name]
+    check_still_runs(model, torch.randn(1, 3, size, size))
