@@ -1,0 +1,237 @@
+"""The rank-zero decompose-and-save barrier (see DESIGN.md).
+
+In a job of several processes, global rank 0 decomposes the model once and saves the decomposition
+info file and the decomposed weights; the other ranks wait for a marker file, polling without any
+collective (a long decomposition cannot trip a NCCL/gloo timeout), then rebuild the structure only
+and load the weights. A run token broadcast at the start tells this run's marker from an old one;
+a fingerprint of the pretrained weights, the model definition and the policy lets a later run with
+the same inputs reuse the artifacts instead of decomposing again, and keeps stale or foreign
+artifacts from ever being used. A file lock next to the info file serialises jobs that share the
+paths, so none ever reads a mixed or half-written artifact.
+
+Multi-node jobs need the artifact folder on a filesystem shared by all nodes: when the other ranks
+never see rank 0's marker, their timeout error says so.
+"""
+
+import contextlib
+import hashlib
+import inspect
+import json
+import logging
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from filelock import FileLock
+from torch import nn
+
+import lowrank
+from lowrank.io import atomic_write, load_state_dict, make_parent_dirs, save_state_dict
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_TIMEOUT = 3600.0  # seconds the other ranks wait for rank 0: decomposing a large model takes minutes
+POLL_INTERVAL = 0.2
+
+
+class BarrierError(RuntimeError):
+    """Rank 0 failed, or its artifacts did not arrive or do not check out."""
+
+
+def global_rank() -> int:
+    """The rank from torch.distributed (Accelerate's process_index is 0 on every rank under some launchers)."""
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def run_token() -> str:
+    """A fresh token chosen by rank 0 and broadcast to all ranks: one short collective, before any long work."""
+    token = [uuid.uuid4().hex]
+    if dist.is_available() and dist.is_initialized():
+        if dist.get_backend() == "nccl":
+            dist.broadcast_object_list(token, src=0, device=torch.device("cuda", torch.cuda.current_device()))
+        else:
+            dist.broadcast_object_list(token, src=0)
+    return token[0]
+
+
+def file_sha256(path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def fingerprint(pretrained_path, model: nn.Module, policy: dict) -> str:
+    """Identifies the inputs of a decomposition: the pretrained weights' bytes, the model definition
+    (its class source where available, its structure, its parameter shapes and dtypes), the policy
+    and the lowrank version."""
+    digest = hashlib.sha256()
+    digest.update(file_sha256(pretrained_path).encode())
+    with contextlib.suppress(OSError, TypeError):  # classes defined without source files
+        digest.update(inspect.getsource(type(model)).encode())
+    digest.update(repr(model).encode())
+    digest.update(repr([(k, tuple(v.shape), str(v.dtype)) for k, v in model.state_dict().items()]).encode())
+    digest.update(json.dumps(policy, sort_keys=True, default=str).encode())
+    digest.update(lowrank.__version__.encode())
+    return digest.hexdigest()
+
+
+def parameters_digest(model: nn.Module) -> str:
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def check_identical_parameters(model: nn.Module) -> None:
+    """Raises unless every rank holds bit-identical parameters and buffers."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    digests = [None] * dist.get_world_size()
+    dist.all_gather_object(digests, parameters_digest(model))
+    differing = [rank for rank, digest in enumerate(digests) if digest != digests[0]]
+    if differing:
+        raise BarrierError(f"ranks {differing} hold different weights from rank 0 after the decomposition")
+
+
+@dataclass(frozen=True)
+class Artifacts:
+    """Where rank 0 saves the decomposition: the info file and the decomposed weights; the marker and
+    the lock sit next to the info file."""
+
+    info_path: Path
+    weights_path: Path
+
+    @property
+    def marker_path(self) -> Path:
+        return self.info_path.with_name(self.info_path.name + ".marker.json")
+
+    @property
+    def lock_path(self) -> Path:
+        return self.info_path.with_name(self.info_path.name + ".lock")
+
+    def checksums(self) -> dict:
+        return {"info": file_sha256(self.info_path), "weights": file_sha256(self.weights_path)}
+
+    def write_marker(self, **content) -> None:
+        atomic_write(self.marker_path, lambda file: json.dump(content, file), binary=False)
+
+    def read_marker(self) -> dict | None:
+        try:
+            return json.loads(self.marker_path.read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            return None
+
+
+def decompose_once(
+    model: nn.Module,
+    artifacts: Artifacts,
+    load_pretrained: Callable[[nn.Module], None],
+    pretrained_path,
+    policy: dict,
+    token: str,
+    timeout: float = DEFAULT_TIMEOUT,
+) -> tuple[nn.Module, dict, bool]:
+    """Decomposes ``model`` in place on every rank, the decomposition itself running on rank 0 only.
+
+    Args:
+        model: the dense model, same definition on every rank.
+        artifacts: where rank 0 saves the info file and the weights.
+        load_pretrained: loads the pretrained weights into the dense model (rank 0, on a cache miss).
+        pretrained_path: the pretrained weights file, part of the fingerprint.
+        policy: keywords of ``lowrank.auto_decomposition`` (``method`` included).
+        token: this run's token, from ``run_token()``.
+        timeout: seconds the other ranks wait for rank 0's marker.
+
+    Returns:
+        ``(model, changes, reused)``; ``reused`` tells that rank 0 found the artifacts of an earlier
+        run with the same fingerprint and did not decompose again. Every rank then holds the same
+        weights (checked).
+    """
+    artifacts = Artifacts(Path(artifacts.info_path), Path(artifacts.weights_path))
+    if global_rank() == 0:
+        return _decompose_on_rank_zero(model, artifacts, load_pretrained, pretrained_path, policy, token, timeout)
+    marker = _wait_for_marker(artifacts, token, timeout)
+    model, changes = _load_artifacts(model, artifacts, marker)
+    check_identical_parameters(model)
+    return model, changes, marker.get("reused", False)
+
+
+def _decompose_on_rank_zero(model, artifacts, load_pretrained, pretrained_path, policy, token, timeout):
+    make_parent_dirs(artifacts.info_path)
+    # The lock is held until every rank has loaded the artifacts and compared weights (the final
+    # collective starts only once they have loaded, so it is short): no other job can overwrite the
+    # files while this one's ranks read them.
+    with FileLock(artifacts.lock_path, timeout=timeout):
+        try:
+            wanted = fingerprint(pretrained_path, model, policy)
+            previous = artifacts.read_marker()
+            reused = _intact(artifacts, previous, wanted)
+            if reused:
+                logger.info("Reusing the decomposition of an earlier run with the same inputs: %s", artifacts.info_path)
+                model, changes = _load_artifacts(model, artifacts, previous)
+            else:
+                load_pretrained(model)
+                model, changes = lowrank.auto_decomposition(model, artifacts.info_path, **policy)
+                save_state_dict(model.state_dict(), artifacts.weights_path)
+            artifacts.write_marker(
+                status="done", token=token, fingerprint=wanted, checksums=artifacts.checksums(), reused=reused
+            )
+        except BaseException as error:
+            artifacts.write_marker(status="failed", token=token, message=f"{type(error).__name__}: {error}")
+            raise
+        check_identical_parameters(model)
+    return model, changes, reused
+
+
+def _intact(artifacts, marker, wanted) -> bool:
+    """Whether an earlier run's artifacts have the wanted fingerprint and are byte-for-byte as it left them."""
+    if not marker or marker.get("status") != "done" or marker.get("fingerprint") != wanted:
+        return False
+    try:
+        return artifacts.checksums() == marker.get("checksums")
+    except FileNotFoundError:
+        return False
+
+
+def _wait_for_marker(artifacts, token, timeout) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        marker = artifacts.read_marker()
+        if marker and marker.get("token") == token:
+            if marker.get("status") == "failed":
+                raise BarrierError(f"rank 0 failed to decompose the model: {marker.get('message')}")
+            return marker
+        if time.monotonic() > deadline:
+            raise BarrierError(
+                f"rank {global_rank()}: rank 0 did not finish the decomposition within {timeout:.0f} s "
+                f"(no marker for this run at {artifacts.marker_path}). If the job spans several nodes, the "
+                "artifact folder must be on a filesystem they all share; a larger model may need a longer "
+                "timeout."
+            )
+        time.sleep(POLL_INTERVAL)
+
+
+def _load_artifacts(model, artifacts, marker):
+    """Structure-only decomposition from the info file, then the weights; checksums verified first."""
+    actual = artifacts.checksums()
+    for kind, path in (("info", artifacts.info_path), ("weights", artifacts.weights_path)):
+        if actual[kind] != marker.get("checksums", {}).get(kind):
+            raise BarrierError(
+                f"{path} changed after rank 0 wrote it (checksum mismatch): another job may be using the same paths"
+            )
+    model, changes = lowrank.decompose_network(model, artifacts.info_path)
+    state = load_state_dict(artifacts.weights_path)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as error:
+        raise BarrierError(
+            f"{artifacts.weights_path} does not fit the structure of {artifacts.info_path}: {error}"
+        ) from None
+    return model, changes

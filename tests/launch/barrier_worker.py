@@ -1,0 +1,67 @@
+"""Runs the barrier in each process of a torchrun job; each rank writes RESULTS/<rank>.json.
+
+torchrun --nproc_per_node 2 tests/launch/barrier_worker.py OUT_DIR PRETRAINED RESULTS [--timeout S] [--hang S]
+"""
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from launch.barrier import Artifacts, decompose_once, parameters_digest, run_token
+from lowrank.io import load_state_dict
+
+
+def small_model():
+    return nn.Sequential(nn.Conv2d(32, 32, 3), nn.ReLU(), nn.Flatten(), nn.Linear(32 * 6 * 6, 64))
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("out_dir")
+    parser.add_argument("pretrained")
+    parser.add_argument("results")
+    parser.add_argument("--timeout", type=float, default=60)
+    parser.add_argument("--hang", type=float, default=0, help="rank 0 sleeps this long before loading the weights")
+    args = parser.parse_args()
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+
+    def load_pretrained(model):
+        time.sleep(args.hang)
+        model.load_state_dict(load_state_dict(args.pretrained))
+
+    artifacts = Artifacts(Path(args.out_dir) / "decompose_info.json", Path(args.out_dir) / "decomposed_weights.pth")
+    torch.manual_seed(rank)  # different random init on each rank: the barrier must make them identical
+    model = small_model()
+    token = run_token()
+    start = time.monotonic()
+    results = Path(args.results)
+    results.mkdir(parents=True, exist_ok=True)
+    try:
+        model, changes, reused = decompose_once(
+            model, artifacts, load_pretrained, args.pretrained, {"method": "spatial", "ratio": 0.3}, token, args.timeout
+        )
+    except Exception as error:
+        failure = {"rank": rank, "error": f"{type(error).__name__}: {error}", "seconds": time.monotonic() - start}
+        (results / f"{rank}.json").write_text(json.dumps(failure))
+        sys.exit(1)
+    result = {
+        "rank": rank,
+        "changes": changes,
+        "reused": reused,
+        "digest": parameters_digest(model),
+        "pid": os.getpid(),
+    }
+    (results / f"{rank}.json").write_text(json.dumps(result))
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

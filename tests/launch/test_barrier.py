@@ -1,0 +1,156 @@
+"""The rank-zero barrier with real processes: torchrun, 2 gloo workers on CPU."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from launch.barrier import Artifacts, parameters_digest
+from lowrank.io import save_state_dict
+from tests.launch.barrier_worker import small_model
+
+pytestmark = pytest.mark.integration
+WORKER = Path(__file__).with_name("barrier_worker.py")
+ROOT = Path(__file__).parents[2]
+
+
+def pretrained(path, seed):
+    torch.manual_seed(seed)
+    save_state_dict(small_model().state_dict(), path)
+    return path
+
+
+def start(out_dir, weights, port, *extra):
+    results = Path(out_dir).parent / f"results-{port}"
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(port),
+        str(WORKER),
+        str(out_dir),
+        str(weights),
+        str(results),
+        *map(str, extra),
+    ]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+    process.results = results
+    return process
+
+
+def finish(process, timeout=180):
+    _, err = process.communicate(timeout=timeout)
+    results = {int(path.stem): json.loads(path.read_text()) for path in process.results.glob("*.json")}
+    return process.returncode, results, err
+
+
+def run(out_dir, weights, port, *extra):
+    return finish(start(out_dir, weights, port, *extra))
+
+
+def free_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_rank_zero_decomposes_the_others_load(tmp_path):
+    weights = pretrained(tmp_path / "baseline.pth", 0)
+    code, results, err = run(tmp_path / "art", weights, free_port())
+    assert code == 0, err
+    assert results[0]["changes"] == results[1]["changes"] == {"0": ["0.0", "0.1"], "3": ["3.0", "3.1"]}
+    assert results[0]["digest"] == results[1]["digest"]
+    assert not results[0]["reused"]
+    assert err.count("auto_decomposition start.") == 1 and err.count("decompose_network start.") == 1
+
+    # A second run with the same inputs reuses the artifacts: no decomposition at all.
+    code, again, err = run(tmp_path / "art", weights, free_port())
+    assert code == 0, err
+    assert again[0]["reused"] and again[1]["reused"]
+    assert "auto_decomposition start." not in err
+    assert again[0]["digest"] == results[0]["digest"]
+
+
+def test_a_failure_on_rank_zero_stops_every_rank_with_its_message(tmp_path):
+    weights = tmp_path / "baseline.pth"
+    weights.write_bytes(b"not a checkpoint")
+    started = time.monotonic()
+    code, results, err = run(tmp_path / "art", weights, free_port())
+    assert code != 0
+    assert time.monotonic() - started < 60
+    assert "cannot read weights file" in results[0]["error"]
+    assert "rank 0 failed to decompose the model: ValueError: cannot read weights file" in results[1]["error"]
+    assert results[1]["seconds"] < 10
+
+
+def test_the_others_time_out_with_a_clear_message(tmp_path):
+    weights = pretrained(tmp_path / "baseline.pth", 0)
+    code, results, err = run(tmp_path / "art", weights, free_port(), "--timeout", "2", "--hang", "30")
+    assert code != 0
+    assert "rank 0 did not finish the decomposition within 2 s" in results[1]["error"]
+    assert "filesystem they all share" in results[1]["error"]
+
+
+def test_stale_marker_and_lock_do_not_block_or_mislead(tmp_path):
+    weights = pretrained(tmp_path / "baseline.pth", 0)
+    artifacts = Artifacts(tmp_path / "art" / "decompose_info.json", tmp_path / "art" / "decomposed_weights.pth")
+    artifacts.info_path.parent.mkdir()
+    artifacts.lock_path.write_text("")  # left by a killed job
+    artifacts.write_marker(status="failed", token="old-run", message="old failure")
+    code, results, err = run(tmp_path / "art", weights, free_port())
+    assert code == 0, err
+    assert results[0]["digest"] == results[1]["digest"]
+
+
+def test_artifacts_of_other_pretrained_weights_are_never_reused(tmp_path):
+    first = pretrained(tmp_path / "a.pth", 0)
+    second = pretrained(tmp_path / "b.pth", 1)
+    _, results_a, _ = run(tmp_path / "art", first, free_port())
+    code, results_b, err = run(tmp_path / "art", second, free_port())
+    assert code == 0, err
+    assert not results_b[0]["reused"] and err.count("auto_decomposition start.") == 1
+    assert results_b[0]["digest"] != results_a[0]["digest"]
+
+
+def test_tampered_weights_are_detected(tmp_path):
+    weights = pretrained(tmp_path / "baseline.pth", 0)
+    run(tmp_path / "art", weights, free_port())
+    artifacts = Artifacts(tmp_path / "art" / "decompose_info.json", tmp_path / "art" / "decomposed_weights.pth")
+    artifacts.weights_path.write_bytes(artifacts.weights_path.read_bytes()[:100])
+    code, results, err = run(tmp_path / "art", weights, free_port())
+    # rank 0 sees the checksum mismatch, so it decomposes again instead of reusing
+    assert code == 0, err
+    assert not results[0]["reused"]
+
+
+def test_concurrent_jobs_on_the_same_paths_never_mix(tmp_path):
+    first = pretrained(tmp_path / "a.pth", 0)
+    second = pretrained(tmp_path / "b.pth", 1)
+    expected = {}
+    for name, weights in (("a", first), ("b", second)):
+        _, results, _ = run(tmp_path / f"alone_{name}", weights, free_port())
+        expected[name] = results[0]["digest"]
+    jobs = {name: start(tmp_path / "shared", weights, free_port()) for name, weights in (("a", first), ("b", second))}
+    for name, job in jobs.items():
+        code, results, err = finish(job)
+        assert code == 0, err
+        assert results[0]["digest"] == results[1]["digest"] == expected[name]
+
+
+def test_parameters_digest_sees_any_change():
+    model = small_model()
+    digest = parameters_digest(model)
+    with torch.no_grad():
+        model[0].weight[0, 0, 0, 0] += 1e-6
+    assert parameters_digest(model) != digest
