@@ -1,0 +1,271 @@
+"""The MNIST recipes end to end, through their real launchers on CPU with a few steps."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+ROOT = Path(__file__).parents[2]
+RECIPES = ROOT / "recipes"
+DATA = ROOT.parent / "shared" / "data"
+CONFIG = RECIPES / "configs" / "cpu_2proc.yaml"
+ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "LOWRANK_LOG_LEVEL": "info"}
+FEW = [
+    "--data-path",
+    str(DATA),
+    "--steps",
+    "6",
+    "--log-steps",
+    "3",
+    "--train-batch-size",
+    "32",
+    "--test-batch-size",
+    "500",
+]
+
+needs_data = pytest.mark.skipif(not (DATA / "MNIST" / "raw").is_dir(), reason=f"no MNIST copy at {DATA}")
+
+
+def run(command, timeout=600, check=True):
+    result = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=ENV, cwd=ROOT)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{command} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+def accelerate_launch(*args, port):
+    return [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(CONFIG),
+        "--main_process_port",
+        str(port),
+        *map(str, args),
+    ]
+
+
+def torchrun(*args, port):
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(port),
+        *map(str, args),
+    ]
+
+
+def free_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def scalars(run_dir):
+    """Scalars of one TensorBoard run folder (the hyperparameters sit in a sub-run of their own)."""
+    events = EventAccumulator(str(run_dir))
+    events.Reload()
+    return events.Tags()["scalars"], events
+
+
+def test_recipes_is_not_a_package():
+    assert not (RECIPES / "__init__.py").exists()
+
+
+def test_every_config_loads_and_names_its_command():
+    for config in (RECIPES / "configs").glob("*.yaml"):
+        text = config.read_text()
+        assert text.startswith("# Accelerate config"), config
+        assert "accelerate launch --config_file recipes/configs/" + config.name in text, config
+        settings = yaml.safe_load(text)
+        assert settings["num_processes"] >= 1 and settings["distributed_type"] in (
+            "MULTI_CPU",
+            "MULTI_GPU",
+            "DEEPSPEED",
+            "NO",
+        )
+
+
+@pytest.mark.parametrize(
+    "recipe,args,message",
+    [
+        ("mnist_online.py", [], "--pretrained-path is required in online mode"),
+        ("mnist_offline.py", [], "--decompose-info-path is required in offline mode"),
+        (
+            "mnist_offline.py",
+            ["--decompose-info-path", "x.json", "--decomposed-weights-path", "w.pth"],
+            "--decompose-info-path x.json does not exist",
+        ),
+        ("mnist_online.py", ["--pretrained-path", "missing.pth"], "--pretrained-path missing.pth does not exist"),
+    ],
+)
+def test_missing_paths_are_named_before_any_work(recipe, args, message):
+    started = time.monotonic()
+    result = run([sys.executable, str(RECIPES / recipe), *args], check=False, timeout=120)
+    assert result.returncode != 0 and message in result.stderr
+    assert time.monotonic() - started < 60
+
+
+@pytest.fixture(scope="module")
+def baseline(tmp_path_factory):
+    out = tmp_path_factory.mktemp("baseline")
+    result = run(
+        [
+            sys.executable,
+            str(RECIPES / "mnist_baseline.py"),
+            *FEW,
+            "--output-dir",
+            out,
+            "--save-path",
+            out / "baseline.pth",
+        ]
+    )
+    assert "[Train] Step[6/6] Loss:" in result.stdout and "[Test] Loss:" in result.stdout
+    return out / "baseline.pth"
+
+
+@pytest.mark.integration
+@needs_data
+def test_online_on_two_processes(baseline, tmp_path):
+    out = tmp_path / "online"
+    result = run(
+        accelerate_launch(
+            RECIPES / "mnist_online.py",
+            *FEW,
+            "--pretrained-path",
+            baseline,
+            "--output-dir",
+            out,
+            "--save-path",
+            out / "finetuned.pth",
+            port=free_port(),
+        )
+    )
+    log = result.stdout + result.stderr
+    assert log.count("[lowrank] auto_decomposition start.") == 1  # rank 0 only
+    assert log.count("[lowrank] decompose_network start.") == 1  # the other rank
+    assert "[lowrank] Decompose: 'conv2' -> ['conv2.0', 'conv2.1']" in log
+    assert result.stdout.count("[Train] Step[3/6] Loss:") == 1 and "[Test] Loss:" in result.stdout
+    assert "Accuracy:" in result.stdout and "(10000)" not in result.stdout and "/10000)" in result.stdout
+    for name in (
+        "decompose_info.json",
+        "decomposed_weights.pth",
+        "finetuned.pth",
+        "checkpoints/step_6/model.safetensors",
+    ):
+        assert (out / name).is_file(), name
+    tags, events = scalars(out / "mnist_online")
+    for tag in (
+        "train/loss",
+        "train/lr",
+        "train/samples_per_s",
+        "test/accuracy",
+        "test/loss",
+        "decomposition/flops_after",
+    ):
+        assert tag in tags, tag
+    assert [event.step for event in events.Scalars("train/loss")] == [3, 6]
+
+
+@pytest.mark.integration
+@needs_data
+def test_offline_two_steps(baseline, tmp_path):
+    out = tmp_path / "offline"
+    paths = [
+        "--decompose-info-path",
+        out / "decompose_info.json",
+        "--decomposed-weights-path",
+        out / "decomposed_weights.pth",
+    ]
+    step1 = run([sys.executable, str(RECIPES / "decompose_model.py"), "--pretrained-path", baseline, *paths])
+    assert "Decomposition information file is saved to" in step1.stderr
+    result = run(torchrun(RECIPES / "mnist_offline.py", *FEW, *paths, "--output-dir", out, port=free_port()))
+    log = result.stdout + result.stderr
+    assert log.count("[lowrank] decompose_network start.") == 2 and "auto_decomposition start." not in log
+    assert "[Test] Loss:" in result.stdout
+
+
+@pytest.mark.integration
+@needs_data
+def test_rank_zero_failure_stops_every_rank(tmp_path):
+    corrupt = tmp_path / "corrupt.pth"
+    corrupt.write_bytes(b"garbage")
+    started = time.monotonic()
+    result = run(
+        accelerate_launch(
+            RECIPES / "mnist_online.py", *FEW, "--pretrained-path", corrupt, "--output-dir", tmp_path, port=free_port()
+        ),
+        check=False,
+    )
+    assert result.returncode != 0
+    assert "cannot read weights file" in result.stderr
+    assert "rank 0 failed to decompose the model: ValueError: cannot read weights file" in result.stderr
+    assert time.monotonic() - started < 300
+
+
+@pytest.mark.integration
+@needs_data
+def test_preemption_saves_and_resume_continues(baseline, tmp_path):
+    out = tmp_path / "preempt"
+
+    def args(steps, *extra):
+        return [
+            RECIPES / "mnist_online.py",
+            "--data-path",
+            DATA,
+            "--steps",
+            steps,
+            "--log-steps",
+            "1",
+            "--train-batch-size",
+            "32",
+            "--test-batch-size",
+            "500",
+            "--pretrained-path",
+            baseline,
+            "--output-dir",
+            out,
+            *extra,
+        ]
+
+    process = subprocess.Popen(
+        accelerate_launch(*args(1000), port=free_port()),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=ENV,
+        cwd=ROOT,
+        start_new_session=True,
+    )
+    lines = []
+    for line in process.stdout:
+        lines.append(line)
+        if "[Train] Step[3/1000]" in line:
+            os.killpg(process.pid, signal.SIGTERM)  # as a scheduler does to the whole job step
+            break
+    lines.extend(process.stdout)
+    process.wait(timeout=300)
+    log = "".join(lines)
+    assert "[Preempted] SIGTERM: checkpoint saved to" in log, log
+    saved = sorted((out / "checkpoints").glob("step_*"))
+    assert len(saved) == 1
+    step = int(saved[0].name.split("_")[1])
+    assert step >= 3
+
+    resumed = run(accelerate_launch(*args(step + 3, "--resume"), port=free_port()))
+    text = resumed.stdout + resumed.stderr
+    assert f"[Resume] from {saved[0]} at step {step}" in text
+    assert "auto_decomposition start." not in text  # the decomposition is reused, not redone
+    assert f"[Train] Step[{step + 1}/{step + 3}]" in text and "[Test] Loss:" in text
