@@ -218,20 +218,22 @@ def _wait_for_marker(artifacts, token, timeout) -> dict:
         time.sleep(POLL_INTERVAL)
 
 
+def load_decomposed(model: nn.Module, info_path, weights_path) -> tuple[nn.Module, dict]:
+    """Structure-only decomposition from the info file, then the decomposed weights."""
+    model, changes = lowrank.decompose_network(model, info_path)
+    try:
+        model.load_state_dict(load_state_dict(weights_path))
+    except RuntimeError as error:
+        raise BarrierError(f"{weights_path} does not fit the structure of {info_path}: {error}") from None
+    return model, changes
+
+
 def _load_artifacts(model, artifacts, marker):
-    """Structure-only decomposition from the info file, then the weights; checksums verified first."""
+    """``load_decomposed`` of rank 0's artifacts, their checksums verified first."""
     actual = artifacts.checksums()
     for kind, path in (("info", artifacts.info_path), ("weights", artifacts.weights_path)):
         if actual[kind] != marker.get("checksums", {}).get(kind):
             raise BarrierError(
                 f"{path} changed after rank 0 wrote it (checksum mismatch): another job may be using the same paths"
             )
-    model, changes = lowrank.decompose_network(model, artifacts.info_path)
-    state = load_state_dict(artifacts.weights_path)
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as error:
-        raise BarrierError(
-            f"{artifacts.weights_path} does not fit the structure of {artifacts.info_path}: {error}"
-        ) from None
-    return model, changes
+    return load_decomposed(model, artifacts.info_path, artifacts.weights_path)

@@ -23,20 +23,30 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 import lowrank
 from lowrank.cli import inspect_table
 from lowrank.io import load_state_dict
 
-from .barrier import DEFAULT_TIMEOUT, Artifacts, check_identical_parameters, decompose_once, global_rank, run_token
+from .barrier import (
+    DEFAULT_TIMEOUT,
+    Artifacts,
+    check_identical_parameters,
+    decompose_once,
+    global_rank,
+    load_decomposed,
+    run_token,
+)
 
+PROCESS_START = time.perf_counter()  # the runner is imported at start-up: time to the first step counts from here
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: a checkpoint was saved on SIGTERM/SIGUSR1; resume with --resume
 MODES = ("baseline", "online", "offline")
 
 
 def log(line: str) -> None:
     if global_rank() == 0:
-        print(line, flush=True)
+        tqdm.write(line, file=sys.stdout)  # prints above the progress bar when there is one
 
 
 def prepare_model(
@@ -48,7 +58,8 @@ def prepare_model(
     if mode == "baseline":
         if pretrained_path:
             model.load_state_dict(load_state_dict(pretrained_path))
-    elif mode == "online":
+        check_identical_parameters(model)
+    elif mode == "online":  # the barrier compares the ranks' weights itself
 
         def load_pretrained(dense):
             dense.load_state_dict(load_state_dict(pretrained_path))
@@ -58,11 +69,10 @@ def prepare_model(
             model, artifacts, load_pretrained, pretrained_path, policy, run_token(), timeout
         )
     elif mode == "offline":
-        model, changes = lowrank.decompose_network(model, info_path)
-        model.load_state_dict(load_state_dict(weights_path))
+        model, changes = load_decomposed(model, info_path, weights_path)
+        check_identical_parameters(model)
     else:
         raise ValueError(f"unknown mode {mode!r}; valid modes: {', '.join(MODES)}")
-    check_identical_parameters(model)
     return model, changes, time.perf_counter() - start, reused
 
 
@@ -128,6 +138,8 @@ def train(accelerator, model, optimizer, loader, progress, *, steps, log_steps, 
     preemption = Preemption()
     model.train()
     samples, started = 0, time.perf_counter()
+    bar = tqdm(total=steps, initial=progress.step, unit="step", disable=global_rank() != 0 or not sys.stdout.isatty())
+    log(f"[Train] first step at {time.perf_counter() - PROCESS_START:.2f} s after start")
     for data, target in batches(accelerator, loader, progress.step):
         if progress.step >= steps:
             break
@@ -142,6 +154,7 @@ def train(accelerator, model, optimizer, loader, progress, *, steps, log_steps, 
         accelerator.backward(loss)
         optimizer.step()
         progress.step += 1
+        bar.update()
         samples += len(data) * accelerator.num_processes
         if progress.step % log_steps == 0 or progress.step == steps:
             loss_value = accelerator.reduce(loss.detach(), reduction="mean").item()
@@ -154,6 +167,7 @@ def train(accelerator, model, optimizer, loader, progress, *, steps, log_steps, 
             samples, started = 0, time.perf_counter()
         if checkpoint_steps and progress.step % checkpoint_steps == 0 and progress.step < steps:
             save_checkpoint(accelerator, output_dir, progress, args)
+    bar.close()
 
 
 @torch.no_grad()

@@ -21,6 +21,7 @@ with code 75 (rerun with ``--resume``).
 
 import argparse
 import copy
+import json
 import sys
 from pathlib import Path
 
@@ -28,6 +29,8 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration, set_seed
 
+import lowrank
+from launch.barrier import global_rank
 from launch.mnist import Net, load_mnist
 from launch.runner import (
     Progress,
@@ -39,7 +42,7 @@ from launch.runner import (
     save_checkpoint,
     train,
 )
-from lowrank.io import save_state_dict
+from lowrank.io import atomic_write, save_state_dict
 from lowrank.policy import DEFAULT_RATIO
 
 
@@ -204,13 +207,28 @@ def main(args):
         args=args,
         checkpoint_steps=args.checkpoint_steps,
     )
-    evaluate(accelerator, model, test_loader, step=progress.step)
+    loss, correct, total = evaluate(accelerator, model, test_loader, step=progress.step)
 
     # save
     save_checkpoint(accelerator, args.output_dir, progress, args)
-    if args.save_path and accelerator.is_main_process:
-        save_state_dict(accelerator.unwrap_model(model).state_dict(), args.save_path)
-        log(f"Weights saved to {args.save_path}")
+    if global_rank() == 0:
+        trained = accelerator.unwrap_model(model)
+        results = {
+            "mode": mode,
+            "steps": progress.step,
+            "test_loss": loss,
+            "accuracy": correct / total,
+            "correct": correct,
+            "total": total,
+            "params": lowrank.count_parameters(trained),
+            "flops": lowrank.count_flops(trained, torch.randn(1, 1, 28, 28, device=accelerator.device)),
+        }
+        atomic_write(
+            Path(args.output_dir) / "results.json", lambda file: json.dump(results, file, indent=2), binary=False
+        )
+        if args.save_path:
+            save_state_dict(trained.state_dict(), args.save_path)
+            log(f"Weights saved to {args.save_path}")
     accelerator.end_training()
 
 

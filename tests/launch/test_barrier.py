@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from launch.barrier import Artifacts, parameters_digest
+import lowrank
+from launch.barrier import Artifacts, BarrierError, load_decomposed, parameters_digest
 from lowrank.io import save_state_dict
 from tests.launch.barrier_worker import small_model
 
@@ -154,3 +155,15 @@ def test_parameters_digest_sees_any_change():
     with torch.no_grad():
         model[0].weight[0, 0, 0, 0] += 1e-6
     assert parameters_digest(model) != digest
+
+
+def test_weights_that_do_not_fit_the_info_file_are_named(tmp_path):
+    model, _ = lowrank.auto_decomposition(small_model(), tmp_path / "info.json")
+    save_state_dict(small_model().state_dict(), tmp_path / "dense.pth")  # dense weights, not decomposed ones
+    with pytest.raises(
+        BarrierError, match=f"{tmp_path / 'dense.pth'} does not fit the structure of {tmp_path / 'info.json'}"
+    ):
+        load_decomposed(small_model(), tmp_path / "info.json", tmp_path / "dense.pth")
+    save_state_dict(model.state_dict(), tmp_path / "decomposed.pth")
+    rebuilt, changes = load_decomposed(small_model(), tmp_path / "info.json", tmp_path / "decomposed.pth")
+    assert parameters_digest(rebuilt) == parameters_digest(model) and changes

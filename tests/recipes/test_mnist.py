@@ -177,6 +177,9 @@ def test_online_on_two_processes(baseline, tmp_path):
     ):
         assert tag in tags, tag
     assert [event.step for event in events.Scalars("train/loss")] == [3, 6]
+    comparison = run([sys.executable, str(RECIPES / "compare_runs.py"), baseline.parent, out]).stdout
+    row = next(line for line in comparison.splitlines() if line.startswith(str(out)))
+    assert row.split()[1] == "online" and row.endswith("x") and float(row.split()[-1][:-1]) > 2.5  # FLOPs cut
 
 
 @pytest.mark.integration

@@ -1,0 +1,38 @@
+"""Compares the results of MNIST runs (the ``results.json`` each recipe writes in its --output-dir).
+
+    python recipes/compare_runs.py runs/baseline runs/online runs/offline
+
+The first run is the reference for the size and FLOPs ratios.
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def get_args_parser():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("runs", nargs="+", help="output folders of the runs; the first is the reference")
+    return parser
+
+
+def main(args):
+    rows = []
+    for run in args.runs:
+        path = Path(run) / "results.json"
+        if not path.is_file():
+            sys.exit(f"error: {path} does not exist (did the run finish?)")
+        rows.append((run, json.loads(path.read_text())))
+    reference = rows[0][1]
+    header = ("run", "mode", "accuracy", "test loss", "params", "FLOPs", "smaller", "cheaper")
+    print("{:<24} {:<9} {:>9} {:>10} {:>11} {:>13} {:>8} {:>8}".format(*header))
+    for run, r in rows:
+        print(
+            f"{run:<24} {r['mode']:<9} {100 * r['accuracy']:>8.2f}% {r['test_loss']:>10.6f} {r['params']:>11,} "
+            f"{r['flops']:>13,} {reference['params'] / r['params']:>7.2f}x {reference['flops'] / r['flops']:>7.2f}x"
+        )
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())

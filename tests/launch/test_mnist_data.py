@@ -1,0 +1,71 @@
+import gzip
+import shutil
+import urllib.error
+from pathlib import Path
+
+import pytest
+import torch
+
+from launch import mnist
+
+SHARED_RAW = Path(__file__).parents[3] / "shared" / "data" / "MNIST" / "raw"
+needs_data = pytest.mark.skipif(not SHARED_RAW.is_dir(), reason=f"no MNIST copy at {SHARED_RAW}")
+
+
+def gz_copy(root):
+    raw = root / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for name in mnist.MNIST_FILES:
+        shutil.copy(SHARED_RAW / f"{name}.gz", raw)
+    return raw
+
+
+@needs_data
+def test_a_gzipped_copy_is_unpacked_and_checked(tmp_path):
+    raw = gz_copy(tmp_path)
+    assert mnist.local_root(tmp_path) == tmp_path
+    assert all((raw / name).is_file() for name in mnist.MNIST_FILES)
+    test_set = mnist.load_mnist(tmp_path, train=False)
+    assert len(test_set) == 10000
+    image, label = test_set[0]
+    assert image.shape == (1, 28, 28) and label == 7
+
+
+@needs_data
+def test_a_read_only_copy_is_unpacked_into_the_cache(tmp_path, monkeypatch):
+    gz_copy(tmp_path / "data")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    unpack = mnist._unpack
+
+    def read_only_data(gz_path, target):
+        if target.is_relative_to(tmp_path / "data"):
+            raise PermissionError(target)
+        unpack(gz_path, target)
+
+    monkeypatch.setattr(mnist, "_unpack", read_only_data)
+    assert mnist.local_root(tmp_path / "data") == tmp_path / "cache" / "lowrank" / "mnist"
+
+
+@needs_data
+def test_a_corrupt_archive_is_named(tmp_path):
+    raw = gz_copy(tmp_path)
+    name = "t10k-labels-idx1-ubyte"
+    (raw / f"{name}.gz").write_bytes(gzip.compress(b"not mnist"))
+    with pytest.raises(RuntimeError, match=f"{name}.gz is corrupt"):
+        mnist.local_root(tmp_path)
+    assert not (raw / name).exists()
+
+
+def test_no_copy_and_no_network_is_a_clear_error(tmp_path, monkeypatch):
+    def offline(self):
+        raise urllib.error.URLError("no route to host")
+
+    monkeypatch.setattr(mnist.datasets.MNIST, "download", offline)
+    with pytest.raises(
+        RuntimeError, match="MNIST is not under .* could not be downloaded .* pass that folder's parent as --data-path"
+    ):
+        mnist.load_mnist(tmp_path, train=True)
+
+
+def test_net_shapes():
+    assert mnist.Net()(torch.randn(2, 1, 28, 28)).shape == (2, 10)
