@@ -30,7 +30,7 @@ from filelock import FileLock
 from torch import nn
 
 import lowrank
-from lowrank.io import atomic_write, load_state_dict, make_parent_dirs, save_state_dict
+from lowrank.io import atomic_write, file_digest, load_state_dict, make_parent_dirs, save_state_dict
 
 logger = logging.getLogger(__name__)
 
@@ -58,20 +58,12 @@ def run_token() -> str:
     return token[0]
 
 
-def file_sha256(path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        for block in iter(lambda: file.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def fingerprint(pretrained_path, model: nn.Module, policy: dict) -> str:
     """Identifies the inputs of a decomposition: the pretrained weights' bytes, the model definition
     (its class source where available, its structure, its parameter shapes and dtypes), the policy
     and the lowrank version."""
     digest = hashlib.sha256()
-    digest.update(file_sha256(pretrained_path).encode())
+    digest.update(file_digest(pretrained_path).encode())
     with contextlib.suppress(OSError, TypeError):  # classes defined without source files
         digest.update(inspect.getsource(type(model)).encode())
     digest.update(repr(model).encode())
@@ -117,7 +109,7 @@ class Artifacts:
         return self.info_path.with_name(self.info_path.name + ".lock")
 
     def checksums(self) -> dict:
-        return {"info": file_sha256(self.info_path), "weights": file_sha256(self.weights_path)}
+        return {"info": file_digest(self.info_path), "weights": file_digest(self.weights_path)}
 
     def write_marker(self, **content) -> None:
         atomic_write(self.marker_path, lambda file: json.dump(content, file), binary=False)

@@ -8,7 +8,6 @@ loading fails within a minute with an error that says what to do.
 """
 
 import gzip
-import hashlib
 import os
 import socket
 from pathlib import Path
@@ -18,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision import datasets, transforms
 
-from lowrank.io import atomic_write
+from lowrank.io import atomic_write, file_digest
 
 # md5 of the uncompressed idx files
 MNIST_FILES = {
@@ -50,14 +49,6 @@ class Net(nn.Module):
         return F.log_softmax(self.fc(torch.flatten(x, 1)), dim=1)
 
 
-def _md5(path) -> str:
-    digest = hashlib.md5()
-    with open(path, "rb") as file:
-        for block in iter(lambda: file.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _unpack(gz_path: Path, target: Path) -> None:
     def write(file):
         with gzip.open(gz_path, "rb") as source:
@@ -65,7 +56,7 @@ def _unpack(gz_path: Path, target: Path) -> None:
                 file.write(block)
 
     atomic_write(target, write)
-    if _md5(target) != MNIST_FILES[target.name]:
+    if file_digest(target, "md5") != MNIST_FILES[target.name]:
         target.unlink()
         raise RuntimeError(f"{gz_path} is corrupt: its content does not match the MNIST file {target.name}")
 

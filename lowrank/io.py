@@ -2,6 +2,7 @@
 folder, then ``os.replace``) with owner/group-only permissions (0640 files, 0750 new folders), so a
 reader never sees a half-written file and a crash never leaves one behind."""
 
+import hashlib
 import os
 import tempfile
 from collections.abc import Callable
@@ -11,6 +12,15 @@ import torch
 
 FILE_MODE = 0o640
 DIR_MODE = 0o750
+
+
+def file_digest(path, algorithm: str = "sha256") -> str:
+    """Hex digest of a file's bytes, read in blocks."""
+    digest = hashlib.new(algorithm)
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def make_parent_dirs(path: str | os.PathLike) -> None:

@@ -1,24 +1,10 @@
 import logging
+import socket
 
 import pytest
 import torch
-import torch.nn.functional as F
-from torch import nn
 
-
-class Net(nn.Module):
-    """The AMCT sample's MNIST network: conv1 1->128 3x3, conv2 128->128 3x3, fc, log_softmax."""
-
-    def __init__(self):
-        super().__init__()
-        self.conv1 = nn.Conv2d(1, 128, 3)
-        self.conv2 = nn.Conv2d(128, 128, 3)
-        self.fc = nn.Linear(128 * 12 * 12, 10)
-
-    def forward(self, x):
-        x = F.relu(self.conv1(x))
-        x = F.max_pool2d(F.relu(self.conv2(x)), 2)
-        return F.log_softmax(self.fc(x.flatten(1)), dim=1)
+from launch.mnist import Net
 
 
 @pytest.fixture
@@ -37,6 +23,23 @@ def lowrank_log():
     logger.addHandler(handler)
     yield messages
     logger.removeHandler(handler)
+
+
+def free_ports(count):
+    """TCP ports free right now on localhost, distinct (all held open until all are chosen)."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+def free_port():
+    """A TCP port free right now on localhost, for a launcher's rendezvous."""
+    return free_ports(1)[0]
 
 
 def relative_error(actual, expected):

@@ -13,6 +13,7 @@ import torch
 import lowrank
 from launch.barrier import Artifacts, BarrierError, load_decomposed, parameters_digest
 from lowrank.io import save_state_dict
+from tests.conftest import free_port, free_ports
 from tests.launch.barrier_worker import small_model
 
 pytestmark = pytest.mark.integration
@@ -56,14 +57,6 @@ def finish(process, timeout=180):
 
 def run(out_dir, weights, port, *extra):
     return finish(start(out_dir, weights, port, *extra))
-
-
-def free_port():
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_rank_zero_decomposes_the_others_load(tmp_path):
@@ -142,7 +135,11 @@ def test_concurrent_jobs_on_the_same_paths_never_mix(tmp_path):
     for name, weights in (("a", first), ("b", second)):
         _, results, _ = run(tmp_path / f"alone_{name}", weights, free_port())
         expected[name] = results[0]["digest"]
-    jobs = {name: start(tmp_path / "shared", weights, free_port()) for name, weights in (("a", first), ("b", second))}
+    ports = free_ports(2)  # distinct: both jobs rendezvous at the same time
+    jobs = {
+        name: start(tmp_path / "shared", weights, port)
+        for (name, weights), port in zip((("a", first), ("b", second)), ports)
+    }
     for name, job in jobs.items():
         code, results, err = finish(job)
         assert code == 0, err

@@ -6,7 +6,7 @@ from torch import nn
 from torch.nn.utils import parametrizations
 
 import lowrank
-from tests.conftest import Net
+from launch.mnist import Net
 
 X = torch.randn(2, 1, 28, 28)
 

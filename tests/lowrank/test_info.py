@@ -7,9 +7,9 @@ import torch
 from torch import nn
 
 import lowrank
+from launch.mnist import Net
 from lowrank import DecomposeInfoError
 from lowrank.io import atomic_write, load_state_dict, save_state_dict
-from tests.conftest import Net
 
 
 @pytest.fixture

@@ -11,6 +11,8 @@ import pytest
 import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from tests.conftest import free_port
+
 ROOT = Path(__file__).parents[2]
 RECIPES = ROOT / "recipes"
 DATA = ROOT.parent / "shared" / "data"
@@ -63,14 +65,6 @@ def torchrun(*args, port):
         str(port),
         *map(str, args),
     ]
-
-
-def free_port():
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def scalars(run_dir):
