@@ -1,5 +1,6 @@
 import logging
 import socket
+import sys
 
 import pytest
 import torch
@@ -25,21 +26,17 @@ def lowrank_log():
     logger.removeHandler(handler)
 
 
-def free_ports(count):
-    """TCP ports free right now on localhost, distinct (all held open until all are chosen)."""
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for sock in sockets:
-            sock.bind(("127.0.0.1", 0))
-        return [sock.getsockname()[1] for sock in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
-
-
 def free_port():
-    """A TCP port free right now on localhost, for a launcher's rendezvous."""
-    return free_ports(1)[0]
+    """A TCP port free right now on localhost, for accelerate launch's rendezvous."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def torchrun(*args):
+    """The command line of a 2-process torchrun job; ``--standalone`` rendezvous on localhost:0, so
+    torchrun picks its own free port and concurrent jobs cannot race for one."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *map(str, args)]
 
 
 def relative_error(actual, expected):

@@ -3,8 +3,8 @@
 import json
 import os
 import subprocess
-import sys
 import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -13,7 +13,7 @@ import torch
 import lowrank
 from launch.barrier import Artifacts, BarrierError, load_decomposed, parameters_digest
 from lowrank.io import save_state_dict
-from tests.conftest import free_port, free_ports
+from tests.conftest import torchrun
 from tests.launch.barrier_worker import small_model
 
 pytestmark = pytest.mark.integration
@@ -27,22 +27,9 @@ def pretrained(path, seed):
     return path
 
 
-def start(out_dir, weights, port, *extra):
-    results = Path(out_dir).parent / f"results-{port}"
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_port",
-        str(port),
-        str(WORKER),
-        str(out_dir),
-        str(weights),
-        str(results),
-        *map(str, extra),
-    ]
+def start(out_dir, weights, *extra):
+    results = Path(out_dir).parent / f"results-{uuid.uuid4().hex}"
+    command = torchrun(WORKER, out_dir, weights, results, *extra)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
     process.results = results
@@ -55,13 +42,13 @@ def finish(process, timeout=180):
     return process.returncode, results, err
 
 
-def run(out_dir, weights, port, *extra):
-    return finish(start(out_dir, weights, port, *extra))
+def run(out_dir, weights, *extra):
+    return finish(start(out_dir, weights, *extra))
 
 
 def test_rank_zero_decomposes_the_others_load(tmp_path):
     weights = pretrained(tmp_path / "baseline.pth", 0)
-    code, results, err = run(tmp_path / "art", weights, free_port())
+    code, results, err = run(tmp_path / "art", weights)
     assert code == 0, err
     assert results[0]["changes"] == results[1]["changes"] == {"0": ["0.0", "0.1"], "3": ["3.0", "3.1"]}
     assert results[0]["digest"] == results[1]["digest"]
@@ -69,7 +56,7 @@ def test_rank_zero_decomposes_the_others_load(tmp_path):
     assert err.count("auto_decomposition start.") == 1 and err.count("decompose_network start.") == 1
 
     # A second run with the same inputs reuses the artifacts: no decomposition at all.
-    code, again, err = run(tmp_path / "art", weights, free_port())
+    code, again, err = run(tmp_path / "art", weights)
     assert code == 0, err
     assert again[0]["reused"] and again[1]["reused"]
     assert "auto_decomposition start." not in err
@@ -80,7 +67,7 @@ def test_a_failure_on_rank_zero_stops_every_rank_with_its_message(tmp_path):
     weights = tmp_path / "baseline.pth"
     weights.write_bytes(b"not a checkpoint")
     started = time.monotonic()
-    code, results, err = run(tmp_path / "art", weights, free_port())
+    code, results, err = run(tmp_path / "art", weights)
     assert code != 0
     assert time.monotonic() - started < 60
     assert "cannot read weights file" in results[0]["error"]
@@ -90,7 +77,7 @@ def test_a_failure_on_rank_zero_stops_every_rank_with_its_message(tmp_path):
 
 def test_the_others_time_out_with_a_clear_message(tmp_path):
     weights = pretrained(tmp_path / "baseline.pth", 0)
-    code, results, err = run(tmp_path / "art", weights, free_port(), "--timeout", "2", "--hang", "30")
+    code, results, err = run(tmp_path / "art", weights, "--timeout", "2", "--hang", "30")
     assert code != 0
     assert "rank 0 did not finish the decomposition within 2 s" in results[1]["error"]
     assert "filesystem they all share" in results[1]["error"]
@@ -102,7 +89,7 @@ def test_stale_marker_and_lock_do_not_block_or_mislead(tmp_path):
     artifacts.info_path.parent.mkdir()
     artifacts.lock_path.write_text("")  # left by a killed job
     artifacts.write_marker(status="failed", token="old-run", message="old failure")
-    code, results, err = run(tmp_path / "art", weights, free_port())
+    code, results, err = run(tmp_path / "art", weights)
     assert code == 0, err
     assert results[0]["digest"] == results[1]["digest"]
 
@@ -110,8 +97,8 @@ def test_stale_marker_and_lock_do_not_block_or_mislead(tmp_path):
 def test_artifacts_of_other_pretrained_weights_are_never_reused(tmp_path):
     first = pretrained(tmp_path / "a.pth", 0)
     second = pretrained(tmp_path / "b.pth", 1)
-    _, results_a, _ = run(tmp_path / "art", first, free_port())
-    code, results_b, err = run(tmp_path / "art", second, free_port())
+    _, results_a, _ = run(tmp_path / "art", first)
+    code, results_b, err = run(tmp_path / "art", second)
     assert code == 0, err
     assert not results_b[0]["reused"] and err.count("auto_decomposition start.") == 1
     assert results_b[0]["digest"] != results_a[0]["digest"]
@@ -119,10 +106,10 @@ def test_artifacts_of_other_pretrained_weights_are_never_reused(tmp_path):
 
 def test_tampered_weights_are_detected(tmp_path):
     weights = pretrained(tmp_path / "baseline.pth", 0)
-    run(tmp_path / "art", weights, free_port())
+    run(tmp_path / "art", weights)
     artifacts = Artifacts(tmp_path / "art" / "decompose_info.json", tmp_path / "art" / "decomposed_weights.pth")
     artifacts.weights_path.write_bytes(artifacts.weights_path.read_bytes()[:100])
-    code, results, err = run(tmp_path / "art", weights, free_port())
+    code, results, err = run(tmp_path / "art", weights)
     # rank 0 sees the checksum mismatch, so it decomposes again instead of reusing
     assert code == 0, err
     assert not results[0]["reused"]
@@ -133,13 +120,9 @@ def test_concurrent_jobs_on_the_same_paths_never_mix(tmp_path):
     second = pretrained(tmp_path / "b.pth", 1)
     expected = {}
     for name, weights in (("a", first), ("b", second)):
-        _, results, _ = run(tmp_path / f"alone_{name}", weights, free_port())
+        _, results, _ = run(tmp_path / f"alone_{name}", weights)
         expected[name] = results[0]["digest"]
-    ports = free_ports(2)  # distinct: both jobs rendezvous at the same time
-    jobs = {
-        name: start(tmp_path / "shared", weights, port)
-        for (name, weights), port in zip((("a", first), ("b", second)), ports)
-    }
+    jobs = {name: start(tmp_path / "shared", weights) for name, weights in (("a", first), ("b", second))}
     for name, job in jobs.items():
         code, results, err = finish(job)
         assert code == 0, err

@@ -11,7 +11,7 @@ import pytest
 import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from tests.conftest import free_port
+from tests.conftest import free_port, torchrun
 
 ROOT = Path(__file__).parents[2]
 RECIPES = ROOT / "recipes"
@@ -49,19 +49,6 @@ def accelerate_launch(*args, port):
         "--config_file",
         str(CONFIG),
         "--main_process_port",
-        str(port),
-        *map(str, args),
-    ]
-
-
-def torchrun(*args, port):
-    return [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_port",
         str(port),
         *map(str, args),
     ]
@@ -188,7 +175,7 @@ def test_offline_two_steps(baseline, tmp_path):
     ]
     step1 = run([sys.executable, str(RECIPES / "decompose_model.py"), "--pretrained-path", baseline, *paths])
     assert "Decomposition information file is saved to" in step1.stderr
-    result = run(torchrun(RECIPES / "mnist_offline.py", *FEW, *paths, "--output-dir", out, port=free_port()))
+    result = run(torchrun(RECIPES / "mnist_offline.py", *FEW, *paths, "--output-dir", out))
     log = result.stdout + result.stderr
     assert log.count("[lowrank] decompose_network start.") == 2 and "auto_decomposition start." not in log
     assert "[Test] Loss:" in result.stdout
