@@ -167,14 +167,15 @@ def _decompose_on_rank_zero(model, artifacts, load_pretrained, pretrained_path, 
             reused = _intact(artifacts, previous, wanted)
             if reused:
                 logger.info("Reusing the decomposition of an earlier run with the same inputs: %s", artifacts.info_path)
-                model, changes = _load_artifacts(model, artifacts, previous)
+                # _intact verified the checksums, and the lock keeps the files as they are: no second hashing.
+                model, changes = load_decomposed(model, artifacts.info_path, artifacts.weights_path)
+                checksums = previous["checksums"]
             else:
                 load_pretrained(model)
                 model, changes = lowrank.auto_decomposition(model, artifacts.info_path, **policy)
                 save_state_dict(model.state_dict(), artifacts.weights_path)
-            artifacts.write_marker(
-                status="done", token=token, fingerprint=wanted, checksums=artifacts.checksums(), reused=reused
-            )
+                checksums = artifacts.checksums()
+            artifacts.write_marker(status="done", token=token, fingerprint=wanted, checksums=checksums, reused=reused)
         except BaseException as error:
             artifacts.write_marker(status="failed", token=token, message=f"{type(error).__name__}: {error}")
             raise
