@@ -27,25 +27,26 @@ MNIST_FILES = {
     "t10k-labels-idx1-ubyte": "27ae3e4e09519cfbb04c329615203637",
 }
 DOWNLOAD_TIMEOUT = 20  # seconds per connection attempt: no network must fail fast, not hang
-NORMALIZE = transforms.Normalize((0.1307,), (0.3081,))
 
 
 class Net(nn.Module):
-    """The AMCT sample's network: conv1 1->128 3x3, conv2 128->128 3x3, max-pool, fc, log_softmax."""
+    """The AMCT sample's network and initialisation: conv1 1->128 3x3, conv2 128->128 3x3 (no
+    padding, no pooling), fc (24*24*128 -> 10), log_softmax. The initialisation matters: with
+    PyTorch's default one the same training reaches several points less accuracy."""
 
-    def __init__(self):
+    def __init__(self, in_channels=1, height=28, width=28, classes=10):
         super().__init__()
-        self.conv1 = nn.Conv2d(1, 128, 3)
+        self.conv1 = nn.Conv2d(in_channels, 128, 3)
         self.conv2 = nn.Conv2d(128, 128, 3)
-        self.fc = nn.Linear(128 * 12 * 12, 10)
-        for module in self.modules():
-            if isinstance(module, (nn.Conv2d, nn.Linear)):
-                nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
-                nn.init.zeros_(module.bias)
+        self.fc = nn.Linear((height - 4) * (width - 4) * 128, classes)
+        for conv in (self.conv1, self.conv2):
+            nn.init.kaiming_normal_(conv.weight, mode="fan_out")
+            nn.init.zeros_(conv.bias)
+        nn.init.normal_(self.fc.weight, 0, 0.01)
+        nn.init.zeros_(self.fc.bias)
 
     def forward(self, x):
-        x = F.relu(self.conv1(x))
-        x = F.max_pool2d(F.relu(self.conv2(x)), 2)
+        x = F.relu(self.conv2(F.relu(self.conv1(x))))
         return F.log_softmax(self.fc(torch.flatten(x, 1)), dim=1)
 
 
@@ -83,7 +84,7 @@ def local_root(data_path) -> Path | None:
 
 def load_mnist(data_path, train: bool) -> datasets.MNIST:
     """The MNIST train or test set, from a local copy under ``data_path`` or downloaded there."""
-    transform = transforms.Compose([transforms.ToTensor(), NORMALIZE])
+    transform = transforms.ToTensor()  # no normalisation, as in the AMCT sample
     root = local_root(data_path)
     if root is not None:
         return datasets.MNIST(root, train=train, transform=transform, download=False)

@@ -3,19 +3,23 @@
 - ``prepare_model``: the model of each mode: ``baseline`` (dense, optionally loaded), ``online``
   (rank 0 decomposes behind the barrier, the others load its artifacts), ``offline`` (every rank
   replays the info file and loads the decomposed weights).
-- ``train``: a step-based loop with the AMCT sample's log lines (``[Train] Step[20/200] Loss: ...``),
-  TensorBoard scalars through Accelerate's tracker (flushed at every log), checkpoints named after
-  their step, and preemption: on SIGTERM or SIGUSR1 every rank saves a checkpoint and the process
+- ``create_accelerator``: an Accelerator logging to TensorBoard, on the CPU unless asked for GPUs,
+  whose rank and world size agree with torch.distributed (also under DeepSpeed on the CPU).
+- ``train``: a step-based loop (a step is one optimizer step, gradient accumulation included) with
+  the AMCT sample's log lines (``[Train] Step[20/200] Loss: ...``), TensorBoard scalars through
+  Accelerate's tracker (flushed at every log), checkpoints named after their step, periodic
+  evaluation, and preemption: on SIGTERM or SIGUSR1 every rank saves a checkpoint and the process
   exits with ``PREEMPTED_EXIT_CODE`` so that a scheduler can requeue it; ``--resume`` continues from
   the latest checkpoint.
-- ``evaluate``: ``[Test] Loss: 0.047416, Accuracy: 98.39% (9839/10000)`` over the whole test set,
-  whatever the number of processes.
+- ``evaluate``: ``[Test] Loss: 0.047416, Accuracy: 98.39% (9839/10000)`` (and top-5 when asked) over
+  the whole test set, whatever the number of processes.
 
 Log lines and files come from global rank 0 only (from torch.distributed: under some launchers
 Accelerate's ``process_index`` is 0 on every rank).
 """
 
 import json
+import os
 import signal
 import sys
 import time
@@ -23,12 +27,16 @@ from pathlib import Path
 
 import psutil
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.state import PartialState
+from accelerate.utils import ProjectConfiguration
 from tqdm import tqdm
 
 import lowrank
 from lowrank.cli import inspect_table
-from lowrank.io import load_state_dict
+from lowrank.io import atomic_write, load_state_dict, save_state_dict
 
 from .barrier import (
     DEFAULT_TIMEOUT,
@@ -47,6 +55,29 @@ MODES = ("baseline", "online", "offline")
 def log(line: str) -> None:
     if global_rank() == 0:
         tqdm.write(line, file=sys.stdout)  # prints above the progress bar when there is one
+
+
+def create_accelerator(*, use_gpu: bool, output_dir, **kwargs) -> Accelerator:
+    """An Accelerator logging to TensorBoard in ``output_dir``, on the CPU unless ``use_gpu``.
+
+    Under ``accelerate launch --use_deepspeed`` on a machine without GPUs, Accelerate 1.15 reports one
+    process of index 0 on every rank while DeepSpeed's process group holds them all: rank 0's role,
+    data sharding and DeepSpeed's batch size would all be wrong, so the state is set from
+    torch.distributed, which knows the real ranks.
+    """
+    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    if deepspeed and not use_gpu and torch.cuda.is_available():
+        sys.exit("error: DeepSpeed runs on this machine's GPUs: pass --use-gpu, or launch without DeepSpeed")
+    accelerator = Accelerator(
+        cpu=not use_gpu and not deepspeed,  # cpu=True would silently turn DeepSpeed off
+        log_with="tensorboard",
+        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir)),
+        **kwargs,
+    )
+    if dist.is_available() and dist.is_initialized() and accelerator.num_processes != dist.get_world_size():
+        for state in (PartialState(), accelerator.state):
+            state.num_processes, state.process_index = dist.get_world_size(), dist.get_rank()
+    return accelerator
 
 
 def prepare_model(
@@ -77,16 +108,19 @@ def prepare_model(
 
 
 class Progress:
-    """The step counter, saved and restored with Accelerate's checkpoints."""
+    """Optimizer steps and batches consumed (more than steps with gradient accumulation), saved and
+    restored with Accelerate's checkpoints."""
 
     def __init__(self):
         self.step = 0
+        self.batch = 0
 
     def state_dict(self):
-        return {"step": self.step}
+        return {"step": self.step, "batch": self.batch}
 
     def load_state_dict(self, state):
         self.step = state["step"]
+        self.batch = state["batch"]
 
 
 class Preemption:
@@ -122,9 +156,9 @@ def save_checkpoint(accelerator, output_dir, progress, args) -> Path:
     return path
 
 
-def batches(accelerator, loader, start_step):
-    """Batches forever, epoch after epoch; after a resume, the epoch and position of ``start_step``."""
-    epoch, skip = divmod(start_step, len(loader))
+def batches(accelerator, loader, start_batch):
+    """Batches forever, epoch after epoch; after a resume, the epoch and position of ``start_batch``."""
+    epoch, skip = divmod(start_batch, len(loader))
     while True:
         if hasattr(loader, "set_epoch"):
             loader.set_epoch(epoch)
@@ -132,62 +166,125 @@ def batches(accelerator, loader, start_step):
         epoch, skip = epoch + 1, 0
 
 
-def train(accelerator, model, optimizer, loader, progress, *, steps, log_steps, output_dir, args, checkpoint_steps=0):
-    """Trains until ``progress.step == steps``. Returns normally, or exits with PREEMPTED_EXIT_CODE
-    after saving a checkpoint when the job is preempted."""
+def train(
+    accelerator,
+    model,
+    optimizer,
+    loader,
+    progress,
+    *,
+    steps,
+    log_steps,
+    output_dir,
+    args,
+    loss_fn=F.nll_loss,
+    scheduler=None,
+    checkpoint_steps=0,
+    eval_steps=0,
+    eval_fn=None,
+    throughput_unit=None,
+):
+    """Trains until ``progress.step == steps`` (optimizer steps; the Accelerator's
+    ``gradient_accumulation_steps`` batches each). ``eval_fn()`` runs every ``eval_steps`` steps before
+    the last; ``throughput_unit`` (e.g. "images/s") adds the throughput to the log line. Returns
+    normally, or exits with PREEMPTED_EXIT_CODE after saving a checkpoint when the job is preempted."""
     preemption = Preemption()
     model.train()
     samples, started = 0, time.perf_counter()
     bar = tqdm(total=steps, initial=progress.step, unit="step", disable=global_rank() != 0 or not sys.stdout.isatty())
     # From the process's creation, imports included: the launch overhead users wait for.
     log(f"[Train] first step at {time.time() - psutil.Process().create_time():.2f} s after start")
-    for data, target in batches(accelerator, loader, progress.step):
+    for data, target in batches(accelerator, loader, progress.batch):
         if progress.step >= steps:
             break
+        with accelerator.accumulate(model):
+            loss = loss_fn(model(data), target)
+            accelerator.backward(loss)
+            optimizer.step()
+            optimizer.zero_grad()
+        progress.batch += 1
+        samples += len(data) * accelerator.num_processes
+        if not accelerator.sync_gradients:
+            continue
+        if scheduler is not None:
+            scheduler.step()
+        progress.step += 1
+        bar.update()
+        if progress.step % log_steps == 0 or progress.step == steps:
+            loss_value = accelerator.reduce(loss.detach(), reduction="mean").item()
+            throughput = samples / (time.perf_counter() - started)
+            line = f"[Train] Step[{progress.step}/{steps}] Loss: {loss_value:.6f}"
+            log(f"{line}, {throughput:.1f} {throughput_unit}" if throughput_unit else line)
+            lr = optimizer.param_groups[0]["lr"]
+            accelerator.log(
+                {"train/loss": loss_value, "train/lr": lr, "train/samples_per_s": throughput}, step=progress.step
+            )
+            samples, started = 0, time.perf_counter()
+        if progress.step >= steps:
+            break
+        # Between optimizer steps only, so that a checkpoint never holds half-accumulated gradients.
         if preemption.requested(accelerator):
             path = save_checkpoint(accelerator, output_dir, progress, args)
             cause = preemption.received or "signal on another rank"
             log(f"[Preempted] {cause}: checkpoint saved to {path}, exiting with {PREEMPTED_EXIT_CODE}")
             accelerator.end_training()
             sys.exit(PREEMPTED_EXIT_CODE)
-        optimizer.zero_grad()
-        loss = F.nll_loss(model(data), target)
-        accelerator.backward(loss)
-        optimizer.step()
-        progress.step += 1
-        bar.update()
-        samples += len(data) * accelerator.num_processes
-        if progress.step % log_steps == 0 or progress.step == steps:
-            loss_value = accelerator.reduce(loss.detach(), reduction="mean").item()
-            throughput = samples / (time.perf_counter() - started)
-            log(f"[Train] Step[{progress.step}/{steps}] Loss: {loss_value:.6f}")
-            lr = optimizer.param_groups[0]["lr"]
-            accelerator.log(
-                {"train/loss": loss_value, "train/lr": lr, "train/samples_per_s": throughput}, step=progress.step
-            )
-            samples, started = 0, time.perf_counter()
-        if checkpoint_steps and progress.step % checkpoint_steps == 0 and progress.step < steps:
+        if checkpoint_steps and progress.step % checkpoint_steps == 0:
             save_checkpoint(accelerator, output_dir, progress, args)
+        if eval_fn and eval_steps and progress.step % eval_steps == 0:
+            eval_fn()
+            model.train()
     bar.close()
 
 
 @torch.no_grad()
-def evaluate(accelerator, model, loader, step=None) -> tuple[float, int, int]:
-    """Mean loss, correct predictions and test-set size over all processes; logs the ``[Test]`` line."""
+def evaluate(accelerator, model, loader, step=None, loss_fn=F.nll_loss, top5=False) -> dict:
+    """Mean loss and accuracy (top-1, and top-5 when asked) over the whole test set on all processes;
+    logs the ``[Test]`` line. Returns ``{"loss", "accuracy", "correct", "total"[, "top5_accuracy"]}``."""
     model.eval()
-    losses, correct = [], []
+    losses, hits = [], []
     for data, target in loader:
         output = model(data)
-        loss = F.nll_loss(output, target, reduction="none")
-        hits = output.argmax(dim=1).eq(target)
-        loss, hits = accelerator.gather_for_metrics((loss, hits))
+        loss = loss_fn(output, target, reduction="none")
+        ranked = output.topk(min(5, output.shape[1]) if top5 else 1, dim=1).indices
+        hit = ranked.eq(target[:, None]).cumsum(dim=1)  # hit[:, k-1]: target among the first k
+        loss, hit = accelerator.gather_for_metrics((loss, hit))
         losses.append(loss)
-        correct.append(hits)
-    losses, correct = torch.cat(losses), torch.cat(correct)
-    mean_loss, right, total = losses.mean().item(), int(correct.sum().item()), len(correct)
-    log(f"[Test] Loss: {mean_loss:.6f}, Accuracy: {100 * right / total:.2f}% ({right}/{total})")
-    accelerator.log({"test/loss": mean_loss, "test/accuracy": right / total}, step=step)
-    return mean_loss, right, total
+        hits.append(hit)
+    losses, hits = torch.cat(losses), torch.cat(hits)
+    total, correct = len(hits), int(hits[:, 0].sum().item())
+    results = {"loss": losses.float().mean().item(), "accuracy": correct / total, "correct": correct, "total": total}
+    line = f"[Test] Loss: {results['loss']:.6f}, Accuracy: {100 * correct / total:.2f}% ({correct}/{total})"
+    if top5:
+        results["top5_accuracy"] = hits[:, -1].sum().item() / total
+        line += f", Top-5: {100 * results['top5_accuracy']:.2f}%"
+    log(line)
+    accelerator.log(
+        {f"test/{name}": value for name, value in results.items() if "accuracy" in name or name == "loss"}, step=step
+    )
+    return results
+
+
+def finish(accelerator, model, progress, args, results: dict, example_input) -> None:
+    """The end of a run: a last checkpoint, then from rank 0 ``results.json`` in ``--output-dir``
+    (``results`` plus steps, parameters and FLOPs) and the trained weights at ``--save-path``."""
+    save_checkpoint(accelerator, args.output_dir, progress, args)
+    state_dict = accelerator.get_state_dict(model)  # on every rank: under DeepSpeed ZeRO-3 it gathers the shards
+    if global_rank() == 0:
+        trained = accelerator.unwrap_model(model)
+        results = {
+            **results,
+            "steps": progress.step,
+            "params": lowrank.count_parameters(trained),
+            "flops": lowrank.count_flops(trained, example_input.to(accelerator.device)),
+        }
+        atomic_write(
+            Path(args.output_dir) / "results.json", lambda file: json.dump(results, file, indent=2), binary=False
+        )
+        if args.save_path:
+            save_state_dict(state_dict, args.save_path)
+            log(f"Weights saved to {args.save_path}")
+    accelerator.end_training()
 
 
 def log_decomposition(accelerator, dense_model, model, changes, seconds, example_input, info_path=None) -> dict:

@@ -14,8 +14,16 @@ def count_parameters(model: nn.Module) -> int:
 @torch.no_grad()
 def count_flops(model: nn.Module, example_input) -> int:
     """Multiply-adds of one forward pass on ``example_input`` (a tensor, or a tuple of positional
-    arguments), counted by PyTorch's FLOP counter: convolutions, matrix products and attention."""
+    arguments), counted by PyTorch's FLOP counter: convolutions, matrix products and attention. The
+    model runs in eval mode (batch norm accepts a batch of one, running statistics stay untouched)
+    and gets its mode back."""
     args = example_input if isinstance(example_input, tuple) else (example_input,)
-    with FlopCounterMode(display=False) as counter:
-        model(*args)
+    modes = {module: module.training for module in model.modules()}
+    model.eval()
+    try:
+        with FlopCounterMode(display=False) as counter:
+            model(*args)
+    finally:
+        for module, training in modes.items():
+            module.training = training
     return counter.get_total_flops() // 2

@@ -29,7 +29,7 @@ def main(args):
     print("{:<24} {:<9} {:>9} {:>10} {:>11} {:>13} {:>8} {:>8}".format(*header))
     for run, r in rows:
         print(
-            f"{run:<24} {r['mode']:<9} {100 * r['accuracy']:>8.2f}% {r['test_loss']:>10.6f} {r['params']:>11,} "
+            f"{run:<24} {r['mode']:<9} {100 * r['accuracy']:>8.2f}% {r['loss']:>10.6f} {r['params']:>11,} "
             f"{r['flops']:>13,} {reference['params'] / r['params']:>7.2f}x {reference['flops'] / r['flops']:>7.2f}x"
         )
 

@@ -1,20 +1,27 @@
 """Offline decomposition, step 1 (the AMCT sample's ``decompose_model.py``): load the pretrained
-MNIST network, decompose it, save the decomposition info file and the decomposed weights.
+network (the MNIST ``Net`` or a torchvision model), decompose it, save the decomposition info file and
+the decomposed weights.
 
     python recipes/decompose_model.py --pretrained-path runs/baseline/baseline.pth \\
         --decompose-info-path runs/offline/decompose_info.json \\
         --decomposed-weights-path runs/offline/decomposed_weights.pth
+    python recipes/decompose_model.py --model resnet50 --method tucker2 --ratio 0.5 \\
+        --pretrained-path resnet50.pth --decompose-info-path runs/r50_offline/decompose_info.json \\
+        --decomposed-weights-path runs/r50_offline/decomposed_weights.pth
 
-Step 2 is ``mnist_offline.py`` with the same two paths. Errors: a missing or unreadable
-``--pretrained-path`` is named; nothing is written when the decomposition fails.
+Step 2 is ``mnist_offline.py`` (or ``resnet50_imagenet.py --tensor-decompose --run-mode offline``) with
+the same two paths and policy. Errors: a missing or unreadable ``--pretrained-path`` is named; nothing
+is written when the decomposition fails.
 """
 
 import argparse
 
+import torchvision
+
 import lowrank
+from launch.args import add_policy_args
 from launch.mnist import Net
 from lowrank.io import load_state_dict, save_state_dict
-from lowrank.policy import DEFAULT_RATIO
 
 
 def get_args_parser():
@@ -27,23 +34,22 @@ def get_args_parser():
         "--decomposed-weights-path", required=True, help="where to save the decomposed weights (required)"
     )
     parser.add_argument(
-        "--method",
-        default="spatial",
-        choices=("spatial", "tucker2", "svd"),
-        help="method for k x k convolutions (default: spatial)",
+        "--model",
+        default="mnist",
+        help="'mnist' (the AMCT sample's Net) or a torchvision classification model name (default: mnist)",
     )
-    parser.add_argument(
-        "--ratio",
-        type=float,
-        default=DEFAULT_RATIO,
-        help=f"fraction of each layer's FLOPs kept (default: {DEFAULT_RATIO})",
-    )
+    add_policy_args(parser)
     return parser
 
 
 def main(args):
-    model = Net()
-    model.load_state_dict(load_state_dict(args.pretrained_path))
+    state_dict = load_state_dict(args.pretrained_path)
+    if args.model == "mnist":
+        model = Net()
+    else:  # as many classes as the pretrained classifier has
+        classes = next(tensor.shape[0] for name, tensor in reversed(state_dict.items()) if name.endswith("weight"))
+        model = torchvision.models.get_model(args.model, num_classes=classes)
+    model.load_state_dict(state_dict)
     model, _ = lowrank.auto_decomposition(model, args.decompose_info_path, method=args.method, ratio=args.ratio)
     save_state_dict(model.state_dict(), args.decomposed_weights_path)
     print(f"Decomposed weights are saved to: {args.decomposed_weights_path}")

@@ -21,29 +21,23 @@ with code 75 (rerun with ``--resume``).
 
 import argparse
 import copy
-import json
-import sys
-from pathlib import Path
 
 import torch
-from accelerate import Accelerator
-from accelerate.utils import ProjectConfiguration, set_seed
+from accelerate.utils import set_seed
 
-import lowrank
-from launch.barrier import global_rank
+from launch.args import add_decomposition_args, add_output_args, check_mode_args
 from launch.mnist import Net, load_mnist
 from launch.runner import (
     Progress,
+    create_accelerator,
     evaluate,
+    finish,
     latest_checkpoint,
     log,
     log_decomposition,
     prepare_model,
-    save_checkpoint,
     train,
 )
-from lowrank.io import atomic_write, save_state_dict
-from lowrank.policy import DEFAULT_RATIO
 
 
 def get_args_parser(run_mode=None, lr=0.01):
@@ -67,97 +61,14 @@ def get_args_parser(run_mode=None, lr=0.01):
     parser.add_argument("--use-gpu", action="store_true", help="train on GPUs; CPU without it (default: off)")
     parser.add_argument("--seed", type=int, default=1, help="random seed (default: 1)")
     parser.add_argument("--log-steps", type=int, default=20, help="steps between log lines (default: 20)")
-    parser.add_argument(
-        "--save-path", default=None, help="where to save the trained weights (default: None, not saved)"
-    )
-    # decomposition
-    parser.add_argument(
-        "--pretrained-path", default=None, help="pretrained weights; required in online mode (default: None)"
-    )
-    parser.add_argument(
-        "--tensor-decompose",
-        action="store_true",
-        default=run_mode is not None,
-        help=f"decompose the model (default: {run_mode is not None})",
-    )
-    parser.add_argument(
-        "--decompose-info-path",
-        default=None,
-        help="decomposition info file: written online, read offline (default: <output-dir>/decompose_info.json online)",
-    )
-    parser.add_argument(
-        "--decomposed-weights-path",
-        default=None,
-        help="decomposed weights: written online, read offline (default: <output-dir>/decomposed_weights.pth online)",
-    )
-    parser.add_argument(
-        "--run-mode",
-        choices=("online", "offline"),
-        default=run_mode or "online",
-        help=f"decomposition mode (default: {run_mode or 'online'})",
-    )
-    parser.add_argument(
-        "--method",
-        default="spatial",
-        choices=("spatial", "tucker2", "svd"),
-        help="method for k x k convolutions (default: spatial)",
-    )
-    parser.add_argument(
-        "--ratio",
-        type=float,
-        default=DEFAULT_RATIO,
-        help=f"fraction of each layer's FLOPs kept (default: {DEFAULT_RATIO})",
-    )
-    parser.add_argument(
-        "--barrier-timeout",
-        type=float,
-        default=3600,
-        help="seconds the other ranks wait for rank 0's decomposition (default: 3600)",
-    )
-    # outputs
-    parser.add_argument(
-        "--output-dir", default="runs/mnist", help="TensorBoard logs and checkpoints (default: runs/mnist)"
-    )
-    parser.add_argument(
-        "--checkpoint-steps",
-        type=int,
-        default=0,
-        help="steps between checkpoints, 0: only at the end and on preemption (default: 0)",
-    )
-    parser.add_argument(
-        "--resume", action="store_true", help="continue from the latest checkpoint in --output-dir (default: off)"
-    )
+    add_decomposition_args(parser, run_mode)
+    add_output_args(parser, output_dir="runs/mnist")
     return parser
 
 
-def check_args(args):
-    """Missing paths for the chosen mode, named by their flag, before any work."""
-    mode = args.run_mode if args.tensor_decompose else "baseline"
-    if mode == "online" and not args.pretrained_path:
-        sys.exit("error: --pretrained-path is required in online mode")
-    if mode == "offline":
-        for flag in ("decompose_info_path", "decomposed_weights_path"):
-            if not getattr(args, flag):
-                sys.exit(f"error: --{flag.replace('_', '-')} is required in offline mode")
-    for flag in ("pretrained_path", "decompose_info_path", "decomposed_weights_path"):
-        path = getattr(args, flag)
-        if path and (mode == "offline" or flag == "pretrained_path") and not Path(path).is_file():
-            sys.exit(f"error: --{flag.replace('_', '-')} {path} does not exist")
-    if mode == "online":
-        args.decompose_info_path = args.decompose_info_path or str(Path(args.output_dir) / "decompose_info.json")
-        args.decomposed_weights_path = args.decomposed_weights_path or str(
-            Path(args.output_dir) / "decomposed_weights.pth"
-        )
-    return mode
-
-
 def main(args):
-    mode = check_args(args)
-    accelerator = Accelerator(
-        cpu=not args.use_gpu,
-        log_with="tensorboard",
-        project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=args.output_dir),
-    )
+    mode = check_mode_args(args)
+    accelerator = create_accelerator(use_gpu=args.use_gpu, output_dir=args.output_dir)
     set_seed(args.seed)
     accelerator.init_trackers(f"mnist_{mode}", config={k: v for k, v in vars(args).items() if v is not None})
 
@@ -166,10 +77,6 @@ def main(args):
         args.train_batch_size = 256 if accelerator.num_processes == 1 else 32
     with accelerator.main_process_first():
         train_set, test_set = load_mnist(args.data_path, train=True), load_mnist(args.data_path, train=False)
-    train_loader = torch.utils.data.DataLoader(
-        train_set, batch_size=args.train_batch_size, shuffle=True, drop_last=True
-    )
-    test_loader = torch.utils.data.DataLoader(test_set, batch_size=args.test_batch_size)
 
     # model
     dense = Net()
@@ -184,8 +91,17 @@ def main(args):
     )
     if mode != "baseline":
         log_decomposition(
-            accelerator, dense, model, changes, seconds, torch.randn(1, 1, 28, 28), args.decompose_info_path
+            accelerator, dense, model, changes, seconds, torch.zeros(1, 1, 28, 28), args.decompose_info_path
         )
+
+    # The AMCT sample's sampler seeds itself from the global RNG at its first batch, after the model's
+    # initialisation. The same seed, drawn here into a generator that Accelerate keeps in step on
+    # every process, gives the same batches (and the same results) on one process as on several.
+    shuffle = torch.Generator().manual_seed(int(torch.empty((), dtype=torch.int64).random_().item()))
+    train_loader = torch.utils.data.DataLoader(
+        train_set, batch_size=args.train_batch_size, shuffle=True, drop_last=True, generator=shuffle
+    )
+    test_loader = torch.utils.data.DataLoader(test_set, batch_size=args.test_batch_size)
 
     # training
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
@@ -207,29 +123,10 @@ def main(args):
         args=args,
         checkpoint_steps=args.checkpoint_steps,
     )
-    loss, correct, total = evaluate(accelerator, model, test_loader, step=progress.step)
+    metrics = evaluate(accelerator, model, test_loader, step=progress.step)
 
     # save
-    save_checkpoint(accelerator, args.output_dir, progress, args)
-    if global_rank() == 0:
-        trained = accelerator.unwrap_model(model)
-        results = {
-            "mode": mode,
-            "steps": progress.step,
-            "test_loss": loss,
-            "accuracy": correct / total,
-            "correct": correct,
-            "total": total,
-            "params": lowrank.count_parameters(trained),
-            "flops": lowrank.count_flops(trained, torch.randn(1, 1, 28, 28, device=accelerator.device)),
-        }
-        atomic_write(
-            Path(args.output_dir) / "results.json", lambda file: json.dump(results, file, indent=2), binary=False
-        )
-        if args.save_path:
-            save_state_dict(trained.state_dict(), args.save_path)
-            log(f"Weights saved to {args.save_path}")
-    accelerator.end_training()
+    finish(accelerator, model, progress, args, {"mode": mode, **metrics}, torch.randn(1, 1, 28, 28))
 
 
 if __name__ == "__main__":

@@ -1,11 +1,19 @@
 import logging
+import os
 import socket
+import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 from launch.mnist import Net
+
+ROOT = Path(__file__).parents[1]
+RECIPES = ROOT / "recipes"
+CONFIGS = RECIPES / "configs"
+ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "LOWRANK_LOG_LEVEL": "info"}
 
 
 @pytest.fixture
@@ -37,6 +45,20 @@ def torchrun(*args):
     """The command line of a 2-process torchrun job; ``--standalone`` rendezvous on localhost:0, so
     torchrun picks its own free port and concurrent jobs cannot race for one."""
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *map(str, args)]
+
+
+def accelerate_launch(*args, port, config="cpu_2proc.yaml"):
+    """The command line of ``accelerate launch`` with a config of ``recipes/configs/``."""
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIGS / config)]
+    return [*launch, "--main_process_port", str(port), *map(str, args)]
+
+
+def run(command, timeout=600, check=True):
+    """Runs a recipe's command line from the repository root; on failure, raises with its output."""
+    result = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=ENV, cwd=ROOT)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{command} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+    return result
 
 
 def relative_error(actual, expected):

@@ -137,6 +137,13 @@ def test_parameters_digest_sees_any_change():
     assert parameters_digest(model) != digest
 
 
+def test_parameters_digest_covers_zero_dim_buffers():
+    model = torch.nn.BatchNorm2d(4)  # num_batches_tracked is a 0-dim int64 buffer
+    digest = parameters_digest(model)
+    model.num_batches_tracked += 1
+    assert parameters_digest(model) != digest
+
+
 def test_weights_that_do_not_fit_the_info_file_are_named(tmp_path):
     model, _ = lowrank.auto_decomposition(small_model(), tmp_path / "info.json")
     save_state_dict(small_model().state_dict(), tmp_path / "dense.pth")  # dense weights, not decomposed ones

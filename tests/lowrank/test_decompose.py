@@ -190,6 +190,14 @@ def test_count_parameters_and_flops():
     assert lowrank.count_flops(model, torch.randn(3, 10)) == 3 * (10 * 20 + 20 * 5)
 
 
+def test_count_flops_of_a_training_model_with_batch_norm_on_one_sample():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.AdaptiveAvgPool2d(1), nn.BatchNorm2d(8)).train()
+    model[1].eval()
+    assert lowrank.count_flops(model, torch.randn(1, 3, 6, 6)) == 8 * 3 * 9 * 16
+    assert model.training and not model[1].training and model[3].training  # modes given back
+    assert model[3].num_batches_tracked == 0  # running statistics untouched
+
+
 def test_set_logger_level(lowrank_log):
     try:
         lowrank.set_logger_level("warning")

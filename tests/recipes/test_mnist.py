@@ -1,23 +1,18 @@
 """The MNIST recipes end to end, through their real launchers on CPU with a few steps."""
 
+import importlib.util
 import os
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
-import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from tests.conftest import free_port, torchrun
+from tests.conftest import ENV, RECIPES, ROOT, accelerate_launch, free_port, run, torchrun
 
-ROOT = Path(__file__).parents[2]
-RECIPES = ROOT / "recipes"
 DATA = ROOT.parent / "shared" / "data"
-CONFIG = RECIPES / "configs" / "cpu_2proc.yaml"
-ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "LOWRANK_LOG_LEVEL": "info"}
 FEW = [
     "--data-path",
     str(DATA),
@@ -34,26 +29,6 @@ FEW = [
 needs_data = pytest.mark.skipif(not (DATA / "MNIST" / "raw").is_dir(), reason=f"no MNIST copy at {DATA}")
 
 
-def run(command, timeout=600, check=True):
-    result = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=ENV, cwd=ROOT)
-    if check and result.returncode != 0:
-        raise AssertionError(f"{command} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
-    return result
-
-
-def accelerate_launch(*args, port):
-    return [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--config_file",
-        str(CONFIG),
-        "--main_process_port",
-        str(port),
-        *map(str, args),
-    ]
-
-
 def scalars(run_dir):
     """Scalars of one TensorBoard run folder (the hyperparameters sit in a sub-run of their own)."""
     events = EventAccumulator(str(run_dir))
@@ -63,20 +38,6 @@ def scalars(run_dir):
 
 def test_recipes_is_not_a_package():
     assert not (RECIPES / "__init__.py").exists()
-
-
-def test_every_config_loads_and_names_its_command():
-    for config in (RECIPES / "configs").glob("*.yaml"):
-        text = config.read_text()
-        assert text.startswith("# Accelerate config"), config
-        assert "accelerate launch --config_file recipes/configs/" + config.name in text, config
-        settings = yaml.safe_load(text)
-        assert settings["num_processes"] >= 1 and settings["distributed_type"] in (
-            "MULTI_CPU",
-            "MULTI_GPU",
-            "DEEPSPEED",
-            "NO",
-        )
 
 
 @pytest.mark.parametrize(
@@ -253,3 +214,29 @@ def test_preemption_saves_and_resume_continues(baseline, tmp_path):
     assert f"[Resume] from {saved[0]} at step {step}" in text
     assert "auto_decomposition start." not in text  # the decomposition is reused, not redone
     assert f"[Train] Step[{step + 1}/{step + 3}]" in text and "[Test] Loss:" in text
+
+
+@pytest.mark.integration
+@needs_data
+@pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed is not installed")
+def test_online_under_deepspeed_zero2(baseline, tmp_path):
+    """DeepSpeed on the CPU: Accelerate reports process_index 0 on every rank there, the runner must
+    still give rank 0 alone the decomposition and the saving, and every rank its checkpoint shard."""
+    out = tmp_path / "deepspeed"
+    command = [RECIPES / "mnist_online.py", *FEW, "--pretrained-path", baseline, "--output-dir", out]
+    result = run(
+        accelerate_launch(
+            *command, "--save-path", out / "finetuned.pth", port=free_port(), config="deepspeed_zero2.yaml"
+        )
+    )
+    log = result.stdout + result.stderr
+    assert log.count("[lowrank] auto_decomposition start.") == 1 and log.count("decompose_network start.") == 1
+    assert result.stdout.count("[Test] Loss:") == 1 and "/10000)" in result.stdout  # the whole test set, once
+    shards = sorted(path.name for path in (out / "checkpoints" / "step_6").rglob("*optim_states.pt"))
+    assert len(shards) == 2, shards  # ZeRO-2: each rank saved its optimizer shard
+    assert (out / "finetuned.pth").is_file() and (out / "results.json").is_file()
+
+    resumed = run(
+        accelerate_launch(*command, "--steps", "8", "--resume", port=free_port(), config="deepspeed_zero2.yaml")
+    )
+    assert "at step 6" in resumed.stdout and "[Train] Step[8/8]" in resumed.stdout

@@ -1,0 +1,98 @@
+"""The command-line flags every recipe shares (the AMCT sample's decomposition flags and the
+runner's outputs), and their check before any work."""
+
+import argparse
+import sys
+from pathlib import Path
+
+from lowrank.policy import DEFAULT_RATIO
+
+
+def add_decomposition_args(parser: argparse.ArgumentParser, run_mode=None, method="spatial", ratio=DEFAULT_RATIO):
+    """``run_mode`` (set by a recipe's online/offline variant) implies ``--tensor-decompose``."""
+    group = parser.add_argument_group("decomposition")
+    group.add_argument(
+        "--pretrained-path", default=None, help="pretrained weights; required in online mode (default: None)"
+    )
+    group.add_argument(
+        "--tensor-decompose",
+        action="store_true",
+        default=run_mode is not None,
+        help=f"decompose the model (default: {run_mode is not None})",
+    )
+    group.add_argument(
+        "--decompose-info-path",
+        default=None,
+        help="decomposition info file: written online, read offline (default: <output-dir>/decompose_info.json online)",
+    )
+    group.add_argument(
+        "--decomposed-weights-path",
+        default=None,
+        help="decomposed weights: written online, read offline (default: <output-dir>/decomposed_weights.pth online)",
+    )
+    group.add_argument(
+        "--run-mode",
+        choices=("online", "offline"),
+        default=run_mode or "online",
+        help=f"decomposition mode (default: {run_mode or 'online'})",
+    )
+    add_policy_args(group, method, ratio)
+    group.add_argument(
+        "--barrier-timeout",
+        type=float,
+        default=3600,
+        help="seconds the other ranks wait for rank 0's decomposition (default: 3600)",
+    )
+
+
+def add_policy_args(parser, method="spatial", ratio=DEFAULT_RATIO):
+    parser.add_argument(
+        "--method",
+        default=method,
+        choices=("spatial", "tucker2", "svd"),
+        help=f"method for k x k convolutions (default: {method})",
+    )
+    parser.add_argument(
+        "--ratio", type=float, default=ratio, help=f"fraction of each layer's FLOPs kept (default: {ratio})"
+    )
+
+
+def add_output_args(parser: argparse.ArgumentParser, output_dir: str):
+    group = parser.add_argument_group("outputs")
+    group.add_argument("--save-path", default=None, help="where to save the trained weights (default: None, not saved)")
+    group.add_argument(
+        "--output-dir", default=output_dir, help=f"TensorBoard logs and checkpoints (default: {output_dir})"
+    )
+    group.add_argument(
+        "--checkpoint-steps",
+        type=int,
+        default=0,
+        help="steps between checkpoints, 0: only at the end and on preemption (default: 0)",
+    )
+    group.add_argument(
+        "--resume", action="store_true", help="continue from the latest checkpoint in --output-dir (default: off)"
+    )
+
+
+def check_mode_args(args, pretrained=None) -> str:
+    """The run's mode (baseline, online or offline). Missing paths for it exit with an error naming
+    their flag, before any work; online artifacts default to files in ``--output-dir``.
+    ``pretrained`` names a flag other than ``--pretrained-path`` that also provides the weights."""
+    mode = args.run_mode if args.tensor_decompose else "baseline"
+    if mode == "online" and not args.pretrained_path and not (pretrained and getattr(args, pretrained)):
+        alternative = f" (or --{pretrained.replace('_', '-')})" if pretrained else ""
+        sys.exit(f"error: --pretrained-path{alternative} is required in online mode")
+    if mode == "offline":
+        for flag in ("decompose_info_path", "decomposed_weights_path"):
+            if not getattr(args, flag):
+                sys.exit(f"error: --{flag.replace('_', '-')} is required in offline mode")
+    for flag in ("pretrained_path", "decompose_info_path", "decomposed_weights_path"):
+        path = getattr(args, flag)
+        if path and (mode == "offline" or flag == "pretrained_path") and not Path(path).is_file():
+            sys.exit(f"error: --{flag.replace('_', '-')} {path} does not exist")
+    if mode == "online":
+        args.decompose_info_path = args.decompose_info_path or str(Path(args.output_dir) / "decompose_info.json")
+        args.decomposed_weights_path = args.decomposed_weights_path or str(
+            Path(args.output_dir) / "decomposed_weights.pth"
+        )
+    return mode

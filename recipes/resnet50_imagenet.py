@@ -1,0 +1,264 @@
+"""ResNet-50 on ImageNet with optional low-rank decomposition: msModelSlim's sample flow (decompose on
+one process, save, every process rebuilds the structure and loads the weights) on the MNIST recipes'
+runner: baseline, online and offline modes, SGD with momentum, cosine schedule with warmup, label
+smoothing, mixed precision and channels_last on GPUs, gradient accumulation, top-1/top-5 and images/s.
+
+``--data-path`` holds ``train/`` and ``val/`` class folders (ImageFolder); the number of classes
+comes from them. Pretrained weights come from a local state dict (``--pretrained-path``) or, where
+there is internet, torchvision's weights by name (``--weights IMAGENET1K_V2``).
+
+One GPU, online (decompose, then finetune at a tenth of the learning rate):
+
+    accelerate launch --num_processes 1 recipes/resnet50_imagenet.py --use-gpu --mixed-precision bf16 \\
+        --data-path /data/imagenet --weights IMAGENET1K_V2 --tensor-decompose --run-mode online \\
+        --output-dir runs/r50_online
+
+Eight GPUs on one node (NCCL), same flags:
+
+    accelerate launch --config_file recipes/configs/gpu_8proc.yaml recipes/resnet50_imagenet.py --use-gpu ...
+
+Several nodes (run on each node with its --machine_rank; see slurm/resnet50_gpu.sbatch):
+
+    accelerate launch --config_file recipes/configs/multi_node.yaml --machine_rank $NODE_RANK \\
+        --main_process_ip $HEAD_ADDR --num_machines $NODES --num_processes $((NODES * 8)) \\
+        recipes/resnet50_imagenet.py --use-gpu ...
+
+DeepSpeed ZeRO-2: ``--config_file recipes/configs/deepspeed_zero2.yaml``. Offline: step 1 is
+``python recipes/decompose_model.py --model resnet50 --method tucker2 --ratio 0.5 --pretrained-path
+...``, step 2 this recipe with ``--tensor-decompose --run-mode offline --decompose-info-path ...
+--decomposed-weights-path ...``. A smoke test without data: ``--synthetic --image-size 64 --steps 4``
+(random images, 10 classes). CPU without ``--use-gpu``:
+
+    accelerate launch --config_file recipes/configs/cpu_2proc.yaml recipes/resnet50_imagenet.py \\
+        --synthetic --image-size 64 --train-batch-size 4 --steps 4 --workers 0 --output-dir runs/r50_smoke
+
+Errors: as the MNIST recipes (missing paths name their flag before any work; a failure on rank 0
+while decomposing stops every rank with its message; SIGTERM/SIGUSR1 checkpoint and exit with 75,
+rerun with ``--resume``), plus: no ``train/``/``val/`` under ``--data-path``; ``--weights`` whose class
+count differs from the dataset's; fp16/bf16 on a device that lacks it.
+"""
+
+import argparse
+import copy
+import functools
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import torchvision
+from accelerate.utils import set_seed
+from torchvision import datasets, transforms
+
+from launch.args import add_decomposition_args, add_output_args, check_mode_args
+from launch.runner import (
+    Progress,
+    create_accelerator,
+    evaluate,
+    finish,
+    latest_checkpoint,
+    log,
+    log_decomposition,
+    prepare_model,
+    train,
+)
+
+# ImageNet's channel statistics, as torchvision's weights expect them.
+NORMALIZE = transforms.Normalize(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+SYNTHETIC = {"train": 512, "val": 128, "classes": 10}  # images per split: enough for a few steps on CPU
+
+
+def get_args_parser():
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    # data
+    parser.add_argument(
+        "--data-path", default="data/imagenet", help="folder holding train/ and val/ (default: data/imagenet)"
+    )
+    parser.add_argument(
+        "--synthetic", action="store_true", help="random images instead of --data-path, for smoke tests (default: off)"
+    )
+    parser.add_argument("--image-size", type=int, default=224, help="training crop size (default: 224)")
+    parser.add_argument("--workers", type=int, default=8, help="data loading processes per process (default: 8)")
+    # training
+    parser.add_argument("--train-batch-size", type=int, default=32, help="batch size per process (default: 32)")
+    parser.add_argument("--test-batch-size", type=int, default=64, help="test batch size per process (default: 64)")
+    parser.add_argument("--epochs", type=int, default=90, help="training epochs (default: 90)")
+    parser.add_argument("--steps", type=int, default=None, help="cap on optimizer steps (default: None, no cap)")
+    parser.add_argument(
+        "--lr",
+        type=float,
+        default=None,
+        help="SGD learning rate for a global batch of 256 (default: 0.1, and 0.01 when finetuning a decomposed model)",
+    )
+    parser.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default: 0.9)")
+    parser.add_argument("--weight-decay", type=float, default=1e-4, help="weight decay (default: 1e-4)")
+    parser.add_argument("--label-smoothing", type=float, default=0.1, help="label smoothing (default: 0.1)")
+    parser.add_argument(
+        "--lr-warmup-epochs", type=float, default=1.0, help="linear warmup before the cosine decay (default: 1)"
+    )
+    parser.add_argument(
+        "--gradient-accumulation-steps", type=int, default=1, help="batches per optimizer step (default: 1)"
+    )
+    parser.add_argument(
+        "--mixed-precision",
+        choices=("no", "fp16", "bf16"),
+        default=None,
+        help="autocast precision (default: None, the launcher's setting)",
+    )
+    parser.add_argument(
+        "--channels-last",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="channels_last memory format (default: on with --use-gpu)",
+    )
+    parser.add_argument("--use-gpu", action="store_true", help="train on GPUs; CPU without it (default: off)")
+    parser.add_argument("--seed", type=int, default=1, help="random seed (default: 1)")
+    parser.add_argument("--log-steps", type=int, default=20, help="steps between log lines (default: 20)")
+    parser.add_argument("--test-only", action="store_true", help="only evaluate the model (default: off)")
+    # model and decomposition
+    parser.add_argument(
+        "--weights",
+        default=None,
+        help="torchvision weights of resnet50 by name, e.g. IMAGENET1K_V2; needs internet (default: None)",
+    )
+    add_decomposition_args(parser, method="tucker2", ratio=0.5)  # msModelSlim's sample: from_ratio(0.5)
+    add_output_args(parser, output_dir="runs/resnet50")
+    return parser
+
+
+def load_data(args):
+    """Train and validation sets with torchvision's standard ImageNet transforms."""
+    resize = int(args.image_size * 256 / 224)  # 256 for 224, as torchvision evaluates
+    train_transform = transforms.Compose(
+        [
+            transforms.RandomResizedCrop(args.image_size),
+            transforms.RandomHorizontalFlip(),
+            transforms.ToTensor(),
+            NORMALIZE,
+        ]
+    )
+    val_transform = transforms.Compose(
+        [transforms.Resize(resize), transforms.CenterCrop(args.image_size), transforms.ToTensor(), NORMALIZE]
+    )
+    if args.synthetic:
+        shape = (3, resize, resize)
+        return (
+            datasets.FakeData(SYNTHETIC["train"], shape, SYNTHETIC["classes"], train_transform, random_offset=0),
+            datasets.FakeData(SYNTHETIC["val"], shape, SYNTHETIC["classes"], val_transform, random_offset=1),
+        )
+    folders = {split: Path(args.data_path) / split for split in ("train", "val")}
+    missing = [str(folder) for folder in folders.values() if not folder.is_dir()]
+    if missing:
+        raise SystemExit(f"error: --data-path {args.data_path} has no {' and no '.join(missing)} (ImageFolder layout)")
+    return datasets.ImageFolder(folders["train"], train_transform), datasets.ImageFolder(folders["val"], val_transform)
+
+
+def pretrained_weights_path(name, classes) -> str:
+    """The local file of torchvision's resnet50 weights ``name`` (downloaded once into torch's hub
+    cache), so that the barrier fingerprints it like any ``--pretrained-path``."""
+    weights = torchvision.models.get_weight(f"ResNet50_Weights.{name}")
+    if len(weights.meta["categories"]) != classes:
+        raise SystemExit(
+            f"error: --weights {name} has {len(weights.meta['categories'])} classes, the dataset {classes}; "
+            "pass a --pretrained-path with a matching classifier"
+        )
+    weights.get_state_dict(progress=False)
+    return str(Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name)
+
+
+def warmup_cosine(warmup_steps, total_steps):
+    """The learning-rate factor at a step: linear warmup, then cosine decay to zero."""
+
+    def factor(step):
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        return 0.5 * (1 + math.cos(math.pi * (step - warmup_steps) / max(1, total_steps - warmup_steps)))
+
+    return factor
+
+
+def main(args):
+    mode = check_mode_args(args, pretrained="weights")
+    args.lr = args.lr if args.lr is not None else (0.1 if mode == "baseline" else 0.01)
+    args.channels_last = args.use_gpu if args.channels_last is None else args.channels_last
+    accelerator = create_accelerator(
+        use_gpu=args.use_gpu,
+        output_dir=args.output_dir,
+        mixed_precision=args.mixed_precision,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+    )
+    set_seed(args.seed)
+    accelerator.init_trackers(f"resnet50_{mode}", config={k: v for k, v in vars(args).items() if v is not None})
+
+    # data
+    train_set, val_set = load_data(args)
+    classes = SYNTHETIC["classes"] if args.synthetic else len(train_set.classes)
+    loader = functools.partial(torch.utils.data.DataLoader, num_workers=args.workers, pin_memory=args.use_gpu)
+    train_loader = loader(train_set, batch_size=args.train_batch_size, shuffle=True, drop_last=True)
+    val_loader = loader(val_set, batch_size=args.test_batch_size)
+
+    # model
+    if args.weights:
+        with accelerator.main_process_first():  # one download per machine
+            args.pretrained_path = args.pretrained_path or pretrained_weights_path(args.weights, classes)
+    dense = torchvision.models.resnet50(num_classes=classes)
+    model, changes, seconds, _ = prepare_model(
+        copy.deepcopy(dense),
+        mode,
+        pretrained_path=args.pretrained_path,
+        info_path=args.decompose_info_path,
+        weights_path=args.decomposed_weights_path,
+        policy={"method": args.method, "ratio": args.ratio},
+        timeout=args.barrier_timeout,
+    )
+    example_input = torch.randn(1, 3, args.image_size, args.image_size)
+    if mode != "baseline":
+        log_decomposition(accelerator, dense, model, changes, seconds, example_input, args.decompose_info_path)
+    if args.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+
+    # optimizer and schedule, in optimizer steps
+    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
+    model, optimizer, train_loader, val_loader = accelerator.prepare(model, optimizer, train_loader, val_loader)
+    steps_per_epoch = max(1, len(train_loader) // args.gradient_accumulation_steps)
+    steps = min(args.steps, args.epochs * steps_per_epoch) if args.steps else args.epochs * steps_per_epoch
+    warmup_steps = min(round(args.lr_warmup_epochs * steps_per_epoch), steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(warmup_steps, steps))
+    progress = Progress()
+    accelerator.register_for_checkpointing(progress, scheduler)
+    if args.resume and latest_checkpoint(args.output_dir):
+        accelerator.load_state(latest_checkpoint(args.output_dir))
+        log(f"[Resume] from {latest_checkpoint(args.output_dir)} at step {progress.step}")
+
+    evaluate_model = functools.partial(evaluate, accelerator, model, val_loader, loss_fn=F.cross_entropy, top5=True)
+    if args.test_only:
+        evaluate_model(step=progress.step)
+        accelerator.end_training()
+        return
+    train(
+        accelerator,
+        model,
+        optimizer,
+        train_loader,
+        progress,
+        steps=steps,
+        log_steps=args.log_steps,
+        output_dir=args.output_dir,
+        args=args,
+        loss_fn=functools.partial(F.cross_entropy, label_smoothing=args.label_smoothing),
+        scheduler=scheduler,
+        checkpoint_steps=args.checkpoint_steps,
+        eval_steps=steps_per_epoch,
+        eval_fn=lambda: evaluate_model(step=progress.step),
+        throughput_unit="images/s",
+    )
+    metrics = evaluate_model(step=progress.step)
+
+    # save
+    finish(accelerator, model, progress, args, {"mode": mode, **metrics}, example_input)
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())
