@@ -265,19 +265,19 @@ def evaluate(accelerator, model, loader, step=None, loss_fn=F.nll_loss, top5=Fal
     return results
 
 
-def finish(accelerator, model, progress, args, results: dict, example_input) -> None:
+def model_cost(model, example_input) -> dict:
+    """Parameters and multiply-adds of the model as built (before ``accelerator.prepare``: under
+    DeepSpeed ZeRO-3 the prepared model's parameters are sharded)."""
+    return {"params": lowrank.count_parameters(model), "flops": lowrank.count_flops(model, example_input)}
+
+
+def finish(accelerator, model, progress, args, results: dict) -> None:
     """The end of a run: a last checkpoint, then from rank 0 ``results.json`` in ``--output-dir``
-    (``results`` plus steps, parameters and FLOPs) and the trained weights at ``--save-path``."""
+    (``results`` and the step reached) and the trained weights at ``--save-path``."""
     save_checkpoint(accelerator, args.output_dir, progress, args)
     state_dict = accelerator.get_state_dict(model)  # on every rank: under DeepSpeed ZeRO-3 it gathers the shards
     if global_rank() == 0:
-        trained = accelerator.unwrap_model(model)
-        results = {
-            **results,
-            "steps": progress.step,
-            "params": lowrank.count_parameters(trained),
-            "flops": lowrank.count_flops(trained, example_input.to(accelerator.device)),
-        }
+        results = {**results, "steps": progress.step}
         atomic_write(
             Path(args.output_dir) / "results.json", lambda file: json.dump(results, file, indent=2), binary=False
         )

@@ -35,6 +35,7 @@ from launch.runner import (
     latest_checkpoint,
     log,
     log_decomposition,
+    model_cost,
     prepare_model,
     train,
 )
@@ -89,10 +90,10 @@ def main(args):
         policy={"method": args.method, "ratio": args.ratio},
         timeout=args.barrier_timeout,
     )
+    example_input = torch.zeros(1, 1, 28, 28)
+    cost = model_cost(model, example_input)
     if mode != "baseline":
-        log_decomposition(
-            accelerator, dense, model, changes, seconds, torch.zeros(1, 1, 28, 28), args.decompose_info_path
-        )
+        log_decomposition(accelerator, dense, model, changes, seconds, example_input, args.decompose_info_path)
 
     # The AMCT sample's sampler seeds itself from the global RNG at its first batch, after the model's
     # initialisation. The same seed, drawn here into a generator that Accelerate keeps in step on
@@ -126,7 +127,7 @@ def main(args):
     metrics = evaluate(accelerator, model, test_loader, step=progress.step)
 
     # save
-    finish(accelerator, model, progress, args, {"mode": mode, **metrics}, torch.randn(1, 1, 28, 28))
+    finish(accelerator, model, progress, args, {"mode": mode, **metrics, **cost})
 
 
 if __name__ == "__main__":

@@ -59,6 +59,7 @@ from launch.runner import (
     latest_checkpoint,
     log,
     log_decomposition,
+    model_cost,
     prepare_model,
     train,
 )
@@ -213,7 +214,8 @@ def main(args):
         policy={"method": args.method, "ratio": args.ratio},
         timeout=args.barrier_timeout,
     )
-    example_input = torch.randn(1, 3, args.image_size, args.image_size)
+    example_input = torch.zeros(1, 3, args.image_size, args.image_size)
+    cost = model_cost(model, example_input)
     if mode != "baseline":
         log_decomposition(accelerator, dense, model, changes, seconds, example_input, args.decompose_info_path)
     if args.channels_last:
@@ -257,7 +259,7 @@ def main(args):
     metrics = evaluate_model(step=progress.step)
 
     # save
-    finish(accelerator, model, progress, args, {"mode": mode, **metrics}, example_input)
+    finish(accelerator, model, progress, args, {"mode": mode, **metrics, **cost})
 
 
 if __name__ == "__main__":

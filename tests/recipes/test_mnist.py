@@ -1,6 +1,7 @@
 """The MNIST recipes end to end, through their real launchers on CPU with a few steps."""
 
 import importlib.util
+import json
 import os
 import signal
 import subprocess
@@ -8,6 +9,7 @@ import sys
 import time
 
 import pytest
+import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from tests.conftest import ENV, RECIPES, ROOT, accelerate_launch, free_port, run, torchrun
@@ -219,24 +221,22 @@ def test_preemption_saves_and_resume_continues(baseline, tmp_path):
 @pytest.mark.integration
 @needs_data
 @pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed is not installed")
-def test_online_under_deepspeed_zero2(baseline, tmp_path):
+@pytest.mark.parametrize("stage", [2, 3])
+def test_online_under_deepspeed_zero(stage, baseline, tmp_path):
     """DeepSpeed on the CPU: Accelerate reports process_index 0 on every rank there, the runner must
     still give rank 0 alone the decomposition and the saving, and every rank its checkpoint shard."""
-    out = tmp_path / "deepspeed"
+    out, config = tmp_path / "deepspeed", f"deepspeed_zero{stage}.yaml"
     command = [RECIPES / "mnist_online.py", *FEW, "--pretrained-path", baseline, "--output-dir", out]
-    result = run(
-        accelerate_launch(
-            *command, "--save-path", out / "finetuned.pth", port=free_port(), config="deepspeed_zero2.yaml"
-        )
-    )
+    result = run(accelerate_launch(*command, "--save-path", out / "finetuned.pth", port=free_port(), config=config))
     log = result.stdout + result.stderr
     assert log.count("[lowrank] auto_decomposition start.") == 1 and log.count("decompose_network start.") == 1
     assert result.stdout.count("[Test] Loss:") == 1 and "/10000)" in result.stdout  # the whole test set, once
     shards = sorted(path.name for path in (out / "checkpoints" / "step_6").rglob("*optim_states.pt"))
-    assert len(shards) == 2, shards  # ZeRO-2: each rank saved its optimizer shard
-    assert (out / "finetuned.pth").is_file() and (out / "results.json").is_file()
-
-    resumed = run(
-        accelerate_launch(*command, "--steps", "8", "--resume", port=free_port(), config="deepspeed_zero2.yaml")
-    )
-    assert "at step 6" in resumed.stdout and "[Train] Step[8/8]" in resumed.stdout
+    assert len(shards) == 2, shards  # each rank saved its optimizer shard
+    results = json.loads((out / "results.json").read_text())
+    assert results["params"] == 782_474  # counted before ZeRO-3 shards the parameters
+    weights = torch.load(out / "finetuned.pth", weights_only=True)  # whole, also under ZeRO-3
+    assert weights["conv2.0.weight"].shape[1:] == (128, 3, 1) and weights["fc.weight"].shape == (10, 73728)
+    if stage == 2:
+        resumed = run(accelerate_launch(*command, "--steps", "8", "--resume", port=free_port(), config=config))
+        assert "at step 6" in resumed.stdout and "[Train] Step[8/8]" in resumed.stdout
