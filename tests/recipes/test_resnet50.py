@@ -93,3 +93,10 @@ def test_bad_data_path_and_weights_are_named(imagenet, tmp_path):
         timeout=300,
     )
     assert result.returncode != 0 and "--pretrained-path (or --weights) is required in online mode" in result.stderr
+
+
+def test_synthetic_baseline_on_one_process(tmp_path):
+    command = [sys.executable, RECIPE, *SMALL, "--synthetic", "--steps", "1", "--output-dir", tmp_path]
+    result = run([str(arg) for arg in command])
+    assert "[Train] Step[1/1] Loss:" in result.stdout and "/128), Top-5:" in result.stdout  # 10 classes
+    assert json.loads((tmp_path / "results.json").read_text())["mode"] == "baseline"
