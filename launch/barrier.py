@@ -17,7 +17,6 @@ import contextlib
 import hashlib
 import inspect
 import json
-import logging
 import time
 import uuid
 from collections.abc import Callable
@@ -31,8 +30,6 @@ from torch import nn
 
 import lowrank
 from lowrank.io import atomic_write, file_digest, load_state_dict, make_parent_dirs, save_state_dict
-
-logger = logging.getLogger(__name__)
 
 DEFAULT_TIMEOUT = 3600.0  # seconds the other ranks wait for rank 0: decomposing a large model takes minutes
 POLL_INTERVAL = 0.2
@@ -166,7 +163,6 @@ def _decompose_on_rank_zero(model, artifacts, load_pretrained, pretrained_path, 
             previous = artifacts.read_marker()
             reused = _intact(artifacts, previous, wanted)
             if reused:
-                logger.info("Reusing the decomposition of an earlier run with the same inputs: %s", artifacts.info_path)
                 # _intact verified the checksums, and the lock keeps the files as they are: no second hashing.
                 model, changes = load_decomposed(model, artifacts.info_path, artifacts.weights_path)
                 checksums = previous["checksums"]

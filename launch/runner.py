@@ -58,7 +58,8 @@ def log(line: str) -> None:
 
 
 def create_accelerator(*, use_gpu: bool, output_dir, **kwargs) -> Accelerator:
-    """An Accelerator logging to TensorBoard in ``output_dir``, on the CPU unless ``use_gpu``.
+    """An Accelerator logging to TensorBoard in ``output_dir``, on the CPU unless ``use_gpu`` (and
+    there are GPUs).
 
     Under ``accelerate launch --use_deepspeed`` on a machine without GPUs, Accelerate 1.15 reports one
     process of index 0 on every rank while DeepSpeed's process group holds them all: rank 0's role,
@@ -68,8 +69,9 @@ def create_accelerator(*, use_gpu: bool, output_dir, **kwargs) -> Accelerator:
     deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
     if deepspeed and not use_gpu and torch.cuda.is_available():
         sys.exit("error: DeepSpeed runs on this machine's GPUs: pass --use-gpu, or launch without DeepSpeed")
+    gpu = use_gpu and torch.cuda.is_available()  # --use-gpu on a machine without GPUs: the CPU, as in the seed
     accelerator = Accelerator(
-        cpu=not use_gpu and not deepspeed,  # cpu=True would silently turn DeepSpeed off
+        cpu=not gpu and not deepspeed,  # cpu=True would turn DeepSpeed off; on a CPU-only machine it runs there
         log_with="tensorboard",
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir)),
         **kwargs,
@@ -77,6 +79,8 @@ def create_accelerator(*, use_gpu: bool, output_dir, **kwargs) -> Accelerator:
     if dist.is_available() and dist.is_initialized() and accelerator.num_processes != dist.get_world_size():
         for state in (PartialState(), accelerator.state):
             state.num_processes, state.process_index = dist.get_world_size(), dist.get_rank()
+    if use_gpu and not gpu:
+        log("--use-gpu: torch sees no GPU on this machine, running on the CPU")
     return accelerator
 
 
@@ -99,6 +103,8 @@ def prepare_model(
         model, changes, reused = decompose_once(
             model, artifacts, load_pretrained, pretrained_path, policy, run_token(), timeout
         )
+        if reused:
+            log(f"[Decompose] reused the decomposition of an earlier run with the same inputs: {info_path}")
     elif mode == "offline":
         model, changes = load_decomposed(model, info_path, weights_path)
         check_identical_parameters(model)

@@ -66,7 +66,9 @@ from launch.runner import (
 
 # ImageNet's channel statistics, as torchvision's weights expect them.
 NORMALIZE = transforms.Normalize(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
-SYNTHETIC = {"train": 512, "val": 128, "classes": 10}  # images per split: enough for a few steps on CPU
+# Images per split of --synthetic (generated on the fly, so size costs nothing): 50 steps of 256
+# without an epoch's evaluation in between, for throughput runs; few classes, for smoke tests.
+SYNTHETIC = {"train": 12800, "val": 128, "classes": 10}
 
 
 def get_args_parser():

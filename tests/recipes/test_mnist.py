@@ -215,6 +215,7 @@ def test_preemption_saves_and_resume_continues(baseline, tmp_path):
     text = resumed.stdout + resumed.stderr
     assert f"[Resume] from {saved[0]} at step {step}" in text
     assert "auto_decomposition start." not in text  # the decomposition is reused, not redone
+    assert "[Decompose] reused the decomposition of an earlier run with the same inputs" in text
     assert f"[Train] Step[{step + 1}/{step + 3}]" in text and "[Test] Loss:" in text
 
 
