@@ -1,8 +1,9 @@
 """Decomposition math as pure functions on tensors: no modules, no policies, no logging.
 
 Everything runs under ``no_grad``. Exact paths work in float64; the randomized range finder used
-for large matrices works in float32 (its result is refined in float64), because on a CPU it is
-bound by matrix products that run twice as fast in float32.
+for large matrices and tucker2's iterations on float32 kernels work in float32 (their results are
+refined in float64), because on a CPU they are bound by matrix products and ``eigh`` that run about
+twice as fast in float32.
 """
 
 import math
@@ -13,15 +14,23 @@ import torch
 # wanted rank is a small fraction of k, a randomized range finder is several times faster.
 RANDOMIZED_MIN_SIZE = 1024
 RANDOMIZED_MAX_FRACTION = 1 / 3
-# Range finder accuracy: 3 power iterations with rank/2 extra columns (capped, so that the largest
-# kernels stay affordable) keep the error within 0.5-0.9% of the optimal truncation on random kernels
-# up to 1024x1024x3x3, 1.4% on 2048x2048x5x5 (benchmarks/RESULTS.md); trained weights, whose spectra
-# decay faster, come closer.
-POWER_ITERATIONS = 3
+# Range finder: a degree-3 Chebyshev filter of M Mᵀ (as many products as 3 power iterations) with
+# rank/2 extra columns (capped, so that the largest kernels stay affordable). On random kernels, whose
+# flat spectra are the hard case, it keeps the error within 0.1-0.6% of the optimal truncation up to
+# 2048x2048x5x5, where 3 plain power iterations left 0.5-1.4% (benchmarks/RESULTS.md).
+FILTER_DEGREE = 3
 MIN_OVERSAMPLING, MAX_OVERSAMPLING = 16, 128
+# The filter damps the spectrum below the Ritz value at this fraction of the sketch's width.
+FILTER_CUT_FRACTION = 0.75
 # The randomized path draws from its own seeded generator: the decomposition is reproducible and
 # never moves the caller's global RNG state.
 RANDOM_SEED = 0
+# tucker2 forms its Gram matrices in float32 while the wanted eigenvalues are at least this fraction of
+# the largest (see _top_eigenvectors).
+GRAM_FLOAT32_RESOLUTION = 1e-2
+# ... and runs in float64 when its float32 relative error is below this: the residual of a nearly
+# low-rank kernel is then within a few orders of float32's rounding of the kernel itself.
+FLOAT32_MIN_ERROR = 1e-2
 
 
 def _gram_eigenvectors(matrix: torch.Tensor, rank: int) -> torch.Tensor:
@@ -31,14 +40,27 @@ def _gram_eigenvectors(matrix: torch.Tensor, rank: int) -> torch.Tensor:
     return vectors[:, -rank:].flip(1)
 
 
-def _randomized_basis(matrix: torch.Tensor, width: int) -> torch.Tensor:
-    """Orthonormal basis (m, width) of the dominant column space, by subspace iteration (Halko et al.)."""
+def _filtered_basis(matrix: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Orthonormal basis (m, width) of the dominant column space of ``matrix`` and ``basisᵀ @ matrix``.
+
+    Randomized range finder (Halko et al.) whose power iterations are replaced by a Chebyshev filter
+    (as in Zhou & Saad's filtered subspace iteration): the sketch's Ritz values give a cut ``c``
+    below which the spectrum of A = M Mᵀ is damped, and ``T_d(2A/c - 1)`` grows much faster than
+    ``A^d`` above it, so that close singular values (flat spectra) separate in as many products.
+    The filter is applied as ``d`` shifted steps ``(A - μ I)``, one per root of ``T_d``, each
+    followed by a QR; the basis changes between steps leave the filtered range unchanged.
+    """
     generator = torch.Generator(device=matrix.device).manual_seed(RANDOM_SEED)
     sketch = torch.randn(matrix.shape[1], width, generator=generator, device=matrix.device, dtype=matrix.dtype)
     basis = torch.linalg.qr(matrix @ sketch).Q
-    for _ in range(POWER_ITERATIONS):
-        basis = torch.linalg.qr(matrix @ torch.linalg.qr(matrix.T @ basis).Q).Q
-    return basis
+    transposed = matrix.T @ basis
+    ritz = torch.linalg.eigvalsh(transposed.T @ transposed)
+    cut = ritz[round((1 - FILTER_CUT_FRACTION) * width)].clamp_min(ritz[-1] * 1e-6).item()
+    for k in range(FILTER_DEGREE):
+        shift = cut * (1 + math.cos((2 * k + 1) * math.pi / (2 * FILTER_DEGREE))) / 2
+        basis = torch.linalg.qr(matrix @ transposed - shift * basis).Q
+        transposed = matrix.T @ basis
+    return basis, transposed.T
 
 
 @torch.no_grad()
@@ -58,8 +80,8 @@ def _truncation(matrix: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Te
             basis = torch.linalg.qr(matrix @ _gram_eigenvectors(matrix.T, rank)).Q
         return basis, basis.T @ matrix
     matrix = matrix.float()
-    sketch_basis = _randomized_basis(matrix, width)
-    projected = (sketch_basis.T @ matrix).double()
+    sketch_basis, projected = _filtered_basis(matrix, width)
+    projected = projected.double()
     # Best rank-r subspace inside the sketched one: eigenvectors of the small projected Gram matrix.
     inner = _gram_eigenvectors(projected, rank)
     return sketch_basis.double() @ inner, inner.T @ projected
@@ -118,6 +140,46 @@ def spatial_factors(weight: torch.Tensor, rank: int, vertical_first: bool) -> tu
     return first.unsqueeze(2), last.unsqueeze(3)
 
 
+def _top_eigenvectors(matrix: torch.Tensor, rank: int, rows: bool) -> tuple[torch.Tensor, float]:
+    """Leading ``rank`` eigenvectors of the Gram matrix of ``matrix`` (M Mᵀ if ``rows``, else Mᵀ M) and
+    the sum of their eigenvalues (float64).
+
+    A float32 Gram matrix resolves eigenvalues only down to about 1e-7 of the largest: when the
+    wanted ones fall below GRAM_FLOAT32_RESOLUTION of it (decaying spectra), it is formed again in
+    float64 from the same float32 entries, which is as accurate as a float32 SVD.
+    """
+    dtype = matrix.dtype
+    values, vectors = torch.linalg.eigh(matrix @ matrix.T if rows else matrix.T @ matrix)
+    if dtype == torch.float32 and values[-rank] < GRAM_FLOAT32_RESOLUTION * values[-1]:
+        matrix = matrix.double()
+        values, vectors = torch.linalg.eigh(matrix @ matrix.T if rows else matrix.T @ matrix)
+    return vectors[:, -rank:].to(dtype), values[-rank:].double().sum().item()
+
+
+def _hooi(
+    weight: torch.Tensor, in_rank: int, out_rank: int, max_iter: int, tol: float, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """HOOI from HOSVD in ``dtype``: the factors (``dtype``) and the last relative error (see tucker2)."""
+    out_ch, in_ch = weight.shape[:2]
+    # An (o, hw, i) layout makes both mode products plain matrix products on views, with no copies.
+    kernel = weight.to(dtype).permute(0, 2, 3, 1).contiguous()
+    by_row, by_col = kernel.reshape(-1, in_ch), kernel.reshape(out_ch, -1)
+    squared_norm = weight.double().square().sum().item()
+    u_in, _ = _top_eigenvectors(by_row, in_rank, rows=False)
+    # HOOI's first step recomputes u_out from u_in, so the HOSVD's u_out is only needed on its own.
+    u_out = _top_eigenvectors(by_col, out_rank, rows=True)[0] if max_iter == 0 else None
+    errors = [math.inf]
+    for step in range(max_iter):
+        projected = (by_row @ u_in).reshape(out_ch, -1)  # kernel ×₁ u_inᵀ as (o, hw·r)
+        u_out, _ = _top_eigenvectors(projected, out_rank, rows=True)
+        projected = (u_out.T @ by_col).reshape(-1, in_ch)  # kernel ×₀ u_outᵀ as (s·hw, i)
+        u_in, energy = _top_eigenvectors(projected, in_rank, rows=False)
+        errors.append(_relative_error(squared_norm, energy))
+        if step >= 2 and abs(errors[-2] - errors[-1]) < tol:
+            break
+    return u_out, u_in, errors[-1]
+
+
 @torch.no_grad()
 def tucker2(
     weight: torch.Tensor, in_rank: int, out_rank: int, max_iter: int = 100, tol: float = 1e-4
@@ -125,32 +187,34 @@ def tucker2(
     """Tucker-2 of a (Cout, Cin, kh, kw) kernel over its two channel axes: HOOI started from HOSVD.
 
     Returns ``core`` (out_rank, in_rank, kh, kw), ``u_out`` (Cout, out_rank) and ``u_in``
-    (Cin, in_rank), float64, with ``weight ≈ core ×₀ u_out ×₁ u_in``. Iterates until the relative
-    error improves by less than ``tol``, the rule of tensorly's ``partial_tucker``, so both stop at
-    the same iterate; ``max_iter=0`` returns the HOSVD.
+    (Cin, in_rank), float64, with ``weight ≈ core ×₀ u_out ×₁ u_in``. The iterates are those of
+    tensorly's ``partial_tucker``: each HOOI step takes the leading eigenvectors of the Gram matrix
+    of the kernel projected on the other factor. It stops by tensorly's rule too (after at least
+    three steps, once the relative error improves by less than ``tol``), so the error is no worse
+    than tensorly's; ``max_iter=0`` returns the HOSVD. The error is read off the eigenvalues (the
+    captured energy), so no step rebuilds the kernel.
+
+    Iterates in float32 unless ``weight`` is float64, as tensorly does on a float32 kernel (the
+    products and ``eigh`` run about twice as fast), and again in float64 when the error comes out
+    below FLOAT32_MIN_ERROR, where float32 rounding is a sizeable part of the residual. The factors
+    are orthonormalized and the core computed in float64.
     """
-    kernel = weight.double()
-    squared_norm = kernel.square().sum().item()
-    u_out = leading_subspace(unfold(kernel, 0), out_rank)
-    u_in = leading_subspace(unfold(kernel, 1), in_rank)
-    core = torch.einsum("oihw,os,ir->srhw", kernel, u_out, u_in)
-    error = _relative_error(squared_norm, core)
-    for _ in range(max_iter):
-        u_out = leading_subspace(unfold(torch.einsum("oihw,ir->orhw", kernel, u_in), 0), out_rank)
-        projected = torch.einsum("oihw,os->sihw", kernel, u_out)
-        u_in = leading_subspace(unfold(projected, 1), in_rank)
-        core = torch.einsum("sihw,ir->srhw", projected, u_in)
-        previous, error = error, _relative_error(squared_norm, core)
-        if previous - error < tol:
-            break
-    return core, u_out, u_in
+    dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
+    u_out, u_in, error = _hooi(weight, in_rank, out_rank, max_iter, tol, dtype)
+    if dtype == torch.float32 and error < FLOAT32_MIN_ERROR:
+        u_out, u_in, _ = _hooi(weight, in_rank, out_rank, max_iter, tol, torch.float64)
+    u_out, u_in = torch.linalg.qr(u_out.double()).Q, torch.linalg.qr(u_in.double()).Q
+    # A float32 core would add its rounding (about 1e-7 of ||W||, squared) to the error.
+    out_ch, in_ch, kh, kw = weight.shape
+    core = (u_out.T @ weight.double().permute(0, 2, 3, 1).reshape(out_ch, -1)).reshape(-1, in_ch) @ u_in
+    return core.reshape(out_rank, kh, kw, in_rank).permute(0, 3, 1, 2), u_out, u_in
 
 
-def _relative_error(squared_norm: float, core: torch.Tensor) -> float:
-    """||W - core ×₀ U ×₁ V|| / ||W|| for orthonormal U, V: the core holds the captured energy."""
+def _relative_error(squared_norm: float, energy: float) -> float:
+    """||W - core ×₀ U ×₁ V|| / ||W|| for orthonormal U, V, whose core holds ``energy`` = ||core||²."""
     if squared_norm == 0:
         return 0.0
-    return math.sqrt(max(squared_norm - core.square().sum().item(), 0.0) / squared_norm)
+    return math.sqrt(max(squared_norm - energy, 0.0) / squared_norm)
 
 
 @torch.no_grad()
