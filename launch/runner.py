@@ -293,13 +293,15 @@ def finish(accelerator, model, progress, args, results: dict) -> None:
     accelerator.end_training()
 
 
-def log_decomposition(accelerator, dense_model, model, changes, seconds, example_input, info_path=None) -> dict:
-    """Parameters and FLOPs before/after, time taken and the per-layer table, to the log and TensorBoard."""
+def log_decomposition(accelerator, dense_model, cost, changes, seconds, example_input, info_path=None) -> dict:
+    """Parameters and FLOPs before/after (``cost``: the decomposed model's ``model_cost``), time taken
+    and the per-layer table, to the log and TensorBoard."""
+    before = model_cost(dense_model, example_input)
     summary = {
-        "decomposition/params_before": lowrank.count_parameters(dense_model),
-        "decomposition/params_after": lowrank.count_parameters(model),
-        "decomposition/flops_before": lowrank.count_flops(dense_model, example_input),
-        "decomposition/flops_after": lowrank.count_flops(model, example_input),
+        "decomposition/params_before": before["params"],
+        "decomposition/params_after": cost["params"],
+        "decomposition/flops_before": before["flops"],
+        "decomposition/flops_after": cost["flops"],
         "decomposition/seconds": seconds,
         "decomposition/layers": len(changes),
     }

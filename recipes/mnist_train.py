@@ -93,7 +93,7 @@ def main(args):
     example_input = torch.zeros(1, 1, 28, 28)
     cost = model_cost(model, example_input)
     if mode != "baseline":
-        log_decomposition(accelerator, dense, model, changes, seconds, example_input, args.decompose_info_path)
+        log_decomposition(accelerator, dense, cost, changes, seconds, example_input, args.decompose_info_path)
 
     # The AMCT sample's sampler seeds itself from the global RNG at its first batch, after the model's
     # initialisation. The same seed, drawn here into a generator that Accelerate keeps in step on

@@ -219,7 +219,7 @@ def main(args):
     example_input = torch.zeros(1, 3, args.image_size, args.image_size)
     cost = model_cost(model, example_input)
     if mode != "baseline":
-        log_decomposition(accelerator, dense, model, changes, seconds, example_input, args.decompose_info_path)
+        log_decomposition(accelerator, dense, cost, changes, seconds, example_input, args.decompose_info_path)
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
 
