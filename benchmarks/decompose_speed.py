@@ -1,9 +1,10 @@
 """Speed, memory and accuracy of lowrank's decompositions, against the reference tools' methods.
 
-Run from the repository root (the full run takes tens of minutes on 2 CPU cores):
+Run from the repository root (the full run takes about 5 minutes on 2 idle CPU cores):
 
     .venv/bin/python benchmarks/decompose_speed.py
     .venv/bin/python benchmarks/decompose_speed.py --quick    # smoke test, well under a minute
+    .venv/bin/python benchmarks/decompose_speed.py --replot benchmarks/results/decompose_speed.json  # PNG only
 
 Measures, on kernels drawn from PyTorch's default Conv2d initialisation under ``torch.manual_seed(0)``:
 
@@ -17,15 +18,13 @@ Measures, on kernels drawn from PyTorch's default Conv2d initialisation under ``
 3. Full-rank exactness of every method: the replacement's output against the dense layer's.
 4. The default ``lowrank.auto_decomposition`` of a torchvision ResNet.
 
-Prints a table with a PASS/FAIL verdict next to each target and saves everything, with the machine's
-description, as JSON.
+Prints a table with a PASS/FAIL verdict next to each target, saves everything, with the machine's
+description, as JSON, and plots the times and errors per kernel into a PNG next to it.
 """
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -34,30 +33,37 @@ from pathlib import Path
 import tensorly
 import torch
 import torchvision
+from common import (
+    add_output_argument,
+    add_replot_argument,
+    command_line,
+    machine_info,
+    output_path,
+    pyplot,
+    save_figure,
+    save_json,
+    table,
+    verdict,
+)
 from tensorly.decomposition import partial_tucker
 from tensorly.tenalg import multi_mode_dot
 from torch import nn
 
 import lowrank
 from lowrank import functional as F
-from lowrank.io import atomic_write
 from lowrank.methods import METHODS, build_module
 from lowrank.policy import RankPolicy
 
 SHAPES = ((512, 512, 3, 3), (1024, 1024, 3, 3), (512, 512, 5, 5), (2048, 2048, 5, 5))
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
 # --quick shrinks the first shape's channels by this factor and decomposes resnet18 instead, on 1 thread:
 # a smoke test that stays fast on a busy machine, not figures to compare with the targets.
 QUICK_CHANNEL_DIVISOR = 8
 # A timing is the best of up to --repeats runs; no new run starts once this many seconds are spent.
 TIME_BUDGET_S = 10.0
 
-# Environment variables that change how the BLAS/LAPACK threads behave, recorded with the machine.
-OPENMP_VARIABLES = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "MKL_NUM_THREADS", "GOMP_SPINCOUNT", "KMP_BLOCKTIME")
-
 # Targets.
 SPATIAL_MAX_ERROR_RATIO = 1.01
-TUCKER2_ERROR_SLACK = 1e-6  # relative: tensorly runs in float32, ours in float64
+TUCKER2_ERROR_SLACK = 1e-6  # relative: rounding, both iterate in float32
 TUCKER2_SPEEDUP_SHAPE, TUCKER2_MIN_SPEEDUP = (512, 512, 3, 3), 10.0
 LARGE_SHAPE, LARGE_MAX_SECONDS, LARGE_MAX_GIB = (2048, 2048, 5, 5), 30.0, 4.0
 RESNET_MAX_SECONDS = 5.0
@@ -129,30 +135,6 @@ def warm_up():
         torch.linalg.svd(matrix, full_matrices=False)
         torch.linalg.eigh(matrix @ matrix.T)
         torch.linalg.qr(matrix.T)
-
-
-def machine_info():
-    cpu = next(
-        (
-            line.split(":", 1)[1].strip()
-            for line in Path("/proc/cpuinfo").read_text().splitlines()
-            if line.startswith("model name")
-        ),
-        platform.processor(),
-    )
-    return {
-        "cpu": cpu,
-        "nproc": len(os.sched_getaffinity(0)),
-        "torch_threads": torch.get_num_threads(),
-        "openmp_environment": {name: os.environ[name] for name in OPENMP_VARIABLES if name in os.environ},
-        "load_average_at_start": os.getloadavg(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "torchvision": torchvision.__version__,
-        "tensorly": tensorly.__version__,
-        "lowrank": lowrank.__version__,
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-    }
 
 
 def peak_memory(shape, rank, vertical_first):
@@ -280,10 +262,6 @@ def bench_model(name):
     }
 
 
-def verdict(ok):
-    return "PASS" if ok else "FAIL"
-
-
 def check_targets(results):
     """``(target, measured, PASS/FAIL)`` for every target the run measured."""
     checks = []
@@ -350,12 +328,6 @@ def check_targets(results):
     return checks
 
 
-def table(header, rows):
-    widths = [max(len(str(cell)) for cell in column) for column in zip(header, *rows)]
-    lines = [header, ["-" * width for width in widths], *rows]
-    return "\n".join("  ".join(str(cell).ljust(width) for cell, width in zip(line, widths)).rstrip() for line in lines)
-
-
 def report(results):
     info = results["machine"]
     lines = [
@@ -372,7 +344,8 @@ def report(results):
         table(SPATIAL_COLUMNS, [_spatial_row(r) for r in results["spatial"]]),
         "",
         "tucker2 at half ranks vs tensorly.partial_tucker (pytorch backend, defaults); both get the float32 kernel:",
-        "ours computes in float64, tensorly in float32 (its factors are cast to float64 for the error)",
+        "both iterate in float32 (ours again in float64 when its error is below 1e-2);",
+        "factors cast to float64 for the error",
         table(TUCKER2_COLUMNS, [_tucker2_row(r) for r in results["tucker2"]]),
         "",
         "Full-rank exactness: float32 replacement vs dense layer on a random input, ||y - y_dense|| / ||y_dense||",
@@ -462,12 +435,44 @@ def _model_line(model):
     )
 
 
-def save_json(results, path):
-    """Writes ``results`` to ``path`` atomically (a temporary file, then ``os.replace``)."""
-    atomic_write(path, lambda file: json.dump(results, file, indent=2, default=str), binary=False)
+def plot(results, path):
+    """Times (log scale) and errors per kernel shape: ours against LAPACK's SVD and tensorly."""
+    plt = pyplot()
+    figure, (times, errors) = plt.subplots(1, 2, figsize=(11, 4))
+    spatial, tucker2 = results["spatial"], {tuple(row["shape"]): row for row in results["tucker2"]}
+    labels = [show_shape(row["shape"]) for row in spatial]
+    series = {
+        "spatial (ours)": [row["seconds"] for row in spatial],
+        "full LAPACK SVD (AMCT's way)": [row["full_svd_seconds"] for row in spatial],
+        "tucker2 (ours)": [tucker2.get(tuple(row["shape"]), {}).get("seconds") for row in spatial],
+        "tensorly partial_tucker": [tucker2.get(tuple(row["shape"]), {}).get("tensorly_seconds") for row in spatial],
+    }
+    width = 0.8 / len(series)
+    for index, (label, values) in enumerate(series.items()):
+        positions = [x + (index - (len(series) - 1) / 2) * width for x in range(len(labels))]
+        kept = [(position, value) for position, value in zip(positions, values) if value is not None]
+        times.bar([position for position, _ in kept], [value for _, value in kept], width, label=label)
+    times.set_yscale("log")
+    times.set_xticks(range(len(labels)), labels, fontsize=7)
+    times.set_ylabel("seconds (missing bar: skipped)")
+    times.set_title("Decomposition time per kernel")
+    times.legend(fontsize=7)
+    errors.bar(range(len(labels)), [row["error_ratio"] for row in spatial], color="tab:blue")
+    errors.axhline(SPATIAL_MAX_ERROR_RATIO, color="tab:red", linestyle="--", label="target")
+    errors.set_ylim(0.99, max(SPATIAL_MAX_ERROR_RATIO, *(row["error_ratio"] for row in spatial)) + 0.005)
+    errors.set_xticks(range(len(labels)), labels, fontsize=7)
+    errors.set_ylabel("spatial error / optimal error")
+    errors.set_title("spatial at the default rank: error / optimal error")
+    errors.legend(fontsize=7)
+    save_figure(figure, path)
 
 
 def main(args):
+    if args.replot:
+        path = Path(args.replot).with_suffix(".png")
+        plot(json.loads(Path(args.replot).read_text()), path)
+        print(f"Saved {path}")
+        return
     threads = args.threads or (1 if args.quick else None)
     if threads:
         torch.set_num_threads(threads)
@@ -478,13 +483,9 @@ def main(args):
         cout, cin, kh, kw = shapes[0]
         shapes = [(max(cout // QUICK_CHANNEL_DIVISOR, 1), max(cin // QUICK_CHANNEL_DIVISOR, 1), kh, kw)]
     model = args.model or ("resnet18" if args.quick else "resnet50")
-    output = args.output or RESULTS_DIR / ("decompose_speed_quick.json" if args.quick else "decompose_speed.json")
+    output = output_path(args, "decompose_speed")
 
-    results = {
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "machine": machine_info(),
-        "args": vars(args),
-    }
+    results = {"command": command_line(), "machine": machine_info(tensorly=tensorly.__version__), "args": vars(args)}
     warm_up()
     results["spatial"] = []
     for shape in shapes:
@@ -505,6 +506,8 @@ def main(args):
     print(report(results))
     save_json(results, Path(output))
     print(f"\nSaved {output}")
+    plot(results, Path(output).with_suffix(".png"))
+    print(f"Saved {Path(output).with_suffix('.png')}")
 
 
 def get_args_parser(add_help=True):
@@ -556,13 +559,8 @@ def get_args_parser(add_help=True):
     parser.add_argument(
         "--threads", type=int, default=None, help="torch intra-op threads (default: torch's default, 1 with --quick)"
     )
-    parser.add_argument(
-        "--output",
-        type=Path,
-        default=None,
-        help="JSON file to write (default: benchmarks/results/decompose_speed.json, "
-        "decompose_speed_quick.json with --quick)",
-    )
+    add_output_argument(parser, "decompose_speed")
+    add_replot_argument(parser, "PNG")
     return parser
 
 

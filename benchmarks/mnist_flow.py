@@ -15,21 +15,17 @@ offline >= 98.2% and never below the baseline, conv2 >= 2.5x cheaper, the cached
 import argparse
 import json
 import os
-import re
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-RECIPES = ROOT / "recipes"
+from common import RECIPES, ROOT, add_data_path_argument, launch_recipe
 
 
 def get_args_parser():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument(
-        "--data-path", default="../shared/data", help="folder holding MNIST/raw/ (default: ../shared/data)"
-    )
+    add_data_path_argument(parser)
     parser.add_argument(
         "--output-dir", default="runs/benchmark_mnist", help="where the runs write (default: runs/benchmark_mnist)"
     )
@@ -40,29 +36,6 @@ def get_args_parser():
         help="JSON written (default: benchmarks/results/mnist_flow.json)",
     )
     return parser
-
-
-def launch(recipe, *args, port):
-    command = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--config_file",
-        str(RECIPES / "configs" / "cpu_2proc.yaml"),
-        "--main_process_port",
-        str(port),
-        str(RECIPES / recipe),
-        *map(str, args),
-    ]
-    print("$", " ".join(command), flush=True)
-    started = time.perf_counter()
-    result = subprocess.run(
-        command, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, cwd=ROOT
-    )
-    if result.returncode != 0:
-        sys.exit(f"{recipe} failed:\n{result.stdout}\n{result.stderr}")
-    first_step = float(re.search(r"\[Train\] first step at ([\d.]+) s", result.stdout).group(1))
-    return {"first_step_s": first_step, "wall_s": time.perf_counter() - started, "log": result.stdout}
 
 
 def main(args):
@@ -76,11 +49,11 @@ def main(args):
         out / "offline" / "decomposed_weights.pth",
     ]
     timings = {
-        "baseline": launch(
-            "mnist_baseline.py", *common, "--output-dir", out / "baseline", "--save-path", baseline, port=29621
+        "baseline": launch_recipe(
+            "mnist_baseline.py", *common, "--output-dir", out / "baseline", "--save-path", baseline
         ),
-        "online": launch(
-            "mnist_online.py", *common, "--pretrained-path", baseline, "--output-dir", out / "online", port=29622
+        "online": launch_recipe(
+            "mnist_online.py", *common, "--pretrained-path", baseline, "--output-dir", out / "online"
         ),
     }
     subprocess.run(
@@ -88,9 +61,7 @@ def main(args):
         check=True,
         cwd=ROOT,
     )
-    timings["offline"] = launch(
-        "mnist_offline.py", *common, *offline_paths, "--output-dir", out / "offline", port=29623
-    )
+    timings["offline"] = launch_recipe("mnist_offline.py", *common, *offline_paths, "--output-dir", out / "offline")
     # Same inputs and artifact paths as the cold online run: its decomposition is reused.
     cached_paths = [
         "--decompose-info-path",
@@ -98,7 +69,7 @@ def main(args):
         "--decomposed-weights-path",
         out / "online" / "decomposed_weights.pth",
     ]
-    timings["online_cached"] = launch(
+    timings["online_cached"] = launch_recipe(
         "mnist_online.py",
         *common,
         "--pretrained-path",
@@ -106,7 +77,6 @@ def main(args):
         *cached_paths,
         "--output-dir",
         out / "online_cached",
-        port=29624,
     )
     assert "[lowrank] auto_decomposition start." not in timings["online_cached"]["log"]
 

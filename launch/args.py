@@ -46,15 +46,49 @@ def add_decomposition_args(parser: argparse.ArgumentParser, run_mode=None, metho
 
 
 def add_policy_args(parser, method="spatial", ratio=DEFAULT_RATIO):
+    """``--method`` and the rank rule: ``--ratio`` (the default), or ``--energy`` or ``--vbmf`` instead;
+    ``policy_of`` turns them into ``lowrank.auto_decomposition``'s keywords."""
     parser.add_argument(
         "--method",
         default=method,
         choices=("spatial", "tucker2", "svd"),
         help=f"method for k x k convolutions (default: {method})",
     )
-    parser.add_argument(
-        "--ratio", type=float, default=ratio, help=f"fraction of each layer's FLOPs kept (default: {ratio})"
+    rule = parser.add_mutually_exclusive_group()
+    rule.add_argument(
+        "--ratio",
+        type=fraction,
+        default=ratio,
+        help=f"fraction of each layer's FLOPs kept (default: {ratio}, unless --energy or --vbmf)",
     )
+    rule.add_argument(
+        "--energy",
+        type=fraction,
+        default=None,
+        help="instead of --ratio: the smallest ranks keeping this fraction of each layer's squared singular "
+        "values (default: None)",
+    )
+    rule.add_argument("--vbmf", action="store_true", help="instead of --ratio: ranks estimated by EVBMF (default: off)")
+
+
+def fraction(text: str) -> float:
+    """An argparse type: a number in (0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = None
+    if value is None or not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be a number in (0, 1], got {text!r}")
+    return value
+
+
+def policy_of(args) -> dict:
+    """The keywords of ``lowrank.auto_decomposition`` that ``add_policy_args``' flags give."""
+    if args.vbmf:
+        return {"method": args.method, "vbmf": True}
+    if args.energy is not None:
+        return {"method": args.method, "energy": args.energy}
+    return {"method": args.method, "ratio": args.ratio}
 
 
 def add_output_args(parser: argparse.ArgumentParser, output_dir: str):

@@ -1,6 +1,7 @@
 """The ``lowrank`` command.
 
 lowrank inspect decompose_info.json    # per layer: method, ranks, parameters and MACs before/after
+                                       # (and the measured times, for the latency rule)
 """
 
 import argparse
@@ -13,49 +14,40 @@ def _ratio(before, after):
     return f"{before / after:.2f}x" if after else "-"
 
 
+def _latency_cells(record) -> tuple[str, str, str]:
+    """Dense and decomposed milliseconds and their ratio, as the latency rule measured them."""
+    dense, decomposed = record.get("dense_seconds"), record.get("decomposed_seconds")
+    if dense is None or decomposed is None:
+        return "-", "-", "-"
+    return f"{1e3 * dense:.3f}", f"{1e3 * decomposed:.3f}", f"{decomposed / dense:.2f}"
+
+
 def inspect_table(path) -> str:
-    """A table of the layers recorded in a lowrank info file, with totals and the skipped layers."""
+    """A table of the layers recorded in a lowrank info file, with totals and the skipped layers; with
+    the latency rule, also the times it measured."""
     document = read_document(path)
     if isinstance(document, list):
         raise DecomposeInfoError(
             f"{path}: an AMCT info file records no costs; replay it with decompose_network, then save a lowrank one"
         )
+    timed = any("latency" in layer for layer in document["layers"])
     header = ("layer", "method", "ranks", "params", "decomposed", "ratio", "MACs/pos", "decomposed", "ratio")
+    if timed:
+        header += ("dense ms", "decomposed ms", "time ratio")
     rows, totals = [], [0, 0, 0, 0]
     for layer in document["layers"]:
         try:
             (p0, p1), (m0, m1) = layer["params"], layer["macs_per_position"]
             ranks = "x".join(str(rank) for rank in layer["ranks"])
-            rows.append(
-                (
-                    layer["name"],
-                    layer["method"],
-                    ranks,
-                    f"{p0:,}",
-                    f"{p1:,}",
-                    _ratio(p0, p1),
-                    f"{m0:,}",
-                    f"{m1:,}",
-                    _ratio(m0, m1),
-                )
-            )
-        except (KeyError, TypeError, ValueError) as error:
+            row = (layer["name"], layer["method"], ranks, f"{p0:,}", f"{p1:,}", _ratio(p0, p1))
+            row += (f"{m0:,}", f"{m1:,}", _ratio(m0, m1))
+            rows.append(row + (_latency_cells(layer["latency"]) if "latency" in layer else ("-",) * 3) * timed)
+        except (AttributeError, KeyError, TypeError, ValueError) as error:
             raise DecomposeInfoError(f"{path}: layer record {layer!r} is incomplete: {error!r}") from None
         totals = [t + v for t, v in zip(totals, (p0, p1, m0, m1))]
     p0, p1, m0, m1 = totals
-    rows.append(
-        (
-            f"total ({len(document['layers'])} layers)",
-            "",
-            "",
-            f"{p0:,}",
-            f"{p1:,}",
-            _ratio(p0, p1),
-            f"{m0:,}",
-            f"{m1:,}",
-            _ratio(m0, m1),
-        )
-    )
+    total = (f"total ({len(document['layers'])} layers)", "", "", f"{p0:,}", f"{p1:,}", _ratio(p0, p1))
+    rows.append(total + (f"{m0:,}", f"{m1:,}", _ratio(m0, m1)) + ("",) * 3 * timed)
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
     lines = [
         "  ".join(cell.ljust(width) if i < 3 else cell.rjust(width) for i, (cell, width) in enumerate(zip(row, widths)))
@@ -63,6 +55,12 @@ def inspect_table(path) -> str:
     ]
     lines.insert(1, "-" * len(lines[0]))
     lines.insert(len(lines) - 1, "-" * len(lines[0]))
+    measured_on = document.get("policy", {}).get("measured_on")
+    if measured_on:
+        lines.append(
+            f"times measured on {measured_on.get('device')} with {measured_on.get('torch_threads')} threads, "
+            f"inputs {measured_on.get('example_input_shapes')}, torch {measured_on.get('torch')}"
+        )
     for skipped in document.get("skipped", []):
         lines.append(f"skipped {skipped.get('name')!r}: {skipped.get('reason')}")
     return "\n".join(lines)

@@ -22,6 +22,7 @@ from torch.nn.utils import parametrize
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+from . import latency
 from .info import Replacement, load_json, read_info, write_info
 from .log import logger
 from .methods import build_module, dense_cost, method_for, output_shape_changes
@@ -123,24 +124,28 @@ def _why_not(model, name, module, names_of, owners) -> str | None:
 
 
 def _plan(model, policy: RankPolicy, conv_method: str, with_weights: bool, what: str):
-    """Replacements for the layers the policy selects, and the reasons the others are left alone."""
+    """Replacements for the layers the policy selects, the reasons the others are left alone, and the
+    latency rule's measurements per layer."""
     candidates, skipped = _scan(model)
     for name, reason in skipped.items():
         logger.info("Skip: %r: %s", name, reason)
-    replacements = []
+    inputs = latency.capture_inputs(model, policy.example_input, candidates) if policy.measures_latency else {}
+    replacements, measurements = [], {}
     with logging_redirect_tqdm(loggers=[logger]):
         for name, layer in tqdm(candidates.items(), desc=what, unit="layer", disable=None, leave=False):
             logger.info("Processing: %r", name)
-            reason, replacement = _plan_layer(name, layer, policy, conv_method, with_weights)
+            reason, replacement = _plan_layer(
+                name, layer, policy, conv_method, with_weights, inputs.get(name), measurements
+            )
             if reason:
                 skipped[name] = reason
                 logger.info("Skip: %r: %s", name, reason)
             else:
                 replacements.append(replacement)
-    return replacements, skipped
+    return replacements, skipped, measurements
 
 
-def _plan_layer(name, layer, policy, conv_method, with_weights):
+def _plan_layer(name, layer, policy, conv_method, with_weights, inputs, measurements):
     rule, reason = policy.rule_for(name)
     if rule is None:
         return reason, None
@@ -150,7 +155,17 @@ def _plan_layer(name, layer, policy, conv_method, with_weights):
         return reason, None
     if with_weights and layer.weight.is_meta:
         return "its weights are on the meta device (load them first, or decompose the structure only)", None
-    ranks, reason = policy.choose_ranks(method, layer, rule)
+    if rule.kind == "latency":
+        if layer.weight.is_meta:
+            return "its weights are on the meta device, where nothing can be timed (load them first)", None
+        if not inputs:
+            return "not called when the model runs on example_input, so its latency cannot be measured", None
+        reason = output_shape_changes(layer, method.specs(layer, method.full_ranks(layer)))
+        if reason:
+            return reason, None
+        ranks, reason = _measure_ranks(name, layer, method, policy, rule, inputs, measurements)
+    else:
+        ranks, reason = policy.choose_ranks(method, layer, rule)
     if ranks is None:
         return reason, None
     specs = method.specs(layer, ranks)
@@ -165,6 +180,56 @@ def _plan_layer(name, layer, policy, conv_method, with_weights):
     return None, replacement
 
 
+def _measure_ranks(name, layer, method, policy, rule, inputs, measurements):
+    """``policy.choose_ranks`` under the latency rule, timing the dense layer and default-initialised
+    replacements (weights do not change timings) on ``inputs``; records every timing in ``measurements``."""
+    probes = []
+
+    def time_ranks(ranks):
+        module = layer if ranks is None else _replacement_module(layer, method.specs(layer, ranks))
+        seconds = latency.seconds(module, inputs)
+        probes.append({"ranks": None if ranks is None else list(ranks), "seconds": seconds})
+        return seconds
+
+    ranks, reason = policy.choose_ranks(method, layer, rule, time_ranks)
+    # The last timings of the dense layer and of the chosen ranks are the pair that decided.
+    dense = next((probe["seconds"] for probe in reversed(probes) if probe["ranks"] is None), None)
+    chosen = next((probe["seconds"] for probe in reversed(probes) if ranks and probe["ranks"] == list(ranks)), None)
+    measurements[name] = {
+        "target": rule.value,
+        "input_shapes": [list(spec.shape) for spec in inputs],
+        "dense_seconds": dense,
+        "decomposed_seconds": chosen,
+        "probes": probes,  # every timing in order; ranks None: the dense layer
+    }
+    if chosen is not None:
+        logger.info(
+            "Measured: %r: rank %s %.3f ms against dense %.3f ms (%.2f)",
+            name,
+            list(ranks),
+            1e3 * chosen,
+            1e3 * dense,
+            chosen / dense,
+        )
+    return ranks, reason
+
+
+def _replacement_module(layer: nn.Module, specs: list[dict]) -> nn.Sequential:
+    """The default-initialised nn.Sequential of ``specs`` on ``layer``'s device and dtype, in its memory
+    format, training mode and requires_grad."""
+    weight = layer.weight
+    new = nn.Sequential(*(build_module(spec, device=weight.device, dtype=weight.dtype) for spec in specs))
+    if (
+        weight.dim() == 4
+        and not weight.is_meta
+        and weight.is_contiguous(memory_format=torch.channels_last)
+        and not weight.is_contiguous()
+    ):
+        new.to(memory_format=torch.channels_last)
+    new.requires_grad_(weight.requires_grad)
+    return new.train(layer.training)
+
+
 @torch.no_grad()
 def _apply(model: nn.Module, replacements: list[Replacement]) -> dict[str, list[str]]:
     """Replaces each planned layer by its nn.Sequential, on the layer's device and dtype, keeping its
@@ -172,23 +237,11 @@ def _apply(model: nn.Module, replacements: list[Replacement]) -> dict[str, list[
     changes = {}
     for replacement in replacements:
         layer = model.get_submodule(replacement.name)
-        weight = layer.weight
-        new = nn.Sequential(
-            *(build_module(spec, device=weight.device, dtype=weight.dtype) for spec in replacement.specs)
-        )
+        new = _replacement_module(layer, replacement.specs)
         for module, value in zip(new, replacement.weights):
             module.weight.copy_(value)
         if replacement.weights and layer.bias is not None:
             new[-1].bias.copy_(layer.bias)
-        if (
-            weight.dim() == 4
-            and not weight.is_meta
-            and weight.is_contiguous(memory_format=torch.channels_last)
-            and not weight.is_contiguous()
-        ):
-            new.to(memory_format=torch.channels_last)
-        new.requires_grad_(weight.requires_grad)
-        new.train(layer.training)
         parent_name, _, child_name = replacement.name.rpartition(".")
         setattr(model.get_submodule(parent_name), child_name, new)
         changes[replacement.name] = replacement.new_names
@@ -217,11 +270,14 @@ def _decompose(model, policy, method, with_weights, info_path, what) -> dict[str
     logger.info("%s start.", what)
     start = time.perf_counter()
     params_before = count_parameters(model)
-    replacements, skipped = _plan(model, policy, method, with_weights, what)
+    replacements, skipped, measurements = _plan(model, policy, method, with_weights, what)
     if not replacements:
         logger.info("No layer meets decomposition conditions.")
     if info_path is not None:
-        write_info(info_path, model, replacements, skipped, {"method": method, **policy.describe()})
+        described = {"method": method, **policy.describe()}
+        if policy.measures_latency:
+            described["measured_on"] = latency.context(policy.example_input)
+        write_info(info_path, model, replacements, skipped, described, measurements)
         logger.info("Decomposition information file is saved to: %s", os.path.realpath(info_path))
     changes = _apply(model, replacements)
     logger.info(
@@ -246,8 +302,13 @@ def auto_decomposition(model: nn.Module, decompose_info_path=None, *, method: st
             weights), which ``decompose_network`` replays. None: no file.
         method: ``"spatial"`` (AMCT's, default), ``"tucker2"`` (msModelSlim's) or ``"svd"``.
         **policy: the rank policy, see ``lowrank.policy``: one of ``rank``, ``ratio``, ``energy``,
-            ``vbmf``; and ``layers``, ``exclude``, ``ratio_of``, ``divisor``, ``min_rank``. Default:
-            ``ratio=0.3`` of each layer's multiply-adds.
+            ``vbmf``, ``latency``; and ``layers``, ``exclude``, ``ratio_of``, ``divisor``, ``min_rank``.
+            Default: ``ratio=0.3`` of each layer's multiply-adds. ``latency=0.5`` times each candidate
+            layer, dense and decomposed, on the model's device and keeps only replacements measured
+            to run in at most half the dense layer's time; it needs ``example_input`` (a tensor, or a
+            tuple of the model's positional arguments, as the model will see it in production: batch
+            size, dtype, memory format), on which the model is run once to capture each layer's
+            input. The timings go into the info file; ``decompose_network`` replays without timing.
 
     Returns:
         ``(model, changes)``: the same model, and ``{"conv2": ["conv2.0", "conv2.1"], ...}`` for
@@ -316,6 +377,12 @@ class Decompose:
         """Ranks estimated by EVBMF."""
         return self._set(vbmf=True, **options)
 
+    def from_latency(self, latency: float, example_input, **options) -> "Decompose":
+        """The largest ranks whose replacement is measured to run in at most ``latency`` of the dense
+        layer's time (0.5: 2x faster) on the input it receives when the model runs on ``example_input``;
+        layers that no rank makes that fast are left alone."""
+        return self._set(latency=latency, example_input=example_input, **options)
+
     def from_dict(self, layers: dict, **options) -> "Decompose":
         """Only the layers whose names match a key (a regular expression), each with its own rule:
         ``{"layer1\\\\..*conv2": 0.5, "fc": {"rank": 64}, "layer4.*": None}``."""
@@ -344,7 +411,8 @@ class Decompose:
         decomposed them."""
         if self.policy is None:
             raise ValueError(
-                "choose a policy first: from_ratio, from_fixed, from_energy, from_vbmf, from_dict or from_file"
+                "choose a policy first: from_ratio, from_fixed, from_energy, from_vbmf, from_latency, from_dict or "
+                "from_file"
             )
         model = copy.deepcopy(self.model)
         _decompose(model, self.policy, self.method, do_decompose_weight, None, "decompose_network")

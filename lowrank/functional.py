@@ -158,13 +158,14 @@ def _top_eigenvectors(matrix: torch.Tensor, rank: int, rows: bool) -> tuple[torc
 
 def _hooi(
     weight: torch.Tensor, in_rank: int, out_rank: int, max_iter: int, tol: float, dtype: torch.dtype
-) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """HOOI from HOSVD in ``dtype``: the factors (``dtype``) and the last relative error (see tucker2)."""
+) -> tuple[torch.Tensor, torch.Tensor, float, torch.Tensor]:
+    """HOOI from HOSVD in ``dtype``: the factors, the last relative error (see tucker2) and the kernel
+    in ``dtype`` and (o, kh, kw, i) layout, all for the core."""
     out_ch, in_ch = weight.shape[:2]
     # An (o, hw, i) layout makes both mode products plain matrix products on views, with no copies.
     kernel = weight.to(dtype).permute(0, 2, 3, 1).contiguous()
     by_row, by_col = kernel.reshape(-1, in_ch), kernel.reshape(out_ch, -1)
-    squared_norm = weight.double().square().sum().item()
+    squared_norm = kernel.square().sum(dtype=torch.float64).item()
     u_in, _ = _top_eigenvectors(by_row, in_rank, rows=False)
     # HOOI's first step recomputes u_out from u_in, so the HOSVD's u_out is only needed on its own.
     u_out = _top_eigenvectors(by_col, out_rank, rows=True)[0] if max_iter == 0 else None
@@ -177,7 +178,7 @@ def _hooi(
         errors.append(_relative_error(squared_norm, energy))
         if step >= 2 and abs(errors[-2] - errors[-1]) < tol:
             break
-    return u_out, u_in, errors[-1]
+    return u_out, u_in, errors[-1], kernel
 
 
 @torch.no_grad()
@@ -197,17 +198,19 @@ def tucker2(
     Iterates in float32 unless ``weight`` is float64, as tensorly does on a float32 kernel (the
     products and ``eigh`` run about twice as fast), and again in float64 when the error comes out
     below FLOAT32_MIN_ERROR, where float32 rounding is a sizeable part of the residual. The factors
-    are orthonormalized and the core computed in float64.
+    are orthonormalized and the core computed in the iterations' dtype, then returned in float64.
     """
     dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
-    u_out, u_in, error = _hooi(weight, in_rank, out_rank, max_iter, tol, dtype)
+    u_out, u_in, error, kernel = _hooi(weight, in_rank, out_rank, max_iter, tol, dtype)
     if dtype == torch.float32 and error < FLOAT32_MIN_ERROR:
-        u_out, u_in, _ = _hooi(weight, in_rank, out_rank, max_iter, tol, torch.float64)
-    u_out, u_in = torch.linalg.qr(u_out.double()).Q, torch.linalg.qr(u_in.double()).Q
-    # A float32 core would add its rounding (about 1e-7 of ||W||, squared) to the error.
+        u_out, u_in, _, kernel = _hooi(weight, in_rank, out_rank, max_iter, tol, torch.float64)
+    # The core is computed in the iterations' dtype: float32 rounding (about 1e-7 of ||W||) is
+    # negligible next to an error of FLOAT32_MIN_ERROR or more.
+    u_out, u_in = torch.linalg.qr(u_out).Q, torch.linalg.qr(u_in).Q
     out_ch, in_ch, kh, kw = weight.shape
-    core = (u_out.T @ weight.double().permute(0, 2, 3, 1).reshape(out_ch, -1)).reshape(-1, in_ch) @ u_in
-    return core.reshape(out_rank, kh, kw, in_rank).permute(0, 3, 1, 2), u_out, u_in
+    core = (u_out.T @ kernel.reshape(out_ch, -1)).reshape(-1, in_ch) @ u_in
+    core = core.reshape(out_rank, kh, kw, in_rank).permute(0, 3, 1, 2)
+    return core.double(), u_out.double(), u_in.double()
 
 
 def _relative_error(squared_norm: float, energy: float) -> float:

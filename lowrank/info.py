@@ -2,13 +2,22 @@
 
 ::
 
-    {"format": "lowrank-decompose-info", "version": 1, "lowrank_version": "0.1.0", "policy": {...},
+    {"format": "lowrank-decompose-info", "version": 2, "lowrank_version": "0.1.0", "policy": {...},
      "layers": [{"name": "conv2", "type": "Conv2d", "args": {<constructor arguments>},
                  "weight_shape": [128, 128, 3, 3], "method": "spatial", "ranks": [57],
                  "modules": [{"name": "conv2.0", "type": "Conv2d", "args": {...}, "weight_shape": [...]},
                              {"name": "conv2.1", ...}],
-                 "params": [147456, 43776], "macs_per_position": [147456, 43776]}],
-     "skipped": [{"name": "conv1", "reason": "..."}]}
+                 "params": [147456, 43776], "macs_per_position": [147456, 43776],
+                 "latency": {...}}],
+     "skipped": [{"name": "conv1", "reason": "...", "latency": {...}}]}
+
+Version 2 adds what the latency rule measured, for the layers it timed (replaced or left alone):
+``"latency": {"target": 0.5, "input_shapes": [[8, 128, 26, 26]], "dense_seconds": ...,
+"decomposed_seconds": ... (None when left alone), "probes": [{"ranks": [...], "seconds": ...}, ...]}``
+(every timing in order, ``"ranks": null`` for the dense layer; the two ``*_seconds`` are the last
+timings of the dense layer and of the chosen ranks, the pair that decided),
+and ``policy["measured_on"]`` (device, threads, torch version, example input shapes). Replaying
+never reads these, so version 1 files, which lack them, are read as before.
 
 ``read_info`` also reads AMCT's files: a JSON list of ``{"ori_layer_info": {"layer_name": ...},
 "mode": "SCFK", "decom_nodes": {"first": {"weight_shape": [...]}, "last": {...}}}`` records, AMCT's
@@ -30,7 +39,8 @@ from .io import atomic_write
 from .methods import METHODS, MODULE_TYPES, Cost, build_module, dense_cost, layer_args, output_shape_changes, specs_cost
 
 FORMAT = "lowrank-decompose-info"
-VERSION = 1
+VERSION = 2
+READABLE_VERSIONS = (1, 2)  # version 2 added the optional latency records
 AMCT_MODES = ("FCFK", "FCSK", "SCFK", "SCSK")
 AMCT_NAME_KEYS = ("layer_name", "name", "op_name")
 
@@ -73,17 +83,30 @@ class Replacement:
         }
 
 
-def write_info(path, model: nn.Module, replacements: list[Replacement], skipped: dict[str, str], policy: dict) -> None:
-    """Writes the info file for ``replacements`` of ``model``'s layers (before they are replaced)."""
+def write_info(
+    path,
+    model: nn.Module,
+    replacements: list[Replacement],
+    skipped: dict[str, str],
+    policy: dict,
+    measurements: dict[str, dict] | None = None,
+) -> None:
+    """Writes the info file for ``replacements`` of ``model``'s layers (before they are replaced), with
+    the latency rule's ``measurements`` of each layer it timed."""
     from . import __version__
+
+    measurements = measurements or {}
+
+    def measured(name):
+        return {"latency": measurements[name]} if name in measurements else {}
 
     document = {
         "format": FORMAT,
         "version": VERSION,
         "lowrank_version": __version__,
         "policy": policy,
-        "layers": [r.to_json(model.get_submodule(r.name)) for r in replacements],
-        "skipped": [{"name": name, "reason": reason} for name, reason in skipped.items()],
+        "layers": [{**r.to_json(model.get_submodule(r.name)), **measured(r.name)} for r in replacements],
+        "skipped": [{"name": name, "reason": reason, **measured(name)} for name, reason in skipped.items()],
     }
     atomic_write(path, lambda file: json.dump(document, file, indent=2), binary=False)
 
@@ -116,9 +139,10 @@ def read_document(path) -> list | dict:
             f"{path}: not a decomposition info file (format is {document.get('format')!r}, expected {FORMAT!r})"
         )
     version = document.get("version")
-    if version != VERSION:
+    if version not in READABLE_VERSIONS:
+        readable = ", ".join(map(str, READABLE_VERSIONS))
         raise DecomposeInfoError(
-            f"{path}: unsupported info file version {version!r}; this lowrank reads version {VERSION}"
+            f"{path}: unsupported info file version {version!r}; this lowrank reads versions {readable}"
         )
     if not isinstance(document.get("layers"), list):
         raise DecomposeInfoError(f"{path}: 'layers' must be a list")

@@ -5,31 +5,38 @@ A rule picks the ranks of one layer:
 - ``ratio``: the largest ranks whose cost is at most this fraction of the dense layer's
   (``ratio_of="flops"``, multiply-adds, or ``"params"``);
 - ``energy``: the smallest ranks that keep this fraction of the squared singular values;
-- ``vbmf``: ranks estimated by EVBMF (Nakajima et al. 2013), as in Kim et al. 2016.
+- ``vbmf``: ranks estimated by EVBMF (Nakajima et al. 2013), as in Kim et al. 2016;
+- ``latency``: the largest ranks whose replacement is measured to run in at most this fraction of
+  the dense layer's time (0.5 asks for 2x faster), on the input the layer receives when the model
+  runs on ``example_input``; a layer with no rank measured that fast is left alone. The replaced
+  layers together then take at most this fraction of their dense time, on the device, dtype, memory
+  format and thread count of the measurement (see ``lowrank.latency``).
 ``layers`` maps regular expressions (matched against the whole layer name, first match wins) to a
 rule for those layers, or to ``None`` to leave them alone; ``exclude`` lists expressions of layers
 to leave alone. With no rule and no ``layers``, the default rule is ``ratio=DEFAULT_RATIO``.
 
-Automatic rules (ratio, energy, vbmf) round ranks to a multiple of ``divisor`` (down for ratio, to
-stay within budget; up for energy and vbmf, to keep at least what was asked) and leave a layer alone
-when a rank would fall below ``min_rank`` (or its full rank, when smaller): a handful of directions
-cannot carry a layer such as the first conv of a network on 1 input channel or a 10-class classifier.
+Automatic rules (ratio, energy, vbmf, latency) round ranks to a multiple of ``divisor`` (down for
+ratio and latency, to stay within budget; up for energy and vbmf, to keep at least what was asked) and
+leave a layer alone when a rank would fall below ``min_rank`` (or its full rank, when smaller): a
+handful of directions cannot carry a layer such as the first conv of a network on 1 input channel or
+a 10-class classifier.
 A fixed rank is used as given. Whatever the rule, a layer is replaced only when the replacement has
 fewer parameters and fewer multiply-adds than the dense layer.
 """
 
 import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from torch import nn
 
 from . import functional as F
+from .latency import largest_within
 from .methods import Method, dense_cost
 
 DEFAULT_RATIO = 0.3  # cuts a 3x3 conv about 3x in FLOPs: the seed's MNIST conv2 goes 128->57->128
-RULES = ("rank", "ratio", "energy", "vbmf")
+RULES = ("rank", "ratio", "energy", "vbmf", "latency")
 RATIO_OF = ("flops", "params")
 
 
@@ -45,9 +52,9 @@ class Rule:
         return "vbmf" if self.kind == "vbmf" else f"{self.kind}={self.value}"
 
 
-def _check_fraction(name, value):
+def _check_fraction(name, value, hint=""):
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
-        raise ValueError(f"{name} must be a number in (0, 1], got {value!r}")
+        raise ValueError(f"{name} must be a number in (0, 1]{hint}, got {value!r}")
 
 
 def _check_rank(value):
@@ -82,6 +89,8 @@ def make_rule(spec, where: str) -> Rule | None:
         value = tuple(value) if isinstance(value, (list, tuple)) else value
     elif kind in ("ratio", "energy"):
         _check_fraction(f"{where}: {kind}", value)
+    elif kind == "latency":
+        _check_fraction(f"{where}: latency", value, " (the fraction of the dense layer's time: 0.5 asks for 2x faster)")
     elif value is not True:
         raise ValueError(f"{where}: vbmf must be True, got {value!r}")
     return Rule(kind, value, spec.get("method"))
@@ -100,6 +109,8 @@ class RankPolicy:
     ratio_of: str = "flops"
     divisor: int = 1
     min_rank: int = 8
+    latency: float | None = None
+    example_input: object = field(default=None, repr=False)  # a tensor or a tuple of them: not an option to record
     default: Rule | None = field(init=False, default=None)
 
     def __post_init__(self):
@@ -123,6 +134,17 @@ class RankPolicy:
             self.default = make_rule(given, "policy")
         elif not self.layers:
             self.default = Rule("ratio", DEFAULT_RATIO)
+        if self.measures_latency and self.example_input is None:
+            raise ValueError(
+                "latency needs example_input=<a tensor, or a tuple of the model's positional arguments>: "
+                "the layers are timed on the inputs they receive from it"
+            )
+
+    @property
+    def measures_latency(self) -> bool:
+        """Whether some rule times layers (and so needs ``example_input``)."""
+        rules = [self.default, *(rule for _, rule in self._layers)]
+        return any(rule is not None and rule.kind == "latency" for rule in rules)
 
     def rule_for(self, name: str) -> tuple[Rule | None, str]:
         """The rule for layer ``name``, or None with the reason it is left alone."""
@@ -145,9 +167,19 @@ class RankPolicy:
             "min_rank": self.min_rank,
         }
 
-    def choose_ranks(self, method: Method, layer: nn.Module, rule: Rule) -> tuple[tuple[int, ...] | None, str]:
-        """Ranks for ``layer`` under ``rule``, or None with the reason the layer is left alone."""
+    def choose_ranks(
+        self, method: Method, layer: nn.Module, rule: Rule, time_ranks: Callable | None = None
+    ) -> tuple[tuple[int, ...] | None, str]:
+        """Ranks for ``layer`` under ``rule``, or None with the reason the layer is left alone.
+
+        The latency rule needs ``time_ranks(ranks)``: the measured seconds of the replacement at
+        ``ranks``, or of the dense layer for ``None``.
+        """
         full = method.full_ranks(layer)
+        if rule.kind == "latency":
+            if time_ranks is None:
+                raise ValueError("the latency rule needs time_ranks, the layer's timings")
+            return self._latency_ranks(method, layer, rule, time_ranks)
         if rule.kind == "rank":
             wanted = rule.value if isinstance(rule.value, tuple) else (rule.value,) * len(full)
             if len(wanted) != len(full):
@@ -159,10 +191,7 @@ class RankPolicy:
                 ranks = self._ratio_ranks(method, layer, rule.value)
                 if ranks is None:
                     return None, f"no rank fits {rule}"
-                ranks = tuple(
-                    max(self.divisor, r // self.divisor * self.divisor) if f >= self.divisor else r
-                    for r, f in zip(ranks, full)
-                )
+                ranks = self._round_down(ranks, full)
             else:
                 spectra = method.spectra(layer)
                 if rule.kind == "energy":
@@ -181,24 +210,77 @@ class RankPolicy:
             )
         return ranks, ""
 
+    def candidate_ranks(self, method: Method, layer: nn.Module) -> list[tuple[int, ...]]:
+        """Every ranks the latency rule may pick for ``layer``, smallest first: the full ranks scaled
+        together (as for ``ratio``), rounded down to ``divisor``, none below ``min_rank`` (or the full
+        rank, when smaller), and cheaper than the dense layer in parameters and multiply-adds."""
+        full = method.full_ranks(layer)
+        dense = dense_cost(layer)
+        candidates = []
+        for step in range(1, max(full) + 1):
+            ranks = self._round_down(_scaled(full, step), full)
+            if (candidates and ranks == candidates[-1]) or any(r < min(self.min_rank, f) for r, f in zip(ranks, full)):
+                continue
+            cost = method.cost(layer, ranks)
+            if cost.params >= dense.params or cost.macs >= dense.macs:
+                break  # costs grow with the step: no later one is cheaper
+            candidates.append(ranks)
+        return candidates
+
+    def _latency_ranks(self, method, layer, rule, time_ranks):
+        """The largest candidate ranks measured faster than the dense layer and within ``rule.value`` of
+        its time, twice: by bisection, then again next to a fresh timing of the dense layer, so that one
+        lucky timing on a busy machine does not replace a layer by a slower one."""
+        candidates = self.candidate_ranks(method, layer)
+        if not candidates:
+            return None, f"no rank of at least min_rank {self.min_rank} is cheaper"
+
+        def fits(seconds, dense):
+            return seconds < dense and seconds <= rule.value * dense
+
+        dense = time_ranks(None)
+        index, probes = largest_within(candidates, time_ranks, lambda seconds: fits(seconds, dense))
+        if index is None:
+            ranks, seconds = probes[-1]  # the smallest candidate: bisection ends on it when nothing fits
+            return None, (
+                f"no rank is measured within {rule} of the dense layer's time: dense {1e3 * dense:.3f} ms, "
+                f"rank {_show(ranks)} {1e3 * seconds:.3f} ms ({seconds / dense:.2f})"
+            )
+        ranks = candidates[index]
+        dense, seconds = time_ranks(None), time_ranks(ranks)
+        if not fits(seconds, dense):
+            return None, (
+                f"rank {_show(ranks)} was measured within {rule} of the dense layer's time, but not when timed "
+                f"again: dense {1e3 * dense:.3f} ms, rank {_show(ranks)} {1e3 * seconds:.3f} ms "
+                f"({seconds / dense:.2f}); the machine is too busy for stable timings"
+            )
+        return ranks, ""
+
+    def _round_down(self, ranks, full):
+        """``ranks`` rounded down to a multiple of ``divisor`` (never to 0), where the full rank allows."""
+        return tuple(
+            max(self.divisor, r // self.divisor * self.divisor) if f >= self.divisor else r for r, f in zip(ranks, full)
+        )
+
     def _ratio_ranks(self, method, layer, ratio):
         """Largest ranks, scaled together with the full ranks, whose cost fits ``ratio`` of the dense one."""
         full = method.full_ranks(layer)
-        largest = max(full)
         field_name = "macs" if self.ratio_of == "flops" else "params"
         budget = ratio * getattr(dense_cost(layer), field_name)
-
-        def ranks_at(step):
-            return tuple(max(1, round(step * f / largest)) for f in full)
-
-        low, high = 0, largest  # invariant: ranks_at(low) fits (or low == 0), ranks_at(high + 1) does not
+        low, high = 0, max(full)  # invariant: _scaled(full, low) fits (or low == 0), _scaled(full, high + 1) does not
         while low < high:
             mid = (low + high + 1) // 2
-            if getattr(method.cost(layer, ranks_at(mid)), field_name) <= budget:
+            if getattr(method.cost(layer, _scaled(full, mid)), field_name) <= budget:
                 low = mid
             else:
                 high = mid - 1
-        return ranks_at(low) if low else None
+        return _scaled(full, low) if low else None
+
+
+def _scaled(full, step):
+    """The full ranks scaled together so that the largest becomes ``step``."""
+    largest = max(full)
+    return tuple(max(1, round(step * f / largest)) for f in full)
 
 
 def _given(value) -> bool:

@@ -19,7 +19,7 @@ import argparse
 import torchvision
 
 import lowrank
-from launch.args import add_policy_args
+from launch.args import add_policy_args, policy_of
 from launch.mnist import Net
 from lowrank.io import load_state_dict, save_state_dict
 
@@ -50,7 +50,7 @@ def main(args):
         classes = next(tensor.shape[0] for name, tensor in reversed(state_dict.items()) if name.endswith("weight"))
         model = torchvision.models.get_model(args.model, num_classes=classes)
     model.load_state_dict(state_dict)
-    model, _ = lowrank.auto_decomposition(model, args.decompose_info_path, method=args.method, ratio=args.ratio)
+    model, _ = lowrank.auto_decomposition(model, args.decompose_info_path, **policy_of(args))
     save_state_dict(model.state_dict(), args.decomposed_weights_path)
     print(f"Decomposed weights are saved to: {args.decomposed_weights_path}")
 

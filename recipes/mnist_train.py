@@ -25,7 +25,7 @@ import copy
 import torch
 from accelerate.utils import set_seed
 
-from launch.args import add_decomposition_args, add_output_args, check_mode_args
+from launch.args import add_decomposition_args, add_output_args, check_mode_args, policy_of
 from launch.mnist import Net, load_mnist
 from launch.runner import (
     Progress,
@@ -87,7 +87,7 @@ def main(args):
         pretrained_path=args.pretrained_path,
         info_path=args.decompose_info_path,
         weights_path=args.decomposed_weights_path,
-        policy={"method": args.method, "ratio": args.ratio},
+        policy=policy_of(args),
         timeout=args.barrier_timeout,
     )
     example_input = torch.zeros(1, 1, 28, 28)

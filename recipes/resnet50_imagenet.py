@@ -50,7 +50,7 @@ import torchvision
 from accelerate.utils import set_seed
 from torchvision import datasets, transforms
 
-from launch.args import add_decomposition_args, add_output_args, check_mode_args
+from launch.args import add_decomposition_args, add_output_args, check_mode_args, policy_of
 from launch.runner import (
     Progress,
     create_accelerator,
@@ -213,7 +213,7 @@ def main(args):
         pretrained_path=args.pretrained_path,
         info_path=args.decompose_info_path,
         weights_path=args.decomposed_weights_path,
-        policy={"method": args.method, "ratio": args.ratio},
+        policy=policy_of(args),
         timeout=args.barrier_timeout,
     )
     example_input = torch.zeros(1, 3, args.image_size, args.image_size)

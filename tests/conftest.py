@@ -13,6 +13,8 @@ from launch.mnist import Net
 ROOT = Path(__file__).parents[1]
 RECIPES = ROOT / "recipes"
 CONFIGS = RECIPES / "configs"
+DATA = ROOT.parent / "shared" / "data"  # the MNIST copy beside the checkout (no download in tests)
+needs_data = pytest.mark.skipif(not (DATA / "MNIST" / "raw").is_dir(), reason=f"no MNIST copy at {DATA}")
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "LOWRANK_LOG_LEVEL": "info"}
 
 

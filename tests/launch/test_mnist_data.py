@@ -1,15 +1,14 @@
 import gzip
 import shutil
 import urllib.error
-from pathlib import Path
 
 import pytest
 import torch
 
 from launch import mnist
+from tests.conftest import DATA, needs_data
 
-SHARED_RAW = Path(__file__).parents[3] / "shared" / "data" / "MNIST" / "raw"
-needs_data = pytest.mark.skipif(not SHARED_RAW.is_dir(), reason=f"no MNIST copy at {SHARED_RAW}")
+SHARED_RAW = DATA / "MNIST" / "raw"
 
 
 def gz_copy(root):

@@ -27,7 +27,7 @@ def edit(path, change):
 
 def test_info_file_content(info):
     document = json.loads(info.read_text())
-    assert document["format"] == "lowrank-decompose-info" and document["version"] == 1
+    assert document["format"] == "lowrank-decompose-info" and document["version"] == 2
     (layer,) = document["layers"]
     assert layer["name"] == "conv2" and layer["method"] == "spatial" and layer["type"] == "Conv2d"
     assert layer["args"]["in_channels"] == 128 and layer["weight_shape"] == [128, 128, 3, 3]
@@ -73,7 +73,7 @@ def test_weights_load_safely(tmp_path):
 @pytest.mark.parametrize(
     "change,message",
     [
-        (lambda d: d.update(version=7), "unsupported info file version 7; this lowrank reads version 1"),
+        (lambda d: d.update(version=7), "unsupported info file version 7; this lowrank reads versions 1, 2"),
         (lambda d: d.update(format="other"), "not a decomposition info file"),
         (lambda d: d.update(layers={}), "'layers' must be a list"),
         (lambda d: d["layers"][0].update(name="conv9"), "layer 'conv9' is not in the model"),

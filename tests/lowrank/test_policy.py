@@ -126,7 +126,7 @@ def test_default_rule():
 @pytest.mark.parametrize(
     "options,message",
     [
-        (dict(ratio=0.3, energy=0.9), "give at most one of rank, ratio, energy, vbmf; got ratio, energy"),
+        (dict(ratio=0.3, energy=0.9), "give at most one of rank, ratio, energy, vbmf, latency; got ratio, energy"),
         (dict(ratio=0), r"ratio must be a number in \(0, 1\]"),
         (dict(ratio=1.5), r"ratio must be a number in \(0, 1\]"),
         (dict(energy="high"), r"energy must be a number in \(0, 1\]"),
@@ -152,3 +152,20 @@ def test_unknown_keyword_lists_the_valid_ones(net):
         lowrank.auto_decomposition(net, ratios=0.5)
     with pytest.raises(ValueError, match="valid methods: spatial, tucker2, svd"):
         lowrank.auto_decomposition(net, method="cp")
+
+
+@pytest.mark.parametrize("method", ["svd", "spatial", "tucker2"])
+def test_latency_candidates_are_the_cheaper_ranks_from_min_rank_rounded_to_divisor(method):
+    layer = nn.Conv2d(48, 64, 3)
+    policy = RankPolicy(latency=0.5, example_input=torch.randn(1, 48, 8, 8), divisor=4)
+    candidates = policy.candidate_ranks(METHODS[method], layer)
+    dense, full = dense_cost(layer), METHODS[method].full_ranks(layer)
+    assert candidates == sorted(set(candidates)) and len(candidates) > 3
+    for ranks in candidates:
+        cost = METHODS[method].cost(layer, ranks)
+        assert cost.params < dense.params and cost.macs < dense.macs
+        assert all(r % 4 == 0 and r >= 8 for r in ranks)
+    larger = tuple(min(r + 4, f) for r, f in zip(candidates[-1], full))
+    assert METHODS[method].cost(layer, larger).macs >= dense.macs or (
+        METHODS[method].cost(layer, larger).params >= dense.params
+    )

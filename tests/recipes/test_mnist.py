@@ -12,9 +12,8 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from tests.conftest import ENV, RECIPES, ROOT, accelerate_launch, free_port, run, torchrun
+from tests.conftest import DATA, ENV, RECIPES, ROOT, accelerate_launch, free_port, needs_data, run, torchrun
 
-DATA = ROOT.parent / "shared" / "data"
 FEW = [
     "--data-path",
     str(DATA),
@@ -27,8 +26,6 @@ FEW = [
     "--test-batch-size",
     "500",
 ]
-
-needs_data = pytest.mark.skipif(not (DATA / "MNIST" / "raw").is_dir(), reason=f"no MNIST copy at {DATA}")
 
 
 def scalars(run_dir):

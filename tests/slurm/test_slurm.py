@@ -20,17 +20,13 @@ import torchvision
 
 from launch.mnist import Net
 from lowrank.io import save_state_dict
-from tests.conftest import free_port
+from tests.conftest import DATA, ROOT, free_port, needs_data
 
-ROOT = Path(__file__).parents[2]
 SLURM = ROOT / "slurm"
 CLUSTER = SLURM / "local-cluster.sh"
-DATA = ROOT.parent / "shared" / "data"
 FEW = "--train-batch-size 32 --test-batch-size 500 --log-steps 2"
 FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "PREEMPTED", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL"}
 JOB_TIMEOUT = 900  # seconds; 2 cores shared with other work
-
-needs_data = pytest.mark.skipif(not (DATA / "MNIST" / "raw").is_dir(), reason=f"no MNIST copy at {DATA}")
 
 
 def shellcheck():

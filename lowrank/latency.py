@@ -1,0 +1,127 @@
+"""Latency measurement for the latency-aware rank policy (``latency=`` in ``auto_decomposition``).
+
+The policy needs, for every candidate layer, the input it really sees: ``capture_inputs`` runs the
+model once on the user's example input, in eval mode, with a forward pre-hook on each layer, and
+records the shape, strides (so channels_last stays channels_last), dtype and device of every call.
+``seconds`` then times a module on fresh tensors of those shapes with ``torch.utils.benchmark``
+(the fastest of several blocks of runs, on torch's current number of threads, accelerators
+synchronized), and
+``largest_within`` bisects a list of rank candidates for the largest one measured within budget.
+"""
+
+import functools
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.utils import benchmark
+
+# Seconds of timed runs per measurement: several blocks on a layer of a few milliseconds, and still
+# a ResNet-50 (53 layers, about 10 timings each) measured in about a minute.
+MIN_RUN_TIME = 0.05
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """What a layer receives in one call: enough to make a fresh tensor laid out the same way."""
+
+    shape: tuple[int, ...]
+    stride: tuple[int, ...]
+    dtype: torch.dtype
+    device: torch.device
+
+    @classmethod
+    def of(cls, tensor: torch.Tensor) -> "InputSpec":
+        return cls(tuple(tensor.shape), tuple(tensor.stride()), tensor.dtype, tensor.device)
+
+    def sample(self) -> torch.Tensor:
+        """A standard normal tensor of this shape, strides, dtype and device (values do not change timings,
+        but zeros or NaNs could take a different path)."""
+        return torch.empty_strided(self.shape, self.stride, dtype=self.dtype, device=self.device).normal_()
+
+
+def _record(calls: list[InputSpec], module: nn.Module, args: tuple) -> None:
+    if args and isinstance(args[0], torch.Tensor):
+        calls.append(InputSpec.of(args[0]))
+
+
+def capture_inputs(model: nn.Module, example_input, layers: dict[str, nn.Module]) -> dict[str, list[InputSpec]]:
+    """The input of every call of each of ``layers`` during one forward pass of ``model`` on
+    ``example_input`` (a tensor, or a tuple of positional arguments), in eval mode under
+    ``inference_mode`` so that nothing is learnt (batch-norm statistics stay as they are). The
+    modules' training flags and hooks are restored afterwards."""
+    args = example_input if isinstance(example_input, tuple) else (example_input,)
+    calls = {name: [] for name in layers}
+    handles = [
+        layer.register_forward_pre_hook(functools.partial(_record, calls[name])) for name, layer in layers.items()
+    ]
+    modes = {module: module.training for module in model.modules()}
+    try:
+        model.eval()
+        with torch.inference_mode():
+            model(*args)
+    except (RuntimeError, TypeError, ValueError) as error:
+        raise ValueError(f"example_input: the model does not run on it: {type(error).__name__}: {error}") from None
+    finally:
+        for handle in handles:
+            handle.remove()
+        for module, training in modes.items():
+            module.training = training  # not .train(), which would also set the children
+    return calls
+
+
+def measure(fn: Callable[[], object], min_run_time: float = MIN_RUN_TIME) -> benchmark.Measurement:
+    """``torch.utils.benchmark``'s ``blocked_autorange`` of ``fn()`` after a warm-up call (first-call
+    allocations, oneDNN and cuDNN plan selection), under ``inference_mode``, on torch's current
+    number of threads (``Timer`` would use 1 thread otherwise)."""
+    with torch.inference_mode():
+        fn()
+        timer = benchmark.Timer("fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+        return timer.blocked_autorange(min_run_time=min_run_time)
+
+
+def fastest_seconds(fn: Callable[[], object], min_run_time: float = MIN_RUN_TIME) -> float:
+    """Seconds of one ``fn()`` call: the mean over the fastest block of runs of ``measure``. The
+    fastest, not the median: other processes only ever add time, and on a shared machine they
+    disturb most blocks."""
+    return min(measure(fn, min_run_time).times)
+
+
+def seconds(module: nn.Module, inputs: Sequence[InputSpec]) -> float:
+    """Seconds for ``module`` to process every recorded call's input once (``fastest_seconds``)."""
+    tensors = [spec.sample() for spec in inputs]
+    return fastest_seconds(lambda: [module(tensor) for tensor in tensors])
+
+
+def largest_within(candidates: Sequence, seconds_of: Callable[[object], float], fits: Callable[[float], bool]):
+    """Bisects ``candidates`` (ordered by size, so by time) for the largest whose measured time ``fits``.
+
+    Returns ``(index or None, probes)`` with ``probes`` the ``(candidate, seconds)`` measured, in
+    order; the chosen candidate is among them. Timings are assumed to grow with the candidate, so
+    about log2(len(candidates)) of them are measured.
+    """
+    low, high = -1, len(candidates) - 1  # candidates[low] fits (or low == -1); none above high does
+    probes = []
+    while low < high:
+        middle = (low + high + 1) // 2
+        measured = seconds_of(candidates[middle])
+        probes.append((candidates[middle], measured))
+        if fits(measured):
+            low = middle
+        else:
+            high = middle - 1
+    return (low if low >= 0 else None), probes
+
+
+def context(example_input) -> dict:
+    """Where the timings were taken, for the info file."""
+    args = example_input if isinstance(example_input, tuple) else (example_input,)
+    tensors = [arg for arg in args if isinstance(arg, torch.Tensor)]
+    return {
+        "device": str(tensors[0].device) if tensors else "cpu",
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "example_input_shapes": [list(tensor.shape) for tensor in tensors],
+        "min_run_time_s": MIN_RUN_TIME,
+    }

@@ -1,0 +1,21 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import ENV, ROOT
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_quick_run_measures_every_variant(tmp_path):
+    output = tmp_path / "throughput.json"
+    command = [sys.executable, "benchmarks/resnet50_throughput.py", "--quick", "--output", str(output)]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=ENV, timeout=900)
+    assert result.returncode == 0, result.stdout + result.stderr
+    runs = json.loads(output.read_text())["runs"]
+    assert set(runs) == {"dense", "tucker2 0.5", "spatial 0.3"}
+    assert all(run["images_per_s"] > 0 and len(run["windows"]) == 3 for run in runs.values())
+    assert runs["tucker2 0.5"]["flops"] < runs["dense"]["flops"] and output.with_suffix(".png").is_file()
+    assert "ResNet-50 training throughput (CPU, float32" in result.stdout
