@@ -32,6 +32,7 @@ Prints a table, saves JSON (``benchmarks/results/launch_overhead.json``) and a b
 
 import argparse
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -85,6 +86,8 @@ def main(args):
 
     times = {mode: [] for mode in MODES}
     for repeat in range(repeats):
+        # A cold run must find no decomposition to reuse: an earlier run of this script leaves one.
+        shutil.rmtree(out / f"cold_{repeat}", ignore_errors=True)
         runs = {
             "baseline": ("mnist_baseline.py", []),
             "offline": ("mnist_offline.py", artifacts(out / "offline")),
