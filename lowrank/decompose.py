@@ -129,9 +129,12 @@ def _plan(model, policy: RankPolicy, conv_method: str, with_weights: bool, what:
     candidates, skipped = _scan(model)
     for name, reason in skipped.items():
         logger.info("Skip: %r: %s", name, reason)
-    inputs = latency.capture_inputs(model, policy.example_input, candidates) if policy.measures_latency else {}
+    inputs = _capture_latency_inputs(model, policy, candidates) if policy.measures_latency else {}
     replacements, measurements = [], {}
-    with logging_redirect_tqdm(loggers=[logger]):
+    # Timing builds default-initialised replacements and draws random inputs, as many as the timings
+    # decide: the caller's random state is left as it was.
+    cuda = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
+    with logging_redirect_tqdm(loggers=[logger]), torch.random.fork_rng(devices=cuda, enabled=policy.measures_latency):
         for name, layer in tqdm(candidates.items(), desc=what, unit="layer", disable=None, leave=False):
             logger.info("Processing: %r", name)
             reason, replacement = _plan_layer(
@@ -145,6 +148,18 @@ def _plan(model, policy: RankPolicy, conv_method: str, with_weights: bool, what:
     return replacements, skipped, measurements
 
 
+def _capture_latency_inputs(model, policy: RankPolicy, candidates: dict) -> dict:
+    """The latency rule's inputs per layer (``latency.capture_inputs``), once the model can run."""
+    for name, layer in candidates.items():
+        rule, _ = policy.rule_for(name)
+        if rule is not None and rule.kind == "latency" and layer.weight.is_meta:
+            raise ValueError(
+                f"latency: {name!r} has its weights on the meta device, where nothing can run or be timed "
+                "(load the weights first)"
+            )
+    return latency.capture_inputs(model, policy.example_input, candidates)
+
+
 def _plan_layer(name, layer, policy, conv_method, with_weights, inputs, measurements):
     rule, reason = policy.rule_for(name)
     if rule is None:
@@ -156,8 +171,6 @@ def _plan_layer(name, layer, policy, conv_method, with_weights, inputs, measurem
     if with_weights and layer.weight.is_meta:
         return "its weights are on the meta device (load them first, or decompose the structure only)", None
     if rule.kind == "latency":
-        if layer.weight.is_meta:
-            return "its weights are on the meta device, where nothing can be timed (load them first)", None
         if not inputs:
             return "not called when the model runs on example_input, so its latency cannot be measured", None
         reason = output_shape_changes(layer, method.specs(layer, method.full_ranks(layer)))
@@ -388,20 +401,21 @@ class Decompose:
         ``{"layer1\\\\..*conv2": 0.5, "fc": {"rank": 64}, "layer4.*": None}``."""
         return self._set(layers=layers, **options)
 
-    def from_file(self) -> "Decompose":
-        """The policy (and optionally ``method``) from ``config_file``."""
+    def from_file(self, **options) -> "Decompose":
+        """The policy (and optionally ``method``) from ``config_file``; ``options`` adds what a JSON file
+        cannot hold, such as ``example_input`` for latency rules."""
         if self.config_file is None:
             raise ValueError("from_file() needs Decompose(model, config_file=...)")
-        options = load_json(self.config_file)
-        if not isinstance(options, dict):
+        document = load_json(self.config_file)
+        if not isinstance(document, dict):
             raise ValueError(
-                f"{self.config_file}: expected a JSON object of policy options, got {type(options).__name__}"
+                f"{self.config_file}: expected a JSON object of policy options, got {type(document).__name__}"
             )
-        options = dict(options)
-        if "method" in options:
-            self.method = _check_method(options.pop("method"))
+        document = dict(document)
+        if "method" in document:
+            self.method = _check_method(document.pop("method"))
         try:
-            return self._set(**options)
+            return self._set(**document, **options)
         except ValueError as error:
             raise ValueError(f"{self.config_file}: {error}") from None
 
@@ -413,6 +427,12 @@ class Decompose:
             raise ValueError(
                 "choose a policy first: from_ratio, from_fixed, from_energy, from_vbmf, from_latency, from_dict or "
                 "from_file"
+            )
+        if not do_decompose_weight and self.policy.measures_latency:
+            raise ValueError(
+                "a latency rule picks ranks from timings, which differ between processes: build the structure "
+                "of the other processes from the deciding one's info file (auto_decomposition with "
+                "decompose_info_path, then lowrank.decompose_network), not with do_decompose_weight=False"
             )
         model = copy.deepcopy(self.model)
         _decompose(model, self.policy, self.method, do_decompose_weight, None, "decompose_network")

@@ -17,7 +17,8 @@ Version 2 adds what the latency rule measured, for the layers it timed (replaced
 (every timing in order, ``"ranks": null`` for the dense layer; the two ``*_seconds`` are the last
 timings of the dense layer and of the chosen ranks, the pair that decided),
 and ``policy["measured_on"]`` (device, threads, torch version, example input shapes). Replaying
-never reads these, so version 1 files, which lack them, are read as before.
+never reads these, so version 1 files, which lack them, are read as before; a file without timings
+is still written as version 1, which earlier lowrank releases replay.
 
 ``read_info`` also reads AMCT's files: a JSON list of ``{"ori_layer_info": {"layer_name": ...},
 "mode": "SCFK", "decom_nodes": {"first": {"weight_shape": [...]}, "last": {...}}}`` records, AMCT's
@@ -102,7 +103,7 @@ def write_info(
 
     document = {
         "format": FORMAT,
-        "version": VERSION,
+        "version": VERSION if measurements else 1,  # version 1 readers can replay files without timings
         "lowrank_version": __version__,
         "policy": policy,
         "layers": [{**r.to_json(model.get_submodule(r.name)), **measured(r.name)} for r in replacements],

@@ -37,8 +37,11 @@ class InputSpec:
 
     def sample(self) -> torch.Tensor:
         """A standard normal tensor of this shape, strides, dtype and device (values do not change timings,
-        but zeros or NaNs could take a different path)."""
-        return torch.empty_strided(self.shape, self.stride, dtype=self.dtype, device=self.device).normal_()
+        but zeros or NaNs could take a different path). A broadcast input (stride 0, from ``expand``) is
+        drawn once along that axis and expanded again: its elements share memory."""
+        stored = tuple(1 if stride == 0 else size for size, stride in zip(self.shape, self.stride))
+        tensor = torch.empty_strided(stored, self.stride, dtype=self.dtype, device=self.device).normal_()
+        return tensor.expand(self.shape)
 
 
 def _record(calls: list[InputSpec], module: nn.Module, args: tuple) -> None:
@@ -48,9 +51,10 @@ def _record(calls: list[InputSpec], module: nn.Module, args: tuple) -> None:
 
 def capture_inputs(model: nn.Module, example_input, layers: dict[str, nn.Module]) -> dict[str, list[InputSpec]]:
     """The input of every call of each of ``layers`` during one forward pass of ``model`` on
-    ``example_input`` (a tensor, or a tuple of positional arguments), in eval mode under
-    ``inference_mode`` so that nothing is learnt (batch-norm statistics stay as they are). The
-    modules' training flags and hooks are restored afterwards."""
+    ``example_input`` (a tensor, or a tuple of positional arguments), in eval mode under ``no_grad`` so
+    that nothing is learnt (batch-norm statistics stay as they are). Not ``inference_mode``: what the
+    forward pass leaves on the model (a lazy layer's weights, a cache) must stay usable for training.
+    The modules' training flags and hooks are restored afterwards."""
     args = example_input if isinstance(example_input, tuple) else (example_input,)
     calls = {name: [] for name in layers}
     handles = [
@@ -59,7 +63,7 @@ def capture_inputs(model: nn.Module, example_input, layers: dict[str, nn.Module]
     modes = {module: module.training for module in model.modules()}
     try:
         model.eval()
-        with torch.inference_mode():
+        with torch.no_grad():
             model(*args)
     except (RuntimeError, TypeError, ValueError) as error:
         raise ValueError(f"example_input: the model does not run on it: {type(error).__name__}: {error}") from None
