@@ -12,10 +12,13 @@ synchronized), and
 import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
-from torch.utils import benchmark
+
+if TYPE_CHECKING:
+    from torch.utils import benchmark
 
 # Seconds of timed runs per measurement: several blocks on a layer of a few milliseconds, and still
 # a ResNet-50 (53 layers, about 10 timings each) measured in about a minute.
@@ -75,10 +78,14 @@ def capture_inputs(model: nn.Module, example_input, layers: dict[str, nn.Module]
     return calls
 
 
-def measure(fn: Callable[[], object], min_run_time: float = MIN_RUN_TIME) -> benchmark.Measurement:
+def measure(fn: Callable[[], object], min_run_time: float = MIN_RUN_TIME) -> "benchmark.Measurement":
     """``torch.utils.benchmark``'s ``blocked_autorange`` of ``fn()`` after a warm-up call (first-call
     allocations, oneDNN and cuDNN plan selection), under ``inference_mode``, on torch's current
     number of threads (``Timer`` would use 1 thread otherwise)."""
+    # Imported here: torch.utils.benchmark pulls in torch.utils.cpp_extension (slow, and it warns about
+    # CUDA_HOME on machines without CUDA) into every program that imports lowrank.
+    from torch.utils import benchmark
+
     with torch.inference_mode():
         fn()
         timer = benchmark.Timer("fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
