@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from .stats import evaluating, positional_args
+
 if TYPE_CHECKING:
     from torch.utils import benchmark
 
@@ -58,23 +60,18 @@ def capture_inputs(model: nn.Module, example_input, layers: dict[str, nn.Module]
     that nothing is learnt (batch-norm statistics stay as they are). Not ``inference_mode``: what the
     forward pass leaves on the model (a lazy layer's weights, a cache) must stay usable for training.
     The modules' training flags and hooks are restored afterwards."""
-    args = example_input if isinstance(example_input, tuple) else (example_input,)
     calls = {name: [] for name in layers}
     handles = [
         layer.register_forward_pre_hook(functools.partial(_record, calls[name])) for name, layer in layers.items()
     ]
-    modes = {module: module.training for module in model.modules()}
     try:
-        model.eval()
-        with torch.no_grad():
-            model(*args)
+        with evaluating(model), torch.no_grad():
+            model(*positional_args(example_input))
     except (RuntimeError, TypeError, ValueError) as error:
         raise ValueError(f"example_input: the model does not run on it: {type(error).__name__}: {error}") from None
     finally:
         for handle in handles:
             handle.remove()
-        for module, training in modes.items():
-            module.training = training  # not .train(), which would also set the children
     return calls
 
 
@@ -127,8 +124,7 @@ def largest_within(candidates: Sequence, seconds_of: Callable[[object], float], 
 
 def context(example_input) -> dict:
     """Where the timings were taken, for the info file."""
-    args = example_input if isinstance(example_input, tuple) else (example_input,)
-    tensors = [arg for arg in args if isinstance(arg, torch.Tensor)]
+    tensors = [arg for arg in positional_args(example_input) if isinstance(arg, torch.Tensor)]
     return {
         "device": str(tensors[0].device) if tensors else "cpu",
         "torch_threads": torch.get_num_threads(),

@@ -1,4 +1,7 @@
-"""Model size and cost, as msModelSlim's ``count_parameters`` and a multiply-add counter."""
+"""Model size and cost, as msModelSlim's ``count_parameters`` and a multiply-add counter, and how
+lowrank runs a model once on an example input (here and in ``lowrank.latency``)."""
+
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -11,19 +14,30 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if not isinstance(p, nn.parameter.UninitializedParameter))
 
 
+def positional_args(example_input) -> tuple:
+    """``example_input`` as the model's positional arguments: a tuple as it is, anything else alone."""
+    return example_input if isinstance(example_input, tuple) else (example_input,)
+
+
+@contextmanager
+def evaluating(model: nn.Module):
+    """``model`` in eval mode inside the block; afterwards every module gets its own training flag back
+    (not ``.train()``, which would also set the children)."""
+    modes = {module: module.training for module in model.modules()}
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, training in modes.items():
+            module.training = training
+
+
 @torch.no_grad()
 def count_flops(model: nn.Module, example_input) -> int:
     """Multiply-adds of one forward pass on ``example_input`` (a tensor, or a tuple of positional
     arguments), counted by PyTorch's FLOP counter: convolutions, matrix products and attention. The
     model runs in eval mode (batch norm accepts a batch of one, running statistics stay untouched)
     and gets its mode back."""
-    args = example_input if isinstance(example_input, tuple) else (example_input,)
-    modes = {module: module.training for module in model.modules()}
-    model.eval()
-    try:
-        with FlopCounterMode(display=False) as counter:
-            model(*args)
-    finally:
-        for module, training in modes.items():
-            module.training = training
+    with evaluating(model), FlopCounterMode(display=False) as counter:
+        model(*positional_args(example_input))
     return counter.get_total_flops() // 2
