@@ -31,12 +31,27 @@ GRAM_FLOAT32_RESOLUTION = 1e-2
 # ... and runs in float64 when its float32 relative error is below this: the residual of a nearly
 # low-rank kernel is then within a few orders of float32's rounding of the kernel itself.
 FLOAT32_MIN_ERROR = 1e-2
+# Gram matrices are computed as this many row blocks of their lower triangle, the only part `eigh` and
+# `eigvalsh` read: 10 of the 16 block products, about 1.5x faster than the full product (the BLAS
+# that PyTorch ships has no syrk behind ``matmul``).
+GRAM_BLOCKS = 4
+
+
+def _gram(matrix: torch.Tensor) -> torch.Tensor:
+    """The lower triangle of M Mᵀ (zeros above the diagonal), for ``torch.linalg.eigh``/``eigvalsh``,
+    which read the lower triangle alone. Pass ``M.T`` for Mᵀ M."""
+    size = matrix.shape[0]
+    gram = matrix.new_zeros(size, size)
+    step = -(-size // GRAM_BLOCKS)
+    for start in range(0, size, step):
+        stop = min(start + step, size)
+        torch.mm(matrix[start:stop], matrix[:stop].T, out=gram[start:stop, :stop])
+    return gram
 
 
 def _gram_eigenvectors(matrix: torch.Tensor, rank: int) -> torch.Tensor:
     """Leading ``rank`` left singular vectors of ``matrix`` through the eigenvectors of M Mᵀ."""
-    gram = matrix @ matrix.T
-    _, vectors = torch.linalg.eigh(gram)
+    _, vectors = torch.linalg.eigh(_gram(matrix))
     return vectors[:, -rank:].flip(1)
 
 
@@ -54,7 +69,7 @@ def _filtered_basis(matrix: torch.Tensor, width: int) -> tuple[torch.Tensor, tor
     sketch = torch.randn(matrix.shape[1], width, generator=generator, device=matrix.device, dtype=matrix.dtype)
     basis = torch.linalg.qr(matrix @ sketch).Q
     transposed = matrix.T @ basis
-    ritz = torch.linalg.eigvalsh(transposed.T @ transposed)
+    ritz = torch.linalg.eigvalsh(_gram(transposed.T))
     cut = ritz[round((1 - FILTER_CUT_FRACTION) * width)].clamp_min(ritz[-1] * 1e-6).item()
     for k in range(FILTER_DEGREE):
         shift = cut * (1 + math.cos((2 * k + 1) * math.pi / (2 * FILTER_DEGREE))) / 2
@@ -149,10 +164,10 @@ def _top_eigenvectors(matrix: torch.Tensor, rank: int, rows: bool) -> tuple[torc
     float64 from the same float32 entries, which is as accurate as a float32 SVD.
     """
     dtype = matrix.dtype
-    values, vectors = torch.linalg.eigh(matrix @ matrix.T if rows else matrix.T @ matrix)
+    values, vectors = torch.linalg.eigh(_gram(matrix if rows else matrix.T))
     if dtype == torch.float32 and values[-rank] < GRAM_FLOAT32_RESOLUTION * values[-1]:
         matrix = matrix.double()
-        values, vectors = torch.linalg.eigh(matrix @ matrix.T if rows else matrix.T @ matrix)
+        values, vectors = torch.linalg.eigh(_gram(matrix if rows else matrix.T))
     return vectors[:, -rank:].to(dtype), values[-rank:].double().sum().item()
 
 
@@ -226,7 +241,7 @@ def singular_values(matrix: torch.Tensor) -> torch.Tensor:
     matrix = matrix.double()
     if matrix.shape[0] > matrix.shape[1]:
         matrix = matrix.T
-    eigenvalues = torch.linalg.eigvalsh(matrix @ matrix.T)
+    eigenvalues = torch.linalg.eigvalsh(_gram(matrix))
     return eigenvalues.flip(0).clamp_min(0).sqrt()
 
 
