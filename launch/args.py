@@ -2,6 +2,7 @@
 runner's outputs), and their check before any work."""
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
@@ -39,7 +40,7 @@ def add_decomposition_args(parser: argparse.ArgumentParser, run_mode=None, metho
     add_policy_args(group, method, ratio)
     group.add_argument(
         "--barrier-timeout",
-        type=float,
+        type=positive_float,
         default=3600,
         help="seconds the other ranks wait for rank 0's decomposition (default: 3600)",
     )
@@ -71,15 +72,28 @@ def add_policy_args(parser, method="spatial", ratio=DEFAULT_RATIO):
     rule.add_argument("--vbmf", action="store_true", help="instead of --ratio: ranks estimated by EVBMF (default: off)")
 
 
-def fraction(text: str) -> float:
-    """An argparse type: a number in (0, 1]."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = None
-    if value is None or not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"must be a number in (0, 1], got {text!r}")
-    return value
+def _number(convert, accepts, requirement: str):
+    """An argparse type: ``convert(text)`` when ``accepts`` it, else an error saying ``requirement``."""
+
+    def parse(text: str):
+        try:
+            value = convert(text)
+        except ValueError:
+            value = None
+        if value is None or not accepts(value):
+            raise argparse.ArgumentTypeError(f"must be {requirement}, got {text!r}")
+        return value
+
+    return parse
+
+
+# Comparisons are false for NaN, so none of these accepts it.
+fraction = _number(float, lambda value: 0 < value <= 1, "a number in (0, 1]")
+positive_int = _number(int, lambda value: value >= 1, "an integer >= 1")
+non_negative_int = _number(int, lambda value: value >= 0, "an integer >= 0")
+positive_float = _number(float, lambda value: 0 < value < math.inf, "a positive number")
+non_negative_float = _number(float, lambda value: 0 <= value < math.inf, "a number >= 0")
+probability = _number(float, lambda value: 0 <= value < 1, "a number in [0, 1)")
 
 
 def policy_of(args) -> dict:
@@ -99,7 +113,7 @@ def add_output_args(parser: argparse.ArgumentParser, output_dir: str):
     )
     group.add_argument(
         "--checkpoint-steps",
-        type=int,
+        type=non_negative_int,
         default=0,
         help="steps between checkpoints, 0: only at the end and on preemption (default: 0)",
     )

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from filelock import FileLock
+from filelock import FileLock, Timeout
 from torch import nn
 
 import lowrank
@@ -157,7 +157,14 @@ def _decompose_on_rank_zero(model, artifacts, load_pretrained, pretrained_path, 
     # The lock is held until every rank has loaded the artifacts and compared weights (the final
     # collective starts only once they have loaded, so it is short): no other job can overwrite the
     # files while this one's ranks read them.
-    with FileLock(artifacts.lock_path, timeout=timeout):
+    try:
+        held = FileLock(artifacts.lock_path).acquire(timeout=timeout)
+    except Timeout:
+        raise BarrierError(
+            f"rank 0: another job has held {artifacts.lock_path} for {timeout:.0f} s: it decomposes into the same "
+            "artifact paths; give this job its own (--output-dir or the artifact path flags)"
+        ) from None
+    with held:
         try:
             wanted = fingerprint(pretrained_path, model, policy)
             previous = artifacts.read_marker()
@@ -200,7 +207,8 @@ def _wait_for_marker(artifacts, token, timeout) -> dict:
         if time.monotonic() > deadline:
             raise BarrierError(
                 f"rank {global_rank()}: rank 0 did not finish the decomposition within {timeout:.0f} s "
-                f"(no marker for this run at {artifacts.marker_path}). If the job spans several nodes, the "
+                f"(no marker for this run at {artifacts.marker_path}): rank 0 may have died, or be waiting for "
+                "another job that uses the same artifact paths. If the job spans several nodes, the "
                 "artifact folder must be on a filesystem they all share; a larger model may need a longer "
                 "timeout."
             )

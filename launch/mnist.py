@@ -7,9 +7,11 @@ and their content is checked against the known checksums. With neither a local c
 loading fails within a minute with an error that says what to do.
 """
 
+import errno
 import gzip
 import os
 import socket
+import zlib
 from pathlib import Path
 
 import torch
@@ -25,6 +27,13 @@ MNIST_FILES = {
     "train-labels-idx1-ubyte": "a25bea736e30d166cdddb491f175f624",
     "t10k-images-idx3-ubyte": "2646ac647ad5339dbf082846283269ea",
     "t10k-labels-idx1-ubyte": "27ae3e4e09519cfbb04c329615203637",
+}
+# Their sizes: a truncated copy is found before torchvision reads it.
+MNIST_SIZES = {
+    "train-images-idx3-ubyte": 47040016,
+    "train-labels-idx1-ubyte": 60008,
+    "t10k-images-idx3-ubyte": 7840016,
+    "t10k-labels-idx1-ubyte": 10008,
 }
 DOWNLOAD_TIMEOUT = 20  # seconds per connection attempt: no network must fail fast, not hang
 
@@ -50,35 +59,54 @@ class Net(nn.Module):
         return F.log_softmax(self.fc(torch.flatten(x, 1)), dim=1)
 
 
-def _unpack(gz_path: Path, target: Path) -> None:
+def _complete(path: Path) -> bool:
+    return path.is_file() and path.stat().st_size == MNIST_SIZES[path.name.removesuffix(".gz")]
+
+
+def _unpack(source: Path, target: Path) -> None:
+    """Writes the MNIST file ``target`` from ``source``, gzipped (``.gz``) or plain, checking its content."""
+    opener = gzip.open if source.suffix == ".gz" else open
+
     def write(file):
-        with gzip.open(gz_path, "rb") as source:
-            while block := source.read(1 << 20):
+        with opener(source, "rb") as data:
+            while block := data.read(1 << 20):
                 file.write(block)
 
-    atomic_write(target, write)
+    try:
+        atomic_write(target, write)
+    except (EOFError, gzip.BadGzipFile, zlib.error) as error:
+        raise RuntimeError(f"{source} is corrupt: {error}") from None
     if file_digest(target, "md5") != MNIST_FILES[target.name]:
         target.unlink()
-        raise RuntimeError(f"{gz_path} is corrupt: its content does not match the MNIST file {target.name}")
+        raise RuntimeError(f"{source} is corrupt: its content does not match the MNIST file {target.name}")
 
 
 def local_root(data_path) -> Path | None:
     """A root folder from which torchvision reads MNIST without downloading, made from a local copy
     under ``data_path`` (unpacking gzipped files where needed), or None when there is no local copy."""
     raw = Path(data_path) / "MNIST" / "raw"
-    if all((raw / name).is_file() for name in MNIST_FILES):
+    if all(_complete(raw / name) for name in MNIST_FILES):
         return Path(data_path)
-    if not all((raw / name).is_file() or (raw / f"{name}.gz").is_file() for name in MNIST_FILES):
+    sources = {name: raw / name if _complete(raw / name) else raw / f"{name}.gz" for name in MNIST_FILES}
+    for name, source in sources.items():
+        if not source.is_file() and (raw / name).is_file():
+            size = (raw / name).stat().st_size
+            raise RuntimeError(
+                f"{raw / name} is incomplete ({size} bytes, the MNIST file has {MNIST_SIZES[name]}) and there is "
+                f"no {source.name} to unpack: copy it again"
+            )
+    if not all(source.is_file() for source in sources.values()):
         return None
     for root in (Path(data_path), Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "lowrank" / "mnist"):
         target = root / "MNIST" / "raw"
         try:
-            for name in MNIST_FILES:
-                if not (target / name).is_file():
-                    _unpack(raw / f"{name}.gz", target / name)
+            for name, source in sources.items():
+                if not _complete(target / name):
+                    _unpack(source, target / name)
             return root
-        except PermissionError:
-            continue  # read-only data folder: unpack into the cache instead
+        except OSError as error:  # a read-only data folder (permissions or mount): unpack into the cache instead
+            if not isinstance(error, PermissionError) and error.errno != errno.EROFS:
+                raise
     raise RuntimeError(f"cannot unpack the MNIST files of {raw}: neither it nor the cache folder is writable")
 
 

@@ -20,6 +20,8 @@ Accelerate's ``process_index`` is 0 on every rank).
 
 import json
 import os
+import re
+import shutil
 import signal
 import sys
 import time
@@ -81,6 +83,7 @@ def create_accelerator(*, use_gpu: bool, output_dir, **kwargs) -> Accelerator:
             state.num_processes, state.process_index = dist.get_world_size(), dist.get_rank()
     if use_gpu and not gpu:
         log("--use-gpu: torch sees no GPU on this machine, running on the CPU")
+    preemption.install()
     return accelerator
 
 
@@ -130,11 +133,16 @@ class Progress:
 
 
 class Preemption:
-    """Remembers SIGTERM/SIGUSR1; ``requested`` makes every rank agree, so they all checkpoint together."""
+    """Remembers SIGTERM/SIGUSR1 from ``install`` on (``create_accelerator``), so that a signal during
+    the setup (data, decomposition) is acted on at the first step too; ``requested`` makes every rank
+    agree, so they all checkpoint together."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
     def __init__(self):
+        self.received = None
+
+    def install(self):
         self.received = None
         for signum in self.SIGNALS:
             signal.signal(signum, self._handle)
@@ -147,19 +155,104 @@ class Preemption:
         return bool(accelerator.reduce(flag, reduction="sum").item() > 0)
 
 
+preemption = Preemption()
+
+# The settings a checkpoint must share with the run that resumes it: they decide the model's
+# structure and which batches come next (the others, such as --steps, may change on a resume).
+RESUME_SETTINGS = {
+    "tensor_decompose": "--tensor-decompose",
+    "run_mode": "--run-mode",
+    "method": "--method",
+    "ratio": "--ratio",
+    "energy": "--energy",
+    "vbmf": "--vbmf",
+    "train_batch_size": "--train-batch-size",
+    "gradient_accumulation_steps": "--gradient-accumulation-steps",
+    "seed": "--seed",
+    "world_size": "the number of processes",
+}
+_CHECKPOINT = re.compile(r"step_(\d+)")
+
+
 def latest_checkpoint(output_dir) -> Path | None:
-    checkpoints = sorted(Path(output_dir, "checkpoints").glob("step_*"), key=lambda path: int(path.name.split("_")[1]))
-    return checkpoints[-1] if checkpoints else None
+    """The complete checkpoint (``checkpoints/step_<N>`` with the ``run.json`` written last) of the
+    highest step, or None."""
+    complete = [
+        path
+        for path in Path(output_dir, "checkpoints").glob("step_*")
+        if _CHECKPOINT.fullmatch(path.name) and (path / "run.json").is_file()
+    ]
+    return max(complete, key=lambda path: int(_CHECKPOINT.fullmatch(path.name)[1]), default=None)
+
+
+def checkpoint_to_resume(args, world_size: int) -> Path | None:
+    """The checkpoint ``--resume`` continues from, checked before any work: it must have been saved
+    with the same RESUME_SETTINGS. A training run without ``--resume`` starts afresh: rank 0 moves an
+    earlier run's checkpoints to ``checkpoints.previous`` (replacing older ones there), so that a
+    later ``--resume`` cannot mix them up with this run's."""
+    checkpoint = latest_checkpoint(args.output_dir)
+    if not args.resume:
+        folder = Path(args.output_dir, "checkpoints")
+        if checkpoint is not None and not getattr(args, "test_only", False) and global_rank() == 0:
+            previous = folder.with_name("checkpoints.previous")
+            shutil.rmtree(previous, ignore_errors=True)
+            os.replace(folder, previous)
+            log(f"[Checkpoint] starting afresh (no --resume): the earlier run's checkpoints moved to {previous}")
+        return None
+    if checkpoint is None:
+        return None
+    saved = json.loads((checkpoint / "run.json").read_text())
+    current = {**vars(args), "world_size": world_size}
+    changed = [
+        f"{flag} {saved[key]} (now {current[key]})"
+        for key, flag in RESUME_SETTINGS.items()
+        if key in saved and key in current and saved[key] != current[key]
+    ]
+    if changed:
+        sys.exit(
+            f"error: --resume: {checkpoint} was saved with other settings: {', '.join(changed)}. Resume with "
+            "the same settings, or start afresh (without --resume)"
+        )
+    return checkpoint
+
+
+def load_checkpoint(accelerator, checkpoint: Path, progress) -> None:
+    accelerator.load_state(checkpoint)
+    log(f"[Resume] from {checkpoint} at step {progress.step}")
 
 
 def save_checkpoint(accelerator, output_dir, progress, args) -> Path:
-    """Accelerate's state (model, optimizer, RNG, step) in ``checkpoints/step_<N>``, plus the run's arguments."""
-    path = Path(output_dir, "checkpoints", f"step_{progress.step}")
-    accelerator.save_state(path)
+    """Accelerate's state (model, optimizer, RNG, step) in ``checkpoints/step_<N>``, with the run's
+    arguments and number of processes in ``run.json``. Written into a hidden folder renamed once
+    complete: a process killed midway leaves the earlier checkpoints, and one of the same step, intact."""
+    folder = Path(output_dir, "checkpoints")
+    path = folder / f"step_{progress.step}"
+    partial, replaced = folder / f".{path.name}.partial", folder / f".{path.name}.replaced"
     if global_rank() == 0:
-        (path / "args.json").write_text(json.dumps(vars(args), indent=2, default=str))
+        for leftover in (partial, replaced):  # from a process killed while saving
+            shutil.rmtree(leftover, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(partial)  # under DeepSpeed every rank writes its shards
+    accelerator.wait_for_everyone()
+    if global_rank() == 0:
+        run = {**vars(args), "world_size": accelerator.num_processes}
+        atomic_write(partial / "run.json", lambda file: json.dump(run, file, indent=2, default=str), binary=False)
+        if path.exists():
+            os.replace(path, replaced)
+        os.replace(partial, path)
+        shutil.rmtree(replaced, ignore_errors=True)
     accelerator.wait_for_everyone()
     return path
+
+
+def check_train_batches(samples: int, batch_size: int, processes: int) -> None:
+    """Exits with an error when the training set holds no full batch for every process (the loaders
+    drop the last, partial one)."""
+    if samples < batch_size * processes:
+        sys.exit(
+            f"error: --train-batch-size {batch_size} x {processes} process(es) needs at least "
+            f"{batch_size * processes} training samples; the training set has {samples}"
+        )
 
 
 def batches(accelerator, loader, start_batch):
@@ -194,7 +287,16 @@ def train(
     ``gradient_accumulation_steps`` batches each). ``eval_fn()`` runs every ``eval_steps`` steps before
     the last; ``throughput_unit`` (e.g. "images/s") adds the throughput to the log line. Returns
     normally, or exits with PREEMPTED_EXIT_CODE after saving a checkpoint when the job is preempted."""
-    preemption = Preemption()
+
+    def exit_if_preempted():
+        if preemption.requested(accelerator):
+            path = save_checkpoint(accelerator, output_dir, progress, args)
+            cause = preemption.received or "signal on another rank"
+            log(f"[Preempted] {cause}: checkpoint saved to {path}, exiting with {PREEMPTED_EXIT_CODE}")
+            accelerator.end_training()
+            sys.exit(PREEMPTED_EXIT_CODE)
+
+    exit_if_preempted()  # a signal received during the setup
     model.train()
     samples, started = 0, time.perf_counter()
     bar = tqdm(total=steps, initial=progress.step, unit="step", disable=global_rank() != 0 or not sys.stdout.isatty())
@@ -228,13 +330,7 @@ def train(
             samples, started = 0, time.perf_counter()
         if progress.step >= steps:
             break
-        # Between optimizer steps only, so that a checkpoint never holds half-accumulated gradients.
-        if preemption.requested(accelerator):
-            path = save_checkpoint(accelerator, output_dir, progress, args)
-            cause = preemption.received or "signal on another rank"
-            log(f"[Preempted] {cause}: checkpoint saved to {path}, exiting with {PREEMPTED_EXIT_CODE}")
-            accelerator.end_training()
-            sys.exit(PREEMPTED_EXIT_CODE)
+        exit_if_preempted()  # between optimizer steps only: a checkpoint never holds half-accumulated gradients
         if checkpoint_steps and progress.step % checkpoint_steps == 0:
             save_checkpoint(accelerator, output_dir, progress, args)
         if eval_fn and eval_steps and progress.step % eval_steps == 0:

@@ -19,7 +19,7 @@ def _latency_cells(record) -> tuple[str, str, str]:
     dense, decomposed = record.get("dense_seconds"), record.get("decomposed_seconds")
     if dense is None or decomposed is None:
         return "-", "-", "-"
-    return f"{1e3 * dense:.3f}", f"{1e3 * decomposed:.3f}", f"{decomposed / dense:.2f}"
+    return f"{1e3 * dense:.3f}", f"{1e3 * decomposed:.3f}", f"{decomposed / dense:.2f}" if dense else "-"
 
 
 def inspect_table(path) -> str:
@@ -30,6 +30,9 @@ def inspect_table(path) -> str:
         raise DecomposeInfoError(
             f"{path}: an AMCT info file records no costs; replay it with decompose_network, then save a lowrank one"
         )
+    for index, layer in enumerate(document["layers"]):
+        if not isinstance(layer, dict):
+            raise DecomposeInfoError(f"{path}: layers[{index}] must be an object, got {layer!r}")
     timed = any("latency" in layer for layer in document["layers"])
     header = ("layer", "method", "ranks", "params", "decomposed", "ratio", "MACs/pos", "decomposed", "ratio")
     if timed:
@@ -55,14 +58,17 @@ def inspect_table(path) -> str:
     ]
     lines.insert(1, "-" * len(lines[0]))
     lines.insert(len(lines) - 1, "-" * len(lines[0]))
-    measured_on = document.get("policy", {}).get("measured_on")
-    if measured_on:
+    policy = document.get("policy")
+    measured_on = policy.get("measured_on") if isinstance(policy, dict) else None
+    if isinstance(measured_on, dict):
         lines.append(
             f"times measured on {measured_on.get('device')} with {measured_on.get('torch_threads')} threads, "
             f"inputs {measured_on.get('example_input_shapes')}, torch {measured_on.get('torch')}"
         )
-    for skipped in document.get("skipped", []):
-        lines.append(f"skipped {skipped.get('name')!r}: {skipped.get('reason')}")
+    skipped = document.get("skipped")
+    for record in skipped if isinstance(skipped, list) else []:
+        is_record = isinstance(record, dict)
+        lines.append(f"skipped {record.get('name')!r}: {record.get('reason')}" if is_record else f"skipped {record!r}")
     return "\n".join(lines)
 
 

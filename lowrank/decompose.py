@@ -8,11 +8,13 @@ or a half-written file.
 
 import ast
 import copy
+import dis
 import functools
 import inspect
 import os
 import textwrap
 import time
+import types
 from collections import defaultdict
 
 import torch
@@ -31,25 +33,72 @@ from .stats import count_parameters
 
 CONV_METHODS = ("spatial", "tucker2", "svd")
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# A module's own hooks, which its replacement would not carry.
+HOOKS = (
+    "_forward_hooks",
+    "_forward_pre_hooks",
+    "_backward_hooks",
+    "_backward_pre_hooks",
+    "_state_dict_hooks",
+    "_state_dict_pre_hooks",
+    "_load_state_dict_pre_hooks",
+    "_load_state_dict_post_hooks",
+)
 
 
-def _self_path(node: ast.AST) -> str | None:
-    """``"a.b"`` for the expression ``self.a.b``, else None."""
-    parts = []
-    while isinstance(node, ast.Attribute):
-        parts.append(node.attr)
-        node = node.value
-    if isinstance(node, ast.Name) and node.id == "self" and parts:
-        return ".".join(reversed(parts))
-    return None
+def _read_path(node: ast.AST, local_names_too: bool) -> str | None:
+    """The submodule, relative to ``self``, whose weight ``node.weight`` reads: ``"a.b"`` for
+    ``self.a.b`` (or ``getattr(self, "a").b``), ``"a.*"`` for any under ``self.a`` (``self.a[i]``,
+    ``self.a[i].b``). ``"*"`` (any submodule) for what cannot be told statically, such as a local
+    variable or a loop over submodules, when ``local_names_too``; else None, as for ``self`` itself."""
+    parts, anywhere_below = [], False
+    while True:
+        if isinstance(node, ast.Attribute):
+            parts.append(node.attr)
+            node = node.value
+        elif isinstance(node, ast.Subscript):
+            parts, anywhere_below = [], True
+            node = node.value
+        elif (
+            isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Name)
+            and node.func.id == "getattr"
+            and len(node.args) >= 2
+            and isinstance(node.args[1], ast.Constant)
+            and isinstance(node.args[1].value, str)
+        ):
+            parts.append(node.args[1].value)
+            node = node.args[0]
+        else:
+            break
+    if isinstance(node, ast.Name) and node.id == "self":
+        path = ".".join(reversed(parts))
+        if anywhere_below:
+            return f"{path}.*" if path else "*"
+        return path or None
+    return "*" if local_names_too else None
+
+
+def _forward_reads_weights_without_source(klass: type) -> bool:
+    """Whether ``klass.forward``'s bytecode (nested functions included) reads any ``weight``/``bias``."""
+    code = getattr(klass.__dict__.get("forward"), "__code__", None)
+    stack = [code] if code else []
+    while stack:
+        code = stack.pop()
+        if any(i.opname.startswith("LOAD_ATTR") and i.argval in ("weight", "bias") for i in dis.get_instructions(code)):
+            return True
+        stack.extend(const for const in code.co_consts if isinstance(const, types.CodeType))
+    return False
 
 
 @functools.cache
 def _paths_with_direct_weight_use(cls: type) -> frozenset[str]:
-    """Submodule paths whose ``weight`` or ``bias`` a method of ``cls`` (other than ``__init__``) reads
-    directly, e.g. ``{"out_proj"}`` for ``nn.MultiheadAttention``, which passes ``self.out_proj.weight``
-    to a functional instead of calling ``self.out_proj``. Replacing such a submodule would break its
-    owner, so it is left alone. Classes whose source is unavailable are assumed not to."""
+    """Submodule paths (``"a.b"``, ``"a.*"`` for any below ``a``, ``"*"`` for any) whose ``weight`` or
+    ``bias`` a method of ``cls`` (other than ``__init__``) reads directly, e.g. ``{"out_proj"}`` for
+    ``nn.MultiheadAttention``, which passes ``self.out_proj.weight`` to a functional instead of calling
+    ``self.out_proj``. Replacing such a submodule would break its owner, so it is left alone. Reads
+    through a variable count in ``forward`` only (elsewhere they are mostly initialisation helpers
+    given a module); for a class without source, ``"*"`` when its ``forward`` reads any weight."""
     paths = set()
     for klass in cls.__mro__:
         if klass in (nn.Module, object):
@@ -57,15 +106,27 @@ def _paths_with_direct_weight_use(cls: type) -> frozenset[str]:
         try:
             tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
         except (OSError, TypeError, SyntaxError):
+            if _forward_reads_weights_without_source(klass):
+                paths.add("*")
             continue
         for function in ast.walk(tree):
-            if isinstance(function, (ast.FunctionDef, ast.AsyncFunctionDef)) and function.name != "__init__":
-                for node in ast.walk(function):
-                    if isinstance(node, ast.Attribute) and node.attr in ("weight", "bias"):
-                        path = _self_path(node.value)
-                        if path:
-                            paths.add(path)
+            if not isinstance(function, (ast.FunctionDef, ast.AsyncFunctionDef)) or function.name == "__init__":
+                continue
+            parameters = {arg.arg for arg in ast.walk(function.args) if isinstance(arg, ast.arg)}
+            for node in ast.walk(function):
+                if isinstance(node, ast.Attribute) and node.attr in ("weight", "bias"):
+                    base_is_parameter = isinstance(node.value, ast.Name) and node.value.id in parameters - {"self"}
+                    path = _read_path(node.value, function.name == "forward" and not base_is_parameter)
+                    if path:
+                        paths.add(path)
     return frozenset(paths)
+
+
+def _reads_weights_of(owner: type, path: str) -> bool:
+    return any(
+        path == read or (read.endswith("*") and path.startswith(read[:-1]))
+        for read in _paths_with_direct_weight_use(owner)
+    )
 
 
 def _scan(model: nn.Module) -> tuple[dict[str, nn.Module], dict[str, str]]:
@@ -97,7 +158,7 @@ def _why_not(model, name, module, names_of, owners) -> str | None:
     parts = name.split(".")
     for depth in range(len(parts)):
         owner = model.get_submodule(".".join(parts[:depth]))
-        if ".".join(parts[depth:]) in _paths_with_direct_weight_use(type(owner)):
+        if _reads_weights_of(type(owner), ".".join(parts[depth:])):
             return f"{type(owner).__name__} reads its weights directly instead of calling it"
     if isinstance(module.weight, nn.parameter.UninitializedParameter):
         return "its weights are not initialised yet (lazy module)"
@@ -116,7 +177,7 @@ def _why_not(model, name, module, names_of, owners) -> str | None:
     if isinstance(module, nn.Conv2d) and module.groups > 1:
         kind = "depthwise" if module.groups == module.in_channels else "grouped"
         return f"{kind} convolution (groups={module.groups})"
-    if module._forward_hooks or module._forward_pre_hooks or module._backward_hooks:
+    if any(getattr(module, hooks, None) for hooks in HOOKS):
         return "hooks are registered on it and would be lost"
     if module.weight.dtype not in SUPPORTED_DTYPES:
         return f"unsupported dtype {module.weight.dtype}"
@@ -239,7 +300,10 @@ def _replacement_module(layer: nn.Module, specs: list[dict]) -> nn.Sequential:
         and not weight.is_contiguous()
     ):
         new.to(memory_format=torch.channels_last)
-    new.requires_grad_(weight.requires_grad)
+    for module in new:
+        module.weight.requires_grad_(weight.requires_grad)
+    if layer.bias is not None:  # on the last module, as frozen or trainable as it was (e.g. BitFit)
+        new[-1].bias.requires_grad_(layer.bias.requires_grad)
     return new.train(layer.training)
 
 

@@ -166,6 +166,8 @@ def read_info(path: str | os.PathLike, model: nn.Module) -> list[Replacement]:
 
 
 def _model_layer(path, model, name, expected_type):
+    if name == "":
+        raise DecomposeInfoError(f"{path}: a record names the model itself (''); only its submodules can be replaced")
     try:
         layer = model.get_submodule(name)
     except AttributeError:
@@ -222,7 +224,56 @@ def _from_ours(path, model, index, record) -> Replacement:
                 f"{path}: {module_where}: weight shape {recorded_shape} does not match its arguments ({shape})"
             )
         specs.append(spec)
-    return _replacement(path, name, layer, method, tuple(ranks), specs)
+    ranks = _check_ranks(path, where, layer, method, ranks)
+    problem = _differs_from_method(layer, method, ranks, specs)
+    if problem:
+        raise DecomposeInfoError(
+            f"{path}: {where}: the recorded modules are not the {method} decomposition of the layer at ranks "
+            f"{list(ranks)}: {problem}"
+        )
+    return _replacement(path, name, layer, method, ranks, specs)
+
+
+def _check_ranks(path, where, layer, method, ranks) -> tuple[int, ...]:
+    try:
+        full = METHODS[method].full_ranks(layer)
+    except (AttributeError, TypeError, ValueError):
+        raise DecomposeInfoError(f"{path}: {where}: method {method} does not apply to {type(layer).__name__}") from None
+    if len(ranks) != len(full) or not all(type(rank) is int and rank >= 1 for rank in ranks):
+        names = ", ".join(METHODS[method].rank_names)
+        raise DecomposeInfoError(
+            f"{path}: {where}: {method} needs {len(full)} positive integer ranks ({names}), got {ranks}"
+        )
+    return tuple(ranks)
+
+
+def _differs_from_method(layer, method, ranks, specs) -> str | None:
+    """How the recorded ``specs`` differ from what ``method`` builds for ``layer`` at ``ranks`` (either
+    order of the spatial factors), or None when they are the same."""
+    variants = [{}] if method != "spatial" else [{"vertical_first": True}, {"vertical_first": False}]
+    candidates = [json.loads(json.dumps(METHODS[method].specs(layer, ranks, **variant))) for variant in variants]
+    if specs in candidates:
+        return None
+    # Compared with the candidate of the same first module, so that the difference named is the one that matters.
+    expected = next(
+        (
+            c
+            for c in candidates
+            if c[:1] and specs[:1] and c[0]["args"].get("kernel_size") == specs[0]["args"].get("kernel_size")
+        ),
+        candidates[0],
+    )
+    if len(specs) != len(expected):
+        return f"{len(specs)} modules recorded, the method builds {len(expected)}"
+    for position, (got, want) in enumerate(zip(specs, expected)):
+        if got["type"] != want["type"]:
+            return f"module {position} is {got['type']}, the method builds {want['type']}"
+        for key in sorted(set(got["args"]) | set(want["args"])):
+            if got["args"].get(key) != want["args"].get(key):
+                return (
+                    f"module {position}: {key} is {got['args'].get(key)!r}, the method builds {want['args'].get(key)!r}"
+                )
+    return None
 
 
 def _from_amct(path, model, index, record) -> Replacement:
@@ -236,6 +287,10 @@ def _from_amct(path, model, index, record) -> Replacement:
     if mode not in AMCT_MODES:
         raise DecomposeInfoError(f"{path}: {where}: unknown mode {mode!r}; AMCT modes: {', '.join(AMCT_MODES)}")
     layer = _model_layer(path, model, name, "Conv2d")
+    if layer.groups != 1:
+        raise DecomposeInfoError(
+            f"{path}: {where}: AMCT decomposes ungrouped convolutions; the model's has groups={layer.groups}"
+        )
     args = layer_args(layer)
     for key in set(info) & set(args):
         value = list(info[key]) if isinstance(info[key], (list, tuple)) else info[key]
@@ -252,7 +307,7 @@ def _from_amct(path, model, index, record) -> Replacement:
     (kh, kw), cin, cout = layer.kernel_size, layer.in_channels, layer.out_channels
     orders = {True: ([rank, cin, kh, 1], [cout, rank, 1, kw]), False: ([rank, cin, 1, kw], [cout, rank, kh, 1])}
     vertical = next((order for order, shapes in orders.items() if [first, last] == list(shapes)), None)
-    if vertical is None or not isinstance(rank, int) or rank < 1:
+    if vertical is None or type(rank) is not int or rank < 1:
         raise DecomposeInfoError(
             f"{path}: {where}: weight shapes {first} and {last} are not a spatial decomposition of the model's "
             f"{cout}x{cin}x{kh}x{kw} kernel (expected {orders[True][0]} then {orders[True][1]}, "

@@ -193,6 +193,11 @@ class RankPolicy:
                     return None, f"no rank fits {rule}"
                 ranks = self._round_down(ranks, full)
             else:
+                if layer.weight.is_meta:
+                    raise ValueError(
+                        f"{rule} reads the weights, which are on the meta device: load them first (every process the "
+                        "same), or replay an info file with decompose_network"
+                    )
                 spectra = method.spectra(layer)
                 if rule.kind == "energy":
                     ranks = tuple(F.energy_rank(values, rule.value) for values, _ in spectra)

@@ -11,17 +11,19 @@ the decomposed weights.
 
 Step 2 is ``mnist_offline.py`` (or ``resnet50_imagenet.py --tensor-decompose --run-mode offline``) with
 the same two paths and policy. Errors: a missing or unreadable ``--pretrained-path`` is named; nothing
-is written when the decomposition fails.
+is written when the decomposition fails, and an earlier info file stays as it was when the weights
+cannot be saved.
 """
 
 import argparse
+from pathlib import Path
 
 import torchvision
 
 import lowrank
 from launch.args import add_policy_args, policy_of
 from launch.mnist import Net
-from lowrank.io import load_state_dict, save_state_dict
+from lowrank.io import atomic_write, load_state_dict, save_state_dict
 
 
 def get_args_parser():
@@ -50,8 +52,18 @@ def main(args):
         classes = next(tensor.shape[0] for name, tensor in reversed(state_dict.items()) if name.endswith("weight"))
         model = torchvision.models.get_model(args.model, num_classes=classes)
     model.load_state_dict(state_dict)
-    model, _ = lowrank.auto_decomposition(model, args.decompose_info_path, **policy_of(args))
-    save_state_dict(model.state_dict(), args.decomposed_weights_path)
+    info_path = Path(args.decompose_info_path)
+    earlier_info = info_path.read_bytes() if info_path.is_file() else None
+    try:
+        model, _ = lowrank.auto_decomposition(model, info_path, **policy_of(args))
+        save_state_dict(model.state_dict(), args.decomposed_weights_path)
+    except BaseException:
+        # The two files go together: a new info file next to earlier weights would replay wrongly.
+        if earlier_info is None:
+            info_path.unlink(missing_ok=True)
+        else:
+            atomic_write(info_path, lambda file: file.write(earlier_info))
+        raise
     print(f"Decomposed weights are saved to: {args.decomposed_weights_path}")
 
 

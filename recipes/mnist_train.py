@@ -25,15 +25,24 @@ import copy
 import torch
 from accelerate.utils import set_seed
 
-from launch.args import add_decomposition_args, add_output_args, check_mode_args, policy_of
+from launch.args import (
+    add_decomposition_args,
+    add_output_args,
+    check_mode_args,
+    non_negative_int,
+    policy_of,
+    positive_float,
+    positive_int,
+)
 from launch.mnist import Net, load_mnist
 from launch.runner import (
     Progress,
+    check_train_batches,
+    checkpoint_to_resume,
     create_accelerator,
     evaluate,
     finish,
-    latest_checkpoint,
-    log,
+    load_checkpoint,
     log_decomposition,
     model_cost,
     prepare_model,
@@ -52,16 +61,18 @@ def get_args_parser(run_mode=None, lr=0.01):
     )
     parser.add_argument(
         "--train-batch-size",
-        type=int,
+        type=positive_int,
         default=None,
         help="batch size per process (default: 256 on one process, 32 per process otherwise)",
     )
-    parser.add_argument("--test-batch-size", type=int, default=1000, help="test batch size per process (default: 1000)")
-    parser.add_argument("--lr", type=float, default=lr, help=f"Adam learning rate (default: {lr})")
-    parser.add_argument("--steps", type=int, default=200, help="training steps (default: 200)")
+    parser.add_argument(
+        "--test-batch-size", type=positive_int, default=1000, help="test batch size per process (default: 1000)"
+    )
+    parser.add_argument("--lr", type=positive_float, default=lr, help=f"Adam learning rate (default: {lr})")
+    parser.add_argument("--steps", type=non_negative_int, default=200, help="training steps (default: 200)")
     parser.add_argument("--use-gpu", action="store_true", help="train on GPUs; CPU without it (default: off)")
     parser.add_argument("--seed", type=int, default=1, help="random seed (default: 1)")
-    parser.add_argument("--log-steps", type=int, default=20, help="steps between log lines (default: 20)")
+    parser.add_argument("--log-steps", type=positive_int, default=20, help="steps between log lines (default: 20)")
     add_decomposition_args(parser, run_mode)
     add_output_args(parser, output_dir="runs/mnist")
     return parser
@@ -70,14 +81,16 @@ def get_args_parser(run_mode=None, lr=0.01):
 def main(args):
     mode = check_mode_args(args)
     accelerator = create_accelerator(use_gpu=args.use_gpu, output_dir=args.output_dir)
+    if args.train_batch_size is None:
+        args.train_batch_size = 256 if accelerator.num_processes == 1 else 32
+    checkpoint = checkpoint_to_resume(args, accelerator.num_processes)
     set_seed(args.seed)
     accelerator.init_trackers(f"mnist_{mode}", config={k: v for k, v in vars(args).items() if v is not None})
 
     # data
-    if args.train_batch_size is None:
-        args.train_batch_size = 256 if accelerator.num_processes == 1 else 32
     with accelerator.main_process_first():
         train_set, test_set = load_mnist(args.data_path, train=True), load_mnist(args.data_path, train=False)
+    check_train_batches(len(train_set), args.train_batch_size, accelerator.num_processes)
 
     # model
     dense = Net()
@@ -109,9 +122,8 @@ def main(args):
     model, optimizer, train_loader, test_loader = accelerator.prepare(model, optimizer, train_loader, test_loader)
     progress = Progress()
     accelerator.register_for_checkpointing(progress)
-    if args.resume and latest_checkpoint(args.output_dir):
-        accelerator.load_state(latest_checkpoint(args.output_dir))
-        log(f"[Resume] from {latest_checkpoint(args.output_dir)} at step {progress.step}")
+    if checkpoint:
+        load_checkpoint(accelerator, checkpoint, progress)
     train(
         accelerator,
         model,

@@ -50,14 +50,25 @@ import torchvision
 from accelerate.utils import set_seed
 from torchvision import datasets, transforms
 
-from launch.args import add_decomposition_args, add_output_args, check_mode_args, policy_of
+from launch.args import (
+    add_decomposition_args,
+    add_output_args,
+    check_mode_args,
+    non_negative_float,
+    non_negative_int,
+    policy_of,
+    positive_float,
+    positive_int,
+    probability,
+)
 from launch.runner import (
     Progress,
+    check_train_batches,
+    checkpoint_to_resume,
     create_accelerator,
     evaluate,
     finish,
-    latest_checkpoint,
-    log,
+    load_checkpoint,
     log_decomposition,
     model_cost,
     prepare_model,
@@ -82,27 +93,38 @@ def get_args_parser():
     parser.add_argument(
         "--synthetic", action="store_true", help="random images instead of --data-path, for smoke tests (default: off)"
     )
-    parser.add_argument("--image-size", type=int, default=224, help="training crop size (default: 224)")
-    parser.add_argument("--workers", type=int, default=8, help="data loading processes per process (default: 8)")
+    parser.add_argument("--image-size", type=positive_int, default=224, help="training crop size (default: 224)")
+    parser.add_argument(
+        "--workers", type=non_negative_int, default=8, help="data loading processes per process (default: 8)"
+    )
     # training
-    parser.add_argument("--train-batch-size", type=int, default=32, help="batch size per process (default: 32)")
-    parser.add_argument("--test-batch-size", type=int, default=64, help="test batch size per process (default: 64)")
-    parser.add_argument("--epochs", type=int, default=90, help="training epochs (default: 90)")
-    parser.add_argument("--steps", type=int, default=None, help="cap on optimizer steps (default: None, no cap)")
+    parser.add_argument(
+        "--train-batch-size", type=positive_int, default=32, help="batch size per process (default: 32)"
+    )
+    parser.add_argument(
+        "--test-batch-size", type=positive_int, default=64, help="test batch size per process (default: 64)"
+    )
+    parser.add_argument("--epochs", type=positive_int, default=90, help="training epochs (default: 90)")
+    parser.add_argument(
+        "--steps", type=non_negative_int, default=None, help="cap on optimizer steps (default: None, no cap)"
+    )
     parser.add_argument(
         "--lr",
-        type=float,
+        type=positive_float,
         default=None,
         help="SGD learning rate for a global batch of 256 (default: 0.1, and 0.01 when finetuning a decomposed model)",
     )
-    parser.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default: 0.9)")
-    parser.add_argument("--weight-decay", type=float, default=1e-4, help="weight decay (default: 1e-4)")
-    parser.add_argument("--label-smoothing", type=float, default=0.1, help="label smoothing (default: 0.1)")
+    parser.add_argument("--momentum", type=non_negative_float, default=0.9, help="SGD momentum (default: 0.9)")
+    parser.add_argument("--weight-decay", type=non_negative_float, default=1e-4, help="weight decay (default: 1e-4)")
+    parser.add_argument("--label-smoothing", type=probability, default=0.1, help="label smoothing (default: 0.1)")
     parser.add_argument(
-        "--lr-warmup-epochs", type=float, default=1.0, help="linear warmup before the cosine decay (default: 1)"
+        "--lr-warmup-epochs",
+        type=non_negative_float,
+        default=1.0,
+        help="linear warmup before the cosine decay (default: 1)",
     )
     parser.add_argument(
-        "--gradient-accumulation-steps", type=int, default=1, help="batches per optimizer step (default: 1)"
+        "--gradient-accumulation-steps", type=positive_int, default=1, help="batches per optimizer step (default: 1)"
     )
     parser.add_argument(
         "--mixed-precision",
@@ -118,7 +140,7 @@ def get_args_parser():
     )
     parser.add_argument("--use-gpu", action="store_true", help="train on GPUs; CPU without it (default: off)")
     parser.add_argument("--seed", type=int, default=1, help="random seed (default: 1)")
-    parser.add_argument("--log-steps", type=int, default=20, help="steps between log lines (default: 20)")
+    parser.add_argument("--log-steps", type=positive_int, default=20, help="steps between log lines (default: 20)")
     parser.add_argument("--test-only", action="store_true", help="only evaluate the model (default: off)")
     # model and decomposition
     parser.add_argument(
@@ -192,12 +214,15 @@ def main(args):
         mixed_precision=args.mixed_precision,
         gradient_accumulation_steps=args.gradient_accumulation_steps,
     )
+    checkpoint = checkpoint_to_resume(args, accelerator.num_processes)
     set_seed(args.seed)
     accelerator.init_trackers(f"resnet50_{mode}", config={k: v for k, v in vars(args).items() if v is not None})
 
     # data
     train_set, val_set = load_data(args)
     classes = SYNTHETIC["classes"] if args.synthetic else len(train_set.classes)
+    if not args.test_only:
+        check_train_batches(len(train_set), args.train_batch_size, accelerator.num_processes)
     loader = functools.partial(torch.utils.data.DataLoader, num_workers=args.workers, pin_memory=args.use_gpu)
     train_loader = loader(train_set, batch_size=args.train_batch_size, shuffle=True, drop_last=True)
     val_loader = loader(val_set, batch_size=args.test_batch_size)
@@ -226,15 +251,14 @@ def main(args):
     # optimizer and schedule, in optimizer steps
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
     model, optimizer, train_loader, val_loader = accelerator.prepare(model, optimizer, train_loader, val_loader)
-    steps_per_epoch = max(1, len(train_loader) // args.gradient_accumulation_steps)
-    steps = min(args.steps, args.epochs * steps_per_epoch) if args.steps else args.epochs * steps_per_epoch
+    steps_per_epoch = max(1, len(train_loader) // args.gradient_accumulation_steps)  # an epoch ends with a step
+    steps = args.epochs * steps_per_epoch if args.steps is None else min(args.steps, args.epochs * steps_per_epoch)
     warmup_steps = min(round(args.lr_warmup_epochs * steps_per_epoch), steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(warmup_steps, steps))
     progress = Progress()
     accelerator.register_for_checkpointing(progress, scheduler)
-    if args.resume and latest_checkpoint(args.output_dir):
-        accelerator.load_state(latest_checkpoint(args.output_dir))
-        log(f"[Resume] from {latest_checkpoint(args.output_dir)} at step {progress.step}")
+    if checkpoint:
+        load_checkpoint(accelerator, checkpoint, progress)
 
     evaluate_model = functools.partial(evaluate, accelerator, model, val_loader, loss_fn=F.cross_entropy, top5=True)
     if args.test_only:

@@ -1,8 +1,9 @@
 import argparse
+import re
 
 import pytest
 
-from launch.args import add_decomposition_args, policy_of
+from launch.args import add_decomposition_args, non_negative_int, policy_of, positive_float, positive_int, probability
 
 
 def parse(*argv, **defaults):
@@ -33,3 +34,26 @@ def test_bad_rank_rule_flags_are_named(argv, message, capsys):
     with pytest.raises(SystemExit):
         parse(*argv)
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "kind, good, bad, requirement",
+    [
+        (positive_int, {"1": 1, "32": 32}, ["0", "-3", "2.5", "x"], "an integer >= 1"),
+        (non_negative_int, {"0": 0, "7": 7}, ["-1", "nan"], "an integer >= 0"),
+        (positive_float, {"0.5": 0.5, "3600": 3600.0}, ["0", "-1", "nan", "inf"], "a positive number"),
+        (probability, {"0": 0.0, "0.1": 0.1}, ["1", "-0.1", "nan"], "a number in [0, 1)"),
+    ],
+)
+def test_numeric_flags_are_checked(kind, good, bad, requirement):
+    for text, value in good.items():
+        assert kind(text) == value
+    for text in bad:
+        with pytest.raises(argparse.ArgumentTypeError, match=re.escape(f"must be {requirement}, got {text!r}")):
+            kind(text)
+
+
+def test_barrier_timeout_must_be_positive(capsys):
+    with pytest.raises(SystemExit):
+        parse("--barrier-timeout", "-1")
+    assert "argument --barrier-timeout: must be a positive number, got '-1'" in capsys.readouterr().err

@@ -9,9 +9,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from filelock import FileLock
 
 import lowrank
-from launch.barrier import Artifacts, BarrierError, load_decomposed, parameters_digest
+from launch.barrier import Artifacts, BarrierError, decompose_once, load_decomposed, parameters_digest, run_token
 from lowrank.io import save_state_dict
 from tests.conftest import torchrun
 from tests.launch.barrier_worker import small_model
@@ -154,3 +155,17 @@ def test_weights_that_do_not_fit_the_info_file_are_named(tmp_path):
     save_state_dict(model.state_dict(), tmp_path / "decomposed.pth")
     rebuilt, changes = load_decomposed(small_model(), tmp_path / "info.json", tmp_path / "decomposed.pth")
     assert parameters_digest(rebuilt) == parameters_digest(model) and changes
+
+
+def test_rank_zero_names_another_job_holding_the_lock(tmp_path):
+    weights = pretrained(tmp_path / "baseline.pth", 0)
+    artifacts = Artifacts(tmp_path / "art" / "decompose_info.json", tmp_path / "art" / "decomposed_weights.pth")
+    artifacts.info_path.parent.mkdir()
+
+    def load(model):
+        model.load_state_dict(torch.load(weights, weights_only=True))
+
+    busy = "rank 0: another job has held .* for 1 s: it decomposes into the same"
+    with FileLock(artifacts.lock_path), pytest.raises(BarrierError, match=busy):  # another job on the same paths
+        decompose_once(small_model(), artifacts, load, weights, {"ratio": 0.5}, run_token(), timeout=1)
+    assert not artifacts.marker_path.exists()  # that job's marker is not this one's to write

@@ -1,3 +1,4 @@
+import errno
 import gzip
 import shutil
 import urllib.error
@@ -31,14 +32,19 @@ def test_a_gzipped_copy_is_unpacked_and_checked(tmp_path):
 
 
 @needs_data
-def test_a_read_only_copy_is_unpacked_into_the_cache(tmp_path, monkeypatch):
+@pytest.mark.parametrize(
+    "error",
+    [PermissionError(errno.EACCES, "Permission denied"), OSError(errno.EROFS, "Read-only file system")],
+    ids=["permissions", "read-only mount"],
+)
+def test_a_read_only_copy_is_unpacked_into_the_cache(tmp_path, monkeypatch, error):
     gz_copy(tmp_path / "data")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     unpack = mnist._unpack
 
     def read_only_data(gz_path, target):
         if target.is_relative_to(tmp_path / "data"):
-            raise PermissionError(target)
+            raise error
         unpack(gz_path, target)
 
     monkeypatch.setattr(mnist, "_unpack", read_only_data)
@@ -53,6 +59,30 @@ def test_a_corrupt_archive_is_named(tmp_path):
     with pytest.raises(RuntimeError, match=f"{name}.gz is corrupt"):
         mnist.local_root(tmp_path)
     assert not (raw / name).exists()
+
+
+@needs_data
+def test_a_truncated_archive_is_named(tmp_path):
+    raw = gz_copy(tmp_path)
+    name = "train-images-idx3-ubyte"
+    (raw / f"{name}.gz").write_bytes((SHARED_RAW / f"{name}.gz").read_bytes()[:100_000])
+    with pytest.raises(RuntimeError, match=f"{name}.gz is corrupt: Compressed file ended"):
+        mnist.local_root(tmp_path)
+    assert not (raw / name).exists() and not list(raw.glob(".*.tmp"))
+
+
+@needs_data
+def test_a_truncated_plain_file_is_unpacked_again_or_named(tmp_path):
+    raw = gz_copy(tmp_path)
+    assert mnist.local_root(tmp_path) == tmp_path
+    name = "t10k-labels-idx1-ubyte"
+    (raw / name).write_bytes((raw / name).read_bytes()[:5000])
+    assert mnist.local_root(tmp_path) == tmp_path  # from its .gz
+    assert (raw / name).stat().st_size == mnist.MNIST_SIZES[name]
+    (raw / name).write_bytes((raw / name).read_bytes()[:5000])
+    (raw / f"{name}.gz").unlink()
+    with pytest.raises(RuntimeError, match=f"{name} is incomplete \\(5000 bytes, the MNIST file has 10008\\)"):
+        mnist.local_root(tmp_path)
 
 
 def test_no_copy_and_no_network_is_a_clear_error(tmp_path, monkeypatch):

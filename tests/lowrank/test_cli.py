@@ -31,6 +31,21 @@ def test_inspect_errors_exit_2(tmp_path, capsys):
     assert "an AMCT info file records no costs" in capsys.readouterr().err
 
 
+def test_inspect_reads_odd_but_valid_json_without_a_traceback(net, tmp_path, capsys):
+    path = tmp_path / "info.json"
+    lowrank.auto_decomposition(net, path)
+    document = json.loads(path.read_text())
+    document.update(policy=[], skipped=[1, {"name": "fc"}])
+    document["layers"][0]["latency"] = {"dense_seconds": 0, "decomposed_seconds": 0.001}
+    path.write_text(json.dumps(document))
+    assert main(["inspect", str(path)]) == 0
+    assert "skipped 1" in capsys.readouterr().out
+    document["layers"].append(1)
+    path.write_text(json.dumps(document))
+    assert main(["inspect", str(path)]) == 2
+    assert "layers[1] must be an object, got 1" in capsys.readouterr().err
+
+
 @pytest.mark.integration
 def test_console_script_is_installed(net, tmp_path):
     path = tmp_path / "info.json"

@@ -119,6 +119,8 @@ def test_layers_that_cannot_be_replaced_are_skipped_with_a_reason(lowrank_log):
     tied_b.weight = tied_a.weight
     hooked = nn.Linear(64, 64)
     hooked.register_forward_hook(lambda *args: None)
+    backward_hooked = nn.Linear(64, 64)
+    backward_hooked.register_full_backward_pre_hook(lambda *args: None)
     model = nn.ModuleDict(
         {
             "grouped": nn.Conv2d(64, 64, 3, groups=4),
@@ -133,6 +135,7 @@ def test_layers_that_cannot_be_replaced_are_skipped_with_a_reason(lowrank_log):
             "tied_a": tied_a,
             "tied_b": tied_b,
             "hooked": hooked,
+            "backward_hooked": backward_hooked,
             "normed": parametrizations.weight_norm(nn.Linear(64, 64)),
             "lazy": nn.LazyLinear(64),
             "fine": nn.Linear(64, 64),
@@ -152,10 +155,82 @@ def test_layers_that_cannot_be_replaced_are_skipped_with_a_reason(lowrank_log):
         "'shared_a': the module is shared with 'shared_b'",
         "'tied_a': its parameters are tied with 'tied_b.weight'",
         "'hooked': hooks are registered on it",
+        "'backward_hooked': hooks are registered on it",
         "'normed': its weight is parametrized",
         "'lazy': its weights are not initialised yet",
     ]:
         assert expected in reasons
+
+
+class CosineClassifier(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.ModuleList([nn.Linear(64, 64), nn.Linear(64, 64)])
+        self.other = nn.Linear(64, 64)
+
+    def forward(self, x):
+        x = self.other(self.layers[0](x))
+        return nn.functional.linear(x, nn.functional.normalize(self.layers[-1].weight))
+
+
+class ThroughAlias(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(64, 64)
+
+    def forward(self, x):
+        fc = self.fc
+        return nn.functional.linear(x, fc.weight)
+
+
+class ThroughGetattr(ThroughAlias):
+    def forward(self, x):
+        return nn.functional.linear(x, getattr(self, "fc").weight)  # noqa: B009 (the form under test)
+
+
+class ThroughLoop(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 64))
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = nn.functional.linear(x, block.weight)
+        return x
+
+    def reset_parameters(self, gain=1.0):  # a helper that reads weights outside forward: no concern
+        for block in self.blocks:
+            nn.init.xavier_uniform_(block.weight, gain)
+
+
+NO_SOURCE = """
+class NoSource(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.enc = nn.Linear(64, 64)
+
+    def forward(self, x):
+        return nn.functional.linear(self.enc(x), self.enc.weight.t())
+"""
+
+
+@pytest.mark.parametrize(
+    "make, kept",
+    [
+        (CosineClassifier, ["other"]),
+        (ThroughAlias, []),
+        (ThroughGetattr, []),
+        (ThroughLoop, []),
+        (lambda: exec(NO_SOURCE, vars(nn) | {"nn": nn}, namespace := {}) or namespace["NoSource"](), []),
+    ],
+    ids=["subscript", "alias", "getattr", "loop", "no source"],
+)
+def test_weights_read_by_the_owner_in_any_form_keep_the_layer(make, kept):
+    model = make()
+    x = torch.randn(2, 64)
+    _, changes = lowrank.auto_decomposition(model, ratio=0.5, min_rank=1)
+    assert list(changes) == kept
+    assert model(x).shape == (2, 64)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16, torch.float16])
@@ -176,12 +251,26 @@ def test_memory_format_training_mode_and_requires_grad_are_kept():
     assert not any(m.training for m in model.modules())
 
 
+@pytest.mark.parametrize("method", ["spatial", "tucker2", "svd"])
+def test_a_trainable_bias_of_a_frozen_layer_stays_trainable(method):
+    model = nn.Sequential(nn.Conv2d(32, 32, 3), nn.Linear(64, 64))  # BitFit: biases alone are trained
+    for layer in model:
+        layer.weight.requires_grad_(False)
+    model, changes = lowrank.auto_decomposition(model, method=method, ratio=0.5)
+    assert len(changes) == 2
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {f"{layer}.{len(model[int(layer)]) - 1}.bias" for layer in ("0", "1")}
+
+
 def test_meta_weights_need_structure_only(lowrank_log):
     model = nn.Sequential(nn.Conv2d(32, 32, 3, device="meta"))
     _, changes = lowrank.auto_decomposition(model)
     assert not changes and any("meta device" in line for line in lowrank_log)
     structure = lowrank.Decompose(model).from_ratio(0.3).decompose_network(do_decompose_weight=False)
     assert structure[0][0].weight.is_meta
+    for rules in (lowrank.Decompose(model).from_energy(0.9), lowrank.Decompose(model).from_vbmf()):
+        with pytest.raises(ValueError, match="reads the weights, which are on the meta device: load them first"):
+            rules.decompose_network(do_decompose_weight=False)
 
 
 def test_count_parameters_and_flops():

@@ -102,16 +102,39 @@ def test_weights_load_safely(tmp_path):
         ),
         (
             lambda d: d["layers"][0]["modules"][1]["args"].update(padding=[0, 1]),
-            "layer 'conv2': the recorded structure does not replace the layer: output shape",
+            r"layer 'conv2': the recorded modules are not the spatial decomposition of the layer at ranks \[57\]: "
+            r"module 1: padding is \[0, 1\], the method builds \[0, 0\]",
         ),
         (
             lambda d: (
                 d["layers"][0]["modules"][1]["args"].update(in_channels=3),
                 d["layers"][0]["modules"][1].pop("weight_shape"),
             ),
-            "layer 'conv2': the recorded structure does not replace the layer: the replacement does not run",
+            "layer 'conv2': the recorded modules are not .* module 1: in_channels is 3, the method builds 57",
         ),
         (lambda d: d["layers"].append(d["layers"][0]), "layer 'conv2' appears twice"),
+        # Files that build and load but would compute something else than the decomposition they name:
+        (
+            lambda d: d["layers"][0]["modules"][0]["args"].update(padding_mode="circular"),
+            "module 0: padding_mode is 'circular', the method builds 'zeros'",
+        ),
+        (
+            lambda d: d["layers"][0]["modules"][1]["args"].update(bias=False),
+            "module 1: bias is False, the method builds True",
+        ),
+        (
+            lambda d: d["layers"][0].update(method="tucker2", ranks=[3, 3]),
+            r"not the tucker2 decomposition of the layer at ranks \[3, 3\]: 2 modules recorded, the method builds 3",
+        ),
+        (
+            lambda d: d["layers"][0].update(ranks=[True]),
+            r"layer 'conv2': spatial needs 1 positive integer ranks \(rank\), got \[True\]",
+        ),
+        (
+            lambda d: d["layers"][0].update(method="svd"),
+            r"not the svd decomposition .* module 0: kernel_size is \[3, 1\], the method builds \[3, 3\]",
+        ),
+        (lambda d: d["layers"][0].update(name=""), r"a record names the model itself \(''\)"),
     ],
 )
 def test_malformed_info_files_name_the_file_layer_and_mismatch(info, change, message):
@@ -183,6 +206,7 @@ def test_amct_info_files(tmp_path, first, last, kernels, lowrank_log):
             "are not a spatial decomposition of the model's 128x128x3x3 kernel",
         ),
         (amct_record([40, 128, 3, 1], [128, 40, 1, 3], name="conv7"), "layer 'conv7' is not in the model"),
+        (amct_record([True, 128, 3, 1], [128, True, 1, 3]), "are not a spatial decomposition"),
         (amct_record([40, 128, 3, 1], [128, 40, 1, 3], name="fc"), "layer 'fc' is Linear in the model but Conv2d"),
         ({"mode": "SCFK"}, "record 0 has no 'ori_layer_info'"),
         ({"ori_layer_info": {}, "mode": "SCFK"}, "ori_layer_info has none of layer_name, name, op_name"),
@@ -200,3 +224,13 @@ def test_bad_amct_records(tmp_path, record, message):
     path.write_text(json.dumps([record]))
     with pytest.raises(DecomposeInfoError, match=message):
         lowrank.decompose_network(Net(), path)
+
+
+def test_amct_records_of_grouped_convs_are_refused(tmp_path):
+    model = nn.Sequential(nn.Conv2d(32, 32, 3, groups=4))
+    path = tmp_path / "amct.json"
+    path.write_text(json.dumps([amct_record([8, 32, 3, 1], [32, 8, 1, 3], name="0")]))
+    with pytest.raises(
+        DecomposeInfoError, match="layer '0': AMCT decomposes ungrouped convolutions; the model's has groups=4"
+    ):
+        lowrank.decompose_network(model, path)

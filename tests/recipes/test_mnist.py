@@ -59,6 +59,14 @@ def test_missing_paths_are_named_before_any_work(recipe, args, message):
     assert time.monotonic() - started < 60
 
 
+@needs_data
+def test_a_batch_larger_than_the_training_set_is_named(tmp_path):
+    args = ["--data-path", DATA, "--train-batch-size", "60001", "--output-dir", tmp_path]
+    result = run([sys.executable, str(RECIPES / "mnist_baseline.py"), *args], check=False, timeout=120)
+    assert result.returncode != 0
+    assert "--train-batch-size 60001 x 1 process(es) needs at least 60001 training samples" in result.stderr
+
+
 @pytest.fixture(scope="module")
 def baseline(tmp_path_factory):
     out = tmp_path_factory.mktemp("baseline")
@@ -143,6 +151,20 @@ def test_offline_two_steps(baseline, tmp_path):
 
 @pytest.mark.integration
 @needs_data
+def test_decompose_model_writes_both_files_or_neither(baseline, tmp_path):
+    info = tmp_path / "decompose_info.json"
+    info.write_text("earlier")
+    (tmp_path / "file").write_text("")
+    paths = ["--decompose-info-path", info, "--decomposed-weights-path", tmp_path / "file" / "weights.pth"]
+    result = run(
+        [sys.executable, str(RECIPES / "decompose_model.py"), "--pretrained-path", baseline, *paths], check=False
+    )
+    assert result.returncode != 0 and "NotADirectoryError" in result.stderr
+    assert info.read_text() == "earlier"
+
+
+@pytest.mark.integration
+@needs_data
 def test_rank_zero_failure_stops_every_rank(tmp_path):
     corrupt = tmp_path / "corrupt.pth"
     corrupt.write_bytes(b"garbage")
@@ -214,6 +236,12 @@ def test_preemption_saves_and_resume_continues(baseline, tmp_path):
     assert "auto_decomposition start." not in text  # the decomposition is reused, not redone
     assert "[Decompose] reused the decomposition of an earlier run with the same inputs" in text
     assert f"[Train] Step[{step + 1}/{step + 3}]" in text and "[Test] Loss:" in text
+
+    # Another rank rule does not resume this run's checkpoint: named before any work.
+    other = run(accelerate_launch(*args(step + 6, "--resume", "--ratio", "0.5"), port=free_port()), check=False)
+    assert other.returncode != 0
+    assert "was saved with other settings: --ratio 0.3 (now 0.5)" in other.stderr
+    assert "auto_decomposition start." not in other.stdout + other.stderr
 
 
 @pytest.mark.integration

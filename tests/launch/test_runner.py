@@ -1,0 +1,97 @@
+"""The runner's checkpoints and checks on one process (the multi-process runs are in tests/recipes)."""
+
+import argparse
+import json
+
+import pytest
+import torch
+from accelerate import Accelerator
+
+from launch.runner import (
+    Progress,
+    check_train_batches,
+    checkpoint_to_resume,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
+
+
+def run_args(output_dir, **overrides):
+    settings = {"output_dir": str(output_dir), "resume": True, "ratio": 0.3, "train_batch_size": 32, "seed": 1}
+    return argparse.Namespace(**{**settings, **overrides})
+
+
+@pytest.fixture
+def trainer():
+    accelerator = Accelerator(cpu=True)
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    progress = Progress()
+    accelerator.register_for_checkpointing(progress)
+    return accelerator, model, progress
+
+
+def test_a_checkpoint_is_complete_or_absent(trainer, tmp_path):
+    accelerator, model, progress = trainer
+    progress.step = 2
+    path = save_checkpoint(accelerator, tmp_path, progress, run_args(tmp_path))
+    assert path == tmp_path / "checkpoints" / "step_2" and (path / "run.json").is_file()
+    assert json.loads((path / "run.json").read_text())["world_size"] == 1
+    # What a process killed midway leaves, and stray names, are never resumed from.
+    (tmp_path / "checkpoints" / "step_3").mkdir()  # no run.json: incomplete
+    (tmp_path / "checkpoints" / ".step_4.partial").mkdir()
+    (tmp_path / "checkpoints" / "step_2.bak").mkdir()
+    assert latest_checkpoint(tmp_path) == path
+
+    # Saving the same step again replaces it whole; the leftovers of a killed save go.
+    (tmp_path / "checkpoints" / ".step_2.partial").mkdir()
+    with torch.no_grad():
+        model.weight.fill_(7.0)
+    assert save_checkpoint(accelerator, tmp_path, progress, run_args(tmp_path)) == path
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == [
+        ".step_4.partial",
+        "step_2",
+        "step_2.bak",
+        "step_3",
+    ]
+    with torch.no_grad():
+        model.weight.zero_()
+    progress.step = 0
+    load_checkpoint(accelerator, path, progress)
+    assert progress.step == 2 and bool((model.weight == 7.0).all())
+
+
+def test_resume_needs_the_same_settings(trainer, tmp_path):
+    accelerator, _, progress = trainer
+    progress.step = 5
+    saved = save_checkpoint(accelerator, tmp_path, progress, run_args(tmp_path))
+    assert checkpoint_to_resume(run_args(tmp_path, steps=10), world_size=1) == saved  # --steps may change
+    with pytest.raises(
+        SystemExit,
+        match=r"saved with other settings: --ratio 0.3 \(now 0.5\), the number of "
+        r"processes 1 \(now 2\)",
+    ):
+        checkpoint_to_resume(run_args(tmp_path, ratio=0.5), world_size=2)
+    assert checkpoint_to_resume(run_args(tmp_path / "empty"), world_size=1) is None
+
+
+def test_a_fresh_run_moves_the_earlier_checkpoints_aside(trainer, tmp_path):
+    accelerator, _, progress = trainer
+    progress.step = 5
+    save_checkpoint(accelerator, tmp_path, progress, run_args(tmp_path))
+    assert checkpoint_to_resume(run_args(tmp_path, resume=False, test_only=True), world_size=1) is None
+    assert latest_checkpoint(tmp_path) is not None  # evaluating only leaves them
+    assert checkpoint_to_resume(run_args(tmp_path, resume=False), world_size=1) is None
+    assert latest_checkpoint(tmp_path) is None
+    assert (tmp_path / "checkpoints.previous" / "step_5" / "run.json").is_file()
+
+
+def test_a_training_set_without_a_full_batch_per_process_is_named():
+    check_train_batches(64, 32, 2)
+    with pytest.raises(
+        SystemExit,
+        match="--train-batch-size 32 x 2 process\\(es\\) needs at least 64 training samples; the training set has 63",
+    ):
+        check_train_batches(63, 32, 2)
