@@ -255,6 +255,21 @@ def check_train_batches(samples: int, batch_size: int, processes: int) -> None:
         )
 
 
+class ShuffleByEpoch(torch.utils.data.RandomSampler):
+    """A random order of the dataset drawn from ``seed`` and the epoch alone (Accelerate passes the
+    epoch on through ``set_epoch``): a resumed run skips into the same order as the run it continues,
+    whose sampler state no checkpoint holds. Epoch 0 is the order of a RandomSampler whose generator
+    is seeded with ``seed``."""
+
+    def __init__(self, dataset, seed: int):
+        super().__init__(dataset, generator=torch.Generator())
+        self.seed = seed
+        self.set_epoch(0)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.generator.manual_seed(self.seed + epoch)
+
+
 def batches(accelerator, loader, start_batch):
     """Batches forever, epoch after epoch; after a resume, the epoch and position of ``start_batch``."""
     epoch, skip = divmod(start_batch, len(loader))

@@ -37,6 +37,7 @@ from launch.args import (
 from launch.mnist import Net, load_mnist
 from launch.runner import (
     Progress,
+    ShuffleByEpoch,
     check_train_batches,
     checkpoint_to_resume,
     create_accelerator,
@@ -109,11 +110,11 @@ def main(args):
         log_decomposition(accelerator, dense, cost, changes, seconds, example_input, args.decompose_info_path)
 
     # The AMCT sample's sampler seeds itself from the global RNG at its first batch, after the model's
-    # initialisation. The same seed, drawn here into a generator that Accelerate keeps in step on
-    # every process, gives the same batches (and the same results) on one process as on several.
-    shuffle = torch.Generator().manual_seed(int(torch.empty((), dtype=torch.int64).random_().item()))
+    # initialisation. The same seed, drawn here for a sampler that Accelerate keeps in step on every
+    # process, gives the same batches (and the same results) on one process as on several.
+    shuffle = ShuffleByEpoch(train_set, seed=int(torch.empty((), dtype=torch.int64).random_().item()))
     train_loader = torch.utils.data.DataLoader(
-        train_set, batch_size=args.train_batch_size, shuffle=True, drop_last=True, generator=shuffle
+        train_set, batch_size=args.train_batch_size, sampler=shuffle, drop_last=True
     )
     test_loader = torch.utils.data.DataLoader(test_set, batch_size=args.test_batch_size)
 

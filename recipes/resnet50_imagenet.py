@@ -63,6 +63,7 @@ from launch.args import (
 )
 from launch.runner import (
     Progress,
+    ShuffleByEpoch,
     check_train_batches,
     checkpoint_to_resume,
     create_accelerator,
@@ -224,7 +225,8 @@ def main(args):
     if not args.test_only:
         check_train_batches(len(train_set), args.train_batch_size, accelerator.num_processes)
     loader = functools.partial(torch.utils.data.DataLoader, num_workers=args.workers, pin_memory=args.use_gpu)
-    train_loader = loader(train_set, batch_size=args.train_batch_size, shuffle=True, drop_last=True)
+    shuffle = ShuffleByEpoch(train_set, seed=args.seed)
+    train_loader = loader(train_set, batch_size=args.train_batch_size, sampler=shuffle, drop_last=True)
     val_loader = loader(val_set, batch_size=args.test_batch_size)
 
     # model

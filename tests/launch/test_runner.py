@@ -1,6 +1,7 @@
 """The runner's checkpoints and checks on one process (the multi-process runs are in tests/recipes)."""
 
 import argparse
+import itertools
 import json
 
 import pytest
@@ -9,6 +10,8 @@ from accelerate import Accelerator
 
 from launch.runner import (
     Progress,
+    ShuffleByEpoch,
+    batches,
     check_train_batches,
     checkpoint_to_resume,
     latest_checkpoint,
@@ -95,3 +98,23 @@ def test_a_training_set_without_a_full_batch_per_process_is_named():
         match="--train-batch-size 32 x 2 process\\(es\\) needs at least 64 training samples; the training set has 63",
     ):
         check_train_batches(63, 32, 2)
+
+
+def test_a_resumed_run_sees_the_batches_the_uninterrupted_one_would_have():
+    accelerator = Accelerator(cpu=True)
+    dataset = torch.utils.data.TensorDataset(torch.arange(10))
+
+    def loader():
+        sampler = ShuffleByEpoch(dataset, seed=3)
+        return accelerator.prepare(torch.utils.data.DataLoader(dataset, batch_size=2, sampler=sampler))
+
+    def take(start, count):
+        return [batch[0].tolist() for batch in itertools.islice(batches(accelerator, loader(), start), count)]
+
+    uninterrupted = take(0, 13)  # 5 batches an epoch: into the third epoch
+    assert take(7, 6) == uninterrupted[7:]  # resumed in the second epoch
+    epochs = [sorted(sum(uninterrupted[i : i + 5], [])) for i in (0, 5)]
+    assert epochs == [list(range(10))] * 2 and uninterrupted[:5] != uninterrupted[5:10]
+    # Epoch 0 is a RandomSampler's order under the same seed (the MNIST recipe's results stay the same).
+    order = list(torch.utils.data.RandomSampler(dataset, generator=torch.Generator().manual_seed(3)))
+    assert sum(uninterrupted[:5], []) == order
