@@ -231,6 +231,8 @@ def _plan_layer(name, layer, policy, conv_method, with_weights, inputs, measurem
         return reason, None
     if with_weights and layer.weight.is_meta:
         return "its weights are on the meta device (load them first, or decompose the structure only)", None
+    if with_weights and not bool(torch.isfinite(layer.weight).all()):
+        raise ValueError(f"{name!r} has weights that are not finite (NaN or inf): nothing was decomposed")
     if rule.kind == "latency":
         if not inputs:
             return "not called when the model runs on example_input, so its latency cannot be measured", None

@@ -33,7 +33,7 @@ from torch import nn
 
 from . import functional as F
 from .latency import largest_within
-from .methods import Method, dense_cost
+from .methods import METHODS, Method, dense_cost
 
 DEFAULT_RATIO = 0.3  # cuts a 3x3 conv about 3x in FLOPs: the seed's MNIST conv2 goes 128->57->128
 RULES = ("rank", "ratio", "energy", "vbmf", "latency")
@@ -93,7 +93,10 @@ def make_rule(spec, where: str) -> Rule | None:
         _check_fraction(f"{where}: latency", value, " (the fraction of the dense layer's time: 0.5 asks for 2x faster)")
     elif value is not True:
         raise ValueError(f"{where}: vbmf must be True, got {value!r}")
-    return Rule(kind, value, spec.get("method"))
+    method = spec.get("method")
+    if method is not None and method not in METHODS:
+        raise ValueError(f"{where}: unknown method {method!r}; valid methods: {', '.join(METHODS)}")
+    return Rule(kind, value, method)
 
 
 @dataclass
@@ -126,6 +129,8 @@ class RankPolicy:
         if isinstance(self.exclude, str):
             self.exclude = [self.exclude]
         self._exclude = [_compile(pattern, "exclude") for pattern in self.exclude]
+        if self.layers is not None and not isinstance(self.layers, Mapping):
+            raise ValueError(f"layers must be a dict of regular expression -> rule, got {self.layers!r}")
         self._layers = [
             (_compile(key, "layers"), make_rule(value, f"layers[{key!r}]"))
             for key, value in (self.layers or {}).items()

@@ -296,3 +296,14 @@ def test_set_logger_level(lowrank_log):
         lowrank.set_logger_level("info")
     with pytest.raises(ValueError, match="unknown log level 'loud'; valid levels: debug, info"):
         lowrank.set_logger_level("loud")
+
+
+def test_weights_that_are_not_finite_are_refused_before_any_change():
+    model = nn.Sequential(nn.Conv2d(32, 32, 3), nn.Conv2d(32, 32, 3))
+    with torch.no_grad():
+        model[1].weight[0, 0, 0, 0] = float("nan")
+    with pytest.raises(
+        ValueError, match="'1' has weights that are not finite \\(NaN or inf\\): nothing was decomposed"
+    ):
+        lowrank.auto_decomposition(model)
+    assert all(isinstance(layer, nn.Conv2d) for layer in model)

@@ -140,6 +140,8 @@ def test_default_rule():
         (dict(layers={"a": "big"}), r"layers\['a'\]: expected a rank, a ratio, a dict or None"),
         (dict(layers={"a": {"ratio": 0.5, "rank": 3}}), r"layers\['a'\]: expected exactly one of"),
         (dict(vbmf="yes"), "vbmf must be True"),
+        (dict(layers={"nothing.*": {"ratio": 0.5, "method": "cp"}}), r"layers\['nothing.\*'\]: unknown method 'cp'"),
+        (dict(layers=["conv2"]), r"layers must be a dict of regular expression -> rule, got \['conv2'\]"),
     ],
 )
 def test_invalid_policies_name_the_problem(options, message):
