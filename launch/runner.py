@@ -18,6 +18,7 @@ Log lines and files come from global rank 0 only (from torch.distributed: under 
 Accelerate's ``process_index`` is 0 on every rank).
 """
 
+import contextlib
 import json
 import os
 import re
@@ -133,22 +134,35 @@ class Progress:
 
 
 class Preemption:
-    """Remembers SIGTERM/SIGUSR1 from ``install`` on (``create_accelerator``), so that a signal during
-    the setup (data, decomposition) is acted on at the first step too; ``requested`` makes every rank
-    agree, so they all checkpoint together."""
+    """SIGTERM/SIGUSR1, from ``install`` on (``create_accelerator``). While ``recording`` (the training
+    loop) a signal is remembered, and ``requested`` makes every rank agree, so that they all save a
+    checkpoint together at the next step; at any other time (setup, evaluation, saving) the process
+    exits at once with PREEMPTED_EXIT_CODE, its latest checkpoint standing."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
     def __init__(self):
         self.received = None
+        self.recording = False
 
     def install(self):
-        self.received = None
+        self.received, self.recording = None, False
         for signum in self.SIGNALS:
             signal.signal(signum, self._handle)
 
     def _handle(self, signum, frame):
         self.received = signal.Signals(signum).name
+        if not self.recording:
+            log(f"[Preempted] {self.received} outside the training steps: exiting with {PREEMPTED_EXIT_CODE}")
+            raise SystemExit(PREEMPTED_EXIT_CODE)
+
+    @contextlib.contextmanager
+    def recorded(self):
+        self.recording = True
+        try:
+            yield
+        finally:
+            self.recording = False
 
     def requested(self, accelerator) -> bool:
         flag = torch.tensor([1.0 if self.received else 0.0], device=accelerator.device)
@@ -156,6 +170,16 @@ class Preemption:
 
 
 preemption = Preemption()
+
+
+def from_rank_zero(value):
+    """``value`` as global rank 0 has it, on every rank (as it is, on a single process)."""
+    if dist.is_available() and dist.is_initialized():
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+    return value
+
 
 # The settings a checkpoint must share with the run that resumes it: they decide the model's
 # structure and which batches come next (the others, such as --steps, may change on a resume).
@@ -172,36 +196,53 @@ RESUME_SETTINGS = {
     "world_size": "the number of processes",
 }
 _CHECKPOINT = re.compile(r"step_(\d+)")
+# A checkpoint is complete once this file is written, last (args.json: before the hidden-folder saves).
+_COMPLETE = ("run.json", "args.json")
+
+
+def _run_file(path: Path) -> Path | None:
+    return next((path / name for name in _COMPLETE if (path / name).is_file()), None)
 
 
 def latest_checkpoint(output_dir) -> Path | None:
-    """The complete checkpoint (``checkpoints/step_<N>`` with the ``run.json`` written last) of the
-    highest step, or None."""
+    """The complete checkpoint (``checkpoints/step_<N>`` with its ``run.json``) of the highest step, or None."""
     complete = [
         path
         for path in Path(output_dir, "checkpoints").glob("step_*")
-        if _CHECKPOINT.fullmatch(path.name) and (path / "run.json").is_file()
+        if _CHECKPOINT.fullmatch(path.name) and _run_file(path)
     ]
     return max(complete, key=lambda path: int(_CHECKPOINT.fullmatch(path.name)[1]), default=None)
 
 
-def checkpoint_to_resume(args, world_size: int) -> Path | None:
-    """The checkpoint ``--resume`` continues from, checked before any work: it must have been saved
-    with the same RESUME_SETTINGS. A training run without ``--resume`` starts afresh: rank 0 moves an
-    earlier run's checkpoints to ``checkpoints.previous`` (replacing older ones there), so that a
-    later ``--resume`` cannot mix them up with this run's."""
+def _tidy(folder: Path) -> None:
+    """Finishes what a process killed while saving left: a partial checkpoint goes; a complete one set
+    aside for a new save of its step comes back if that save never completed."""
+    for partial in folder.glob(".step_*.partial"):
+        shutil.rmtree(partial, ignore_errors=True)
+    for replaced in folder.glob(".step_*.replaced"):
+        path = folder / replaced.name[1 : -len(".replaced")]
+        if path.exists():
+            shutil.rmtree(replaced, ignore_errors=True)
+        else:
+            os.replace(replaced, path)
+
+
+def _resume_decision(args, world_size: int) -> tuple[str | None, str | None]:
+    """Rank 0's part of ``checkpoint_to_resume``: the checkpoint (as a string) or an error message."""
+    folder = Path(args.output_dir, "checkpoints")
+    _tidy(folder)
     checkpoint = latest_checkpoint(args.output_dir)
     if not args.resume:
-        folder = Path(args.output_dir, "checkpoints")
-        if checkpoint is not None and not getattr(args, "test_only", False) and global_rank() == 0:
-            previous = folder.with_name("checkpoints.previous")
-            shutil.rmtree(previous, ignore_errors=True)
-            os.replace(folder, previous)
-            log(f"[Checkpoint] starting afresh (no --resume): the earlier run's checkpoints moved to {previous}")
-        return None
+        if checkpoint is not None and not getattr(args, "test_only", False):
+            aside = folder.with_name(f"checkpoints.{time.strftime('%Y%m%d-%H%M%S')}")
+            os.replace(folder, aside)
+            log(f"[Checkpoint] starting afresh (no --resume): the earlier run's checkpoints moved to {aside}")
+        return None, None
     if checkpoint is None:
-        return None
-    saved = json.loads((checkpoint / "run.json").read_text())
+        if any(folder.glob("step_*")):
+            log(f"[Resume] no complete checkpoint in {folder}: starting afresh")
+        return None, None
+    saved = json.loads(_run_file(checkpoint).read_text())
     current = {**vars(args), "world_size": world_size}
     changed = [
         f"{flag} {saved[key]} (now {current[key]})"
@@ -209,11 +250,27 @@ def checkpoint_to_resume(args, world_size: int) -> Path | None:
         if key in saved and key in current and saved[key] != current[key]
     ]
     if changed:
-        sys.exit(
+        return None, (
             f"error: --resume: {checkpoint} was saved with other settings: {', '.join(changed)}. Resume with "
-            "the same settings, or start afresh (without --resume)"
+            "the same settings, or give another --output-dir"
         )
-    return checkpoint
+    return str(checkpoint), None
+
+
+def checkpoint_to_resume(args, world_size: int) -> Path | None:
+    """The checkpoint ``--resume`` continues from, decided by rank 0 before any work: the latest
+    complete one, which must have been saved with the same RESUME_SETTINGS. A training run without
+    ``--resume`` starts afresh: rank 0 moves an earlier run's checkpoints aside (to
+    ``checkpoints.<date-time>``), so that a later ``--resume`` cannot mix them up with this run's."""
+    checkpoint, error = from_rank_zero(_resume_decision(args, world_size) if global_rank() == 0 else None)
+    if error:
+        sys.exit(error)
+    if checkpoint and not Path(checkpoint).is_dir():
+        sys.exit(
+            f"error: rank {global_rank()}: rank 0 resumes from {checkpoint}, which this process does not see: "
+            "--output-dir must be on a filesystem every node shares"
+        )
+    return Path(checkpoint) if checkpoint else None
 
 
 def load_checkpoint(accelerator, checkpoint: Path, progress) -> None:
@@ -311,46 +368,46 @@ def train(
             accelerator.end_training()
             sys.exit(PREEMPTED_EXIT_CODE)
 
-    exit_if_preempted()  # a signal received during the setup
     model.train()
     samples, started = 0, time.perf_counter()
     bar = tqdm(total=steps, initial=progress.step, unit="step", disable=global_rank() != 0 or not sys.stdout.isatty())
     # From the process's creation, imports included: the launch overhead users wait for.
     log(f"[Train] first step at {time.time() - psutil.Process().create_time():.2f} s after start")
-    for data, target in batches(accelerator, loader, progress.batch):
-        if progress.step >= steps:
-            break
-        with accelerator.accumulate(model):
-            loss = loss_fn(model(data), target)
-            accelerator.backward(loss)
-            optimizer.step()
-            optimizer.zero_grad()
-        progress.batch += 1
-        samples += len(data) * accelerator.num_processes
-        if not accelerator.sync_gradients:
-            continue
-        if scheduler is not None:
-            scheduler.step()
-        progress.step += 1
-        bar.update()
-        if progress.step % log_steps == 0 or progress.step == steps:
-            loss_value = accelerator.reduce(loss.detach(), reduction="mean").item()
-            throughput = samples / (time.perf_counter() - started)
-            line = f"[Train] Step[{progress.step}/{steps}] Loss: {loss_value:.6f}"
-            log(f"{line}, {throughput:.1f} {throughput_unit}" if throughput_unit else line)
-            lr = optimizer.param_groups[0]["lr"]
-            accelerator.log(
-                {"train/loss": loss_value, "train/lr": lr, "train/samples_per_s": throughput}, step=progress.step
-            )
-            samples, started = 0, time.perf_counter()
-        if progress.step >= steps:
-            break
-        exit_if_preempted()  # between optimizer steps only: a checkpoint never holds half-accumulated gradients
-        if checkpoint_steps and progress.step % checkpoint_steps == 0:
-            save_checkpoint(accelerator, output_dir, progress, args)
-        if eval_fn and eval_steps and progress.step % eval_steps == 0:
-            eval_fn()
-            model.train()
+    with preemption.recorded():  # signals wait for the next step boundary
+        for data, target in batches(accelerator, loader, progress.batch):
+            if progress.step >= steps:
+                break
+            with accelerator.accumulate(model):
+                loss = loss_fn(model(data), target)
+                accelerator.backward(loss)
+                optimizer.step()
+                optimizer.zero_grad()
+            progress.batch += 1
+            samples += len(data) * accelerator.num_processes
+            if not accelerator.sync_gradients:
+                continue
+            if scheduler is not None:
+                scheduler.step()
+            progress.step += 1
+            bar.update()
+            if progress.step % log_steps == 0 or progress.step == steps:
+                loss_value = accelerator.reduce(loss.detach(), reduction="mean").item()
+                throughput = samples / (time.perf_counter() - started)
+                line = f"[Train] Step[{progress.step}/{steps}] Loss: {loss_value:.6f}"
+                log(f"{line}, {throughput:.1f} {throughput_unit}" if throughput_unit else line)
+                lr = optimizer.param_groups[0]["lr"]
+                accelerator.log(
+                    {"train/loss": loss_value, "train/lr": lr, "train/samples_per_s": throughput}, step=progress.step
+                )
+                samples, started = 0, time.perf_counter()
+            if progress.step >= steps:
+                break
+            exit_if_preempted()  # between optimizer steps only: a checkpoint never holds half-accumulated gradients
+            if checkpoint_steps and progress.step % checkpoint_steps == 0:
+                save_checkpoint(accelerator, output_dir, progress, args)
+            if eval_fn and eval_steps and progress.step % eval_steps == 0:
+                eval_fn()
+                model.train()
     bar.close()
 
 

@@ -46,18 +46,23 @@ HOOKS = (
 )
 
 
-def _read_path(node: ast.AST, local_names_too: bool) -> str | None:
+def _read_path(node: ast.AST, in_forward: bool) -> str | None:
     """The submodule, relative to ``self``, whose weight ``node.weight`` reads: ``"a.b"`` for
-    ``self.a.b`` (or ``getattr(self, "a").b``), ``"a.*"`` for any under ``self.a`` (``self.a[i]``,
-    ``self.a[i].b``). ``"*"`` (any submodule) for what cannot be told statically, such as a local
-    variable or a loop over submodules, when ``local_names_too``; else None, as for ``self`` itself."""
+    ``self.a.b`` (also ``getattr(self, "a").b`` and ``self.a[1].b`` as ``"a.1.b"``); in ``forward``
+    only, ``"a.*"`` for any under ``self.a`` (``self.a[i]``, ``self.a[-1]``) and ``"*"`` (any
+    submodule) for what cannot be told statically, such as a local variable or a loop over
+    submodules. None for ``self`` itself."""
     parts, anywhere_below = [], False
     while True:
         if isinstance(node, ast.Attribute):
             parts.append(node.attr)
             node = node.value
         elif isinstance(node, ast.Subscript):
-            parts, anywhere_below = [], True
+            index = node.slice
+            if isinstance(index, ast.Constant) and type(index.value) is int and index.value >= 0:
+                parts.append(str(index.value))
+            else:
+                parts, anywhere_below = [], True
             node = node.value
         elif (
             isinstance(node, ast.Call)
@@ -73,22 +78,52 @@ def _read_path(node: ast.AST, local_names_too: bool) -> str | None:
             break
     if isinstance(node, ast.Name) and node.id == "self":
         path = ".".join(reversed(parts))
-        if anywhere_below:
-            return f"{path}.*" if path else "*"
-        return path or None
-    return "*" if local_names_too else None
+        if not anywhere_below:
+            return path or None
+        path = f"{path}.*" if path else "*"
+    else:
+        path = "*"
+    return path if in_forward else None
 
 
-def _forward_reads_weights_without_source(klass: type) -> bool:
-    """Whether ``klass.forward``'s bytecode (nested functions included) reads any ``weight``/``bias``."""
-    code = getattr(klass.__dict__.get("forward"), "__code__", None)
-    stack = [code] if code else []
-    while stack:
-        code = stack.pop()
-        if any(i.opname.startswith("LOAD_ATTR") and i.argval in ("weight", "bias") for i in dis.get_instructions(code)):
-            return True
-        stack.extend(const for const in code.co_consts if isinstance(const, types.CodeType))
-    return False
+def _source_reads(function: ast.FunctionDef) -> set[str]:
+    """``_read_path`` of every weight or bias that ``function`` reads (even only for its dtype: the
+    replacement has no ``weight``)."""
+    parameters = {arg.arg for arg in ast.walk(function.args) if isinstance(arg, ast.arg)} - {"self"}
+    paths = set()
+    for node in ast.walk(function):
+        if isinstance(node, ast.Attribute) and node.attr in ("weight", "bias"):
+            if isinstance(node.value, ast.Name) and node.value.id in parameters:
+                continue  # a module given to a helper, e.g. an initialiser
+            path = _read_path(node.value, function.name == "forward")
+            if path:
+                paths.add(path)
+    return paths
+
+
+def _bytecode_reads(function) -> set[str]:
+    """``_source_reads`` of a ``forward`` whose source is unavailable, from its bytecode (nested
+    functions included): ``self.a.b.weight`` gives ``"a.b"``, any other weight read ``"*"``."""
+    paths, codes = set(), [function.__code__]
+    while codes:
+        code = codes.pop()
+        chain = None  # the attributes loaded since `self`
+        for instruction in dis.get_instructions(code):
+            name = instruction.argval
+            if instruction.opname in ("LOAD_FAST", "LOAD_DEREF", "LOAD_FAST_CHECK") and name == "self":
+                chain = []
+            elif instruction.opname.startswith(("LOAD_ATTR", "LOAD_METHOD")) and name in ("weight", "bias"):
+                if chain is None:
+                    paths.add("*")
+                elif chain:
+                    paths.add(".".join(chain))
+                chain = None
+            elif instruction.opname.startswith(("LOAD_ATTR", "LOAD_METHOD")) and chain is not None:
+                chain.append(name)
+            else:
+                chain = None
+        codes.extend(const for const in code.co_consts if isinstance(const, types.CodeType))
+    return paths
 
 
 @functools.cache
@@ -97,28 +132,29 @@ def _paths_with_direct_weight_use(cls: type) -> frozenset[str]:
     ``bias`` a method of ``cls`` (other than ``__init__``) reads directly, e.g. ``{"out_proj"}`` for
     ``nn.MultiheadAttention``, which passes ``self.out_proj.weight`` to a functional instead of calling
     ``self.out_proj``. Replacing such a submodule would break its owner, so it is left alone. Reads
-    through a variable count in ``forward`` only (elsewhere they are mostly initialisation helpers
-    given a module); for a class without source, ``"*"`` when its ``forward`` reads any weight."""
+    that cannot be told statically count in ``forward`` only (elsewhere they are mostly initialisers);
+    a method whose source is unavailable (a class defined in ``python -c``, some notebooks) is read
+    from its bytecode when it is ``forward``."""
     paths = set()
     for klass in cls.__mro__:
         if klass in (nn.Module, object):
             continue
         try:
-            tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
+            functions = [ast.parse(textwrap.dedent(inspect.getsource(klass)))]
         except (OSError, TypeError, SyntaxError):
-            if _forward_reads_weights_without_source(klass):
-                paths.add("*")
-            continue
-        for function in ast.walk(tree):
-            if not isinstance(function, (ast.FunctionDef, ast.AsyncFunctionDef)) or function.name == "__init__":
-                continue
-            parameters = {arg.arg for arg in ast.walk(function.args) if isinstance(arg, ast.arg)}
-            for node in ast.walk(function):
-                if isinstance(node, ast.Attribute) and node.attr in ("weight", "bias"):
-                    base_is_parameter = isinstance(node.value, ast.Name) and node.value.id in parameters - {"self"}
-                    path = _read_path(node.value, function.name == "forward" and not base_is_parameter)
-                    if path:
-                        paths.add(path)
+            functions = []
+            for name, member in vars(klass).items():
+                if not inspect.isfunction(member) or name == "__init__":
+                    continue
+                try:
+                    functions.append(ast.parse(textwrap.dedent(inspect.getsource(member))))
+                except (OSError, TypeError, SyntaxError):
+                    if name == "forward":
+                        paths |= _bytecode_reads(member)
+        for tree in functions:
+            for function in ast.walk(tree):
+                if isinstance(function, (ast.FunctionDef, ast.AsyncFunctionDef)) and function.name != "__init__":
+                    paths |= _source_reads(function)
     return frozenset(paths)
 
 

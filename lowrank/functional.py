@@ -38,11 +38,12 @@ GRAM_BLOCKS = 4
 
 
 def _gram(matrix: torch.Tensor) -> torch.Tensor:
-    """The lower triangle of M Mᵀ (zeros above the diagonal), for ``torch.linalg.eigh``/``eigvalsh``,
-    which read the lower triangle alone. Pass ``M.T`` for Mᵀ M."""
+    """M Mᵀ for ``torch.linalg.eigh``/``eigvalsh``, which read its lower triangle alone: only the blocks
+    on and below the diagonal are computed (zeros above them), so it is not for other uses. Pass ``M.T``
+    for Mᵀ M."""
     size = matrix.shape[0]
     gram = matrix.new_zeros(size, size)
-    step = -(-size // GRAM_BLOCKS)
+    step = max(1, -(-size // GRAM_BLOCKS))
     for start in range(0, size, step):
         stop = min(start + step, size)
         torch.mm(matrix[start:stop], matrix[:stop].T, out=gram[start:stop, :stop])

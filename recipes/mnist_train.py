@@ -43,6 +43,7 @@ from launch.runner import (
     create_accelerator,
     evaluate,
     finish,
+    from_rank_zero,
     load_checkpoint,
     log_decomposition,
     model_cost,
@@ -110,9 +111,10 @@ def main(args):
         log_decomposition(accelerator, dense, cost, changes, seconds, example_input, args.decompose_info_path)
 
     # The AMCT sample's sampler seeds itself from the global RNG at its first batch, after the model's
-    # initialisation. The same seed, drawn here for a sampler that Accelerate keeps in step on every
-    # process, gives the same batches (and the same results) on one process as on several.
-    shuffle = ShuffleByEpoch(train_set, seed=int(torch.empty((), dtype=torch.int64).random_().item()))
+    # initialisation. The same seed, drawn here (rank 0's, on every process), gives the same batches
+    # (and the same results) on one process as on several.
+    seed = from_rank_zero(int(torch.empty((), dtype=torch.int64).random_().item()))
+    shuffle = ShuffleByEpoch(train_set, seed=seed)
     train_loader = torch.utils.data.DataLoader(
         train_set, batch_size=args.train_batch_size, sampler=shuffle, drop_last=True
     )

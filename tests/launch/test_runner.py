@@ -3,12 +3,16 @@
 import argparse
 import itertools
 import json
+import os
+import signal
 
 import pytest
 import torch
 from accelerate import Accelerator
 
 from launch.runner import (
+    PREEMPTED_EXIT_CODE,
+    Preemption,
     Progress,
     ShuffleByEpoch,
     batches,
@@ -88,7 +92,26 @@ def test_a_fresh_run_moves_the_earlier_checkpoints_aside(trainer, tmp_path):
     assert latest_checkpoint(tmp_path) is not None  # evaluating only leaves them
     assert checkpoint_to_resume(run_args(tmp_path, resume=False), world_size=1) is None
     assert latest_checkpoint(tmp_path) is None
-    assert (tmp_path / "checkpoints.previous" / "step_5" / "run.json").is_file()
+    (aside,) = tmp_path.glob("checkpoints.*")
+    assert (aside / "step_5" / "run.json").is_file()  # moved, never deleted
+
+
+def test_a_save_killed_between_its_renames_leaves_the_earlier_checkpoint(trainer, tmp_path):
+    accelerator, _, progress = trainer
+    progress.step = 4
+    path = save_checkpoint(accelerator, tmp_path, progress, run_args(tmp_path))
+    path.rename(path.with_name(".step_4.replaced"))  # killed after setting it aside, before the new one came
+    path.with_name(".step_4.partial").mkdir()
+    assert checkpoint_to_resume(run_args(tmp_path), world_size=1) == path
+    assert sorted(p.name for p in path.parent.iterdir()) == ["step_4"]
+
+
+def test_checkpoints_of_the_previous_release_resume(trainer, tmp_path):
+    accelerator, _, progress = trainer
+    progress.step = 3
+    path = save_checkpoint(accelerator, tmp_path, progress, run_args(tmp_path))
+    (path / "run.json").rename(path / "args.json")  # what the previous release wrote
+    assert checkpoint_to_resume(run_args(tmp_path), world_size=1) == path
 
 
 def test_a_training_set_without_a_full_batch_per_process_is_named():
@@ -118,3 +141,19 @@ def test_a_resumed_run_sees_the_batches_the_uninterrupted_one_would_have():
     # Epoch 0 is a RandomSampler's order under the same seed (the MNIST recipe's results stay the same).
     order = list(torch.utils.data.RandomSampler(dataset, generator=torch.Generator().manual_seed(3)))
     assert sum(uninterrupted[:5], []) == order
+
+
+def test_a_signal_waits_for_the_step_boundary_in_training_and_stops_the_process_elsewhere():
+    handlers = {signum: signal.getsignal(signum) for signum in Preemption.SIGNALS}
+    try:
+        preemption = Preemption()
+        preemption.install()
+        with preemption.recorded():
+            os.kill(os.getpid(), signal.SIGUSR1)
+            assert preemption.received == "SIGUSR1"  # remembered, acted on at the next step
+        with pytest.raises(SystemExit) as stopped:
+            os.kill(os.getpid(), signal.SIGTERM)  # e.g. during the decomposition or an evaluation
+        assert stopped.value.code == PREEMPTED_EXIT_CODE
+    finally:
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)

@@ -203,14 +203,28 @@ class ThroughLoop(nn.Module):
             nn.init.xavier_uniform_(block.weight, gain)
 
 
+class ReadsAnIndexOutsideForward(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList([nn.Linear(64, 64), nn.Linear(64, 64)])
+        self.head = nn.Linear(64, 64)
+
+    def get_dtype(self):  # as vision towers do (the replacement has no weight to read the dtype of)
+        return self.blocks[0].weight.dtype
+
+    def forward(self, x):
+        return self.head(self.blocks[1](self.blocks[0](x.to(self.get_dtype()))))
+
+
 NO_SOURCE = """
 class NoSource(nn.Module):
     def __init__(self):
         super().__init__()
         self.enc = nn.Linear(64, 64)
+        self.body = nn.Linear(64, 64)
 
     def forward(self, x):
-        return nn.functional.linear(self.enc(x), self.enc.weight.t())
+        return nn.functional.linear(self.enc(self.body(x)), self.enc.weight.t())
 """
 
 
@@ -221,9 +235,10 @@ class NoSource(nn.Module):
         (ThroughAlias, []),
         (ThroughGetattr, []),
         (ThroughLoop, []),
-        (lambda: exec(NO_SOURCE, vars(nn) | {"nn": nn}, namespace := {}) or namespace["NoSource"](), []),
+        (ReadsAnIndexOutsideForward, ["blocks.1", "head"]),
+        (lambda: exec(NO_SOURCE, vars(nn) | {"nn": nn}, namespace := {}) or namespace["NoSource"](), ["body"]),
     ],
-    ids=["subscript", "alias", "getattr", "loop", "no source"],
+    ids=["subscript", "alias", "getattr", "loop", "index outside forward", "no source"],
 )
 def test_weights_read_by_the_owner_in_any_form_keep_the_layer(make, kept):
     model = make()
