@@ -61,6 +61,14 @@ def main():
     }
     (results / f"{rank}.json").write_text(json.dumps(result))
     dist.destroy_process_group()
+    # Skips the interpreter's finalization: a gloo worker thread may still be releasing the last
+    # collective's tensors, and one that needs the GIL once finalization has begun aborts the process
+    # ("terminate called without an active exception"; a core dump shows
+    # ProcessGroupGloo::runLoop -> ~AsyncAllgatherWork -> take_gil -> pthread_exit), 1 run in 10-30
+    # on a loaded machine. pytorch/pytorch#190489.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":
