@@ -359,15 +359,6 @@ def train(
     ``gradient_accumulation_steps`` batches each). ``eval_fn()`` runs every ``eval_steps`` steps before
     the last; ``throughput_unit`` (e.g. "images/s") adds the throughput to the log line. Returns
     normally, or exits with PREEMPTED_EXIT_CODE after saving a checkpoint when the job is preempted."""
-
-    def exit_if_preempted():
-        if preemption.requested(accelerator):
-            path = save_checkpoint(accelerator, output_dir, progress, args)
-            cause = preemption.received or "signal on another rank"
-            log(f"[Preempted] {cause}: checkpoint saved to {path}, exiting with {PREEMPTED_EXIT_CODE}")
-            accelerator.end_training()
-            sys.exit(PREEMPTED_EXIT_CODE)
-
     model.train()
     samples, started = 0, time.perf_counter()
     bar = tqdm(total=steps, initial=progress.step, unit="step", disable=global_rank() != 0 or not sys.stdout.isatty())
@@ -402,7 +393,13 @@ def train(
                 samples, started = 0, time.perf_counter()
             if progress.step >= steps:
                 break
-            exit_if_preempted()  # between optimizer steps only: a checkpoint never holds half-accumulated gradients
+            # Between optimizer steps only, so that a checkpoint never holds half-accumulated gradients.
+            if preemption.requested(accelerator):
+                path = save_checkpoint(accelerator, output_dir, progress, args)
+                cause = preemption.received or "signal on another rank"
+                log(f"[Preempted] {cause}: checkpoint saved to {path}, exiting with {PREEMPTED_EXIT_CODE}")
+                accelerator.end_training()
+                sys.exit(PREEMPTED_EXIT_CODE)
             if checkpoint_steps and progress.step % checkpoint_steps == 0:
                 save_checkpoint(accelerator, output_dir, progress, args)
             if eval_fn and eval_steps and progress.step % eval_steps == 0:
