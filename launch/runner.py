@@ -20,6 +20,7 @@ Accelerate's ``process_index`` is 0 on every rank).
 
 import contextlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -398,8 +399,7 @@ def train(
                 path = save_checkpoint(accelerator, output_dir, progress, args)
                 cause = preemption.received or "signal on another rank"
                 log(f"[Preempted] {cause}: checkpoint saved to {path}, exiting with {PREEMPTED_EXIT_CODE}")
-                accelerator.end_training()
-                sys.exit(PREEMPTED_EXIT_CODE)
+                end_run(accelerator, PREEMPTED_EXIT_CODE)
             if checkpoint_steps and progress.step % checkpoint_steps == 0:
                 save_checkpoint(accelerator, output_dir, progress, args)
             if eval_fn and eval_steps and progress.step % eval_steps == 0:
@@ -455,7 +455,27 @@ def finish(accelerator, model, progress, args, results: dict) -> None:
         if args.save_path:
             save_state_dict(state_dict, args.save_path)
             log(f"Weights saved to {args.save_path}")
+    end_run(accelerator)
+
+
+def end_run(accelerator, code: int = 0) -> None:
+    """Ends the trackers and the process group, then exits with ``code`` unless it is 0 and there is a
+    single process, which returns.
+
+    A multi-process run ends its process here, its output flushed, without the interpreter's
+    finalization: a gloo worker thread still releasing a collective's tensors when finalization
+    begins aborts the process ("terminate called without an active exception", exit -6) now and then,
+    after all the work is done, and a scheduler would count the job as failed. destroy_process_group
+    cannot stop those threads while the prepared model keeps the group (pytorch/pytorch#190489)."""
+    multi_process = accelerator.num_processes > 1
     accelerator.end_training()
+    if multi_process:
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    if code:
+        sys.exit(code)
 
 
 def log_decomposition(accelerator, dense_model, cost, changes, seconds, example_input, info_path=None) -> dict:

@@ -67,6 +67,7 @@ from launch.runner import (
     check_train_batches,
     checkpoint_to_resume,
     create_accelerator,
+    end_run,
     evaluate,
     finish,
     load_checkpoint,
@@ -265,7 +266,7 @@ def main(args):
     evaluate_model = functools.partial(evaluate, accelerator, model, val_loader, loss_fn=F.cross_entropy, top5=True)
     if args.test_only:
         evaluate_model(step=progress.step)
-        accelerator.end_training()
+        end_run(accelerator)
         return
     train(
         accelerator,

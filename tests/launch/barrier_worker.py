@@ -52,23 +52,23 @@ def main():
         failure = {"rank": rank, "error": f"{type(error).__name__}: {error}", "seconds": time.monotonic() - start}
         (results / f"{rank}.json").write_text(json.dumps(failure))
         sys.exit(1)
+    dist.destroy_process_group()
     result = {
         "rank": rank,
         "changes": changes,
         "reused": reused,
         "digest": parameters_digest(model),
         "pid": os.getpid(),
+        # gloo's threads left running race the interpreter's exit (see launch/__init__.py)
+        "gloo_threads_after_destroy": gloo_threads(),
     }
     (results / f"{rank}.json").write_text(json.dumps(result))
-    dist.destroy_process_group()
-    # Skips the interpreter's finalization: a gloo worker thread may still be releasing the last
-    # collective's tensors, and one that needs the GIL once finalization has begun aborts the process
-    # ("terminate called without an active exception"; a core dump shows
-    # ProcessGroupGloo::runLoop -> ~AsyncAllgatherWork -> take_gil -> pthread_exit), 1 run in 10-30
-    # on a loaded machine. pytorch/pytorch#190489.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+
+
+def gloo_threads() -> int:
+    return sum(
+        Path(f"/proc/self/task/{task}/comm").read_text().startswith("pt_gloo") for task in os.listdir("/proc/self/task")
+    )
 
 
 if __name__ == "__main__":
