@@ -47,7 +47,7 @@ HOOKS = (
 
 
 def _read_path(node: ast.AST, in_forward: bool) -> str | None:
-    """The submodule, relative to ``self``, whose weight ``node.weight`` reads: ``"a.b"`` for
+    """The submodule, relative to ``self``, that ``node`` designates: ``"a.b"`` for
     ``self.a.b`` (also ``getattr(self, "a").b`` and ``self.a[1].b`` as ``"a.1.b"``); in ``forward``
     only, ``"a.*"`` for any under ``self.a`` (``self.a[i]``, ``self.a[-1]``) and ``"*"`` (any
     submodule) for what cannot be told statically, such as a local variable or a loop over
@@ -86,25 +86,43 @@ def _read_path(node: ast.AST, in_forward: bool) -> str | None:
     return path if in_forward else None
 
 
-def _source_reads(function: ast.FunctionDef) -> set[str]:
-    """``_read_path`` of every weight or bias that ``function`` reads (even only for its dtype: the
-    replacement has no ``weight``)."""
+# Attributes that the replacement (an nn.Sequential) has too: an owner may read those.
+REPLACEMENT_ATTRIBUTES = frozenset(dir(nn.Sequential()))
+WEIGHT_READ = "reads its weights directly"
+
+
+def _source_uses(function: ast.FunctionDef) -> set[tuple[str, str]]:
+    """``(path, use)`` for each submodule of ``self`` that ``function`` uses other than by calling it:
+    reading an attribute the replacement lacks (``self.a.weight``, even only for its dtype, or
+    ``self.a.kernel_size``) or passing it to a function (``head(self.a, x)``). Paths as in
+    ``_read_path``; wildcards for weights only (other attributes of that name are read off tensors
+    and configs everywhere)."""
     parameters = {arg.arg for arg in ast.walk(function.args) if isinstance(arg, ast.arg)} - {"self"}
-    paths = set()
+    in_forward = function.name == "forward"
+    uses = set()
     for node in ast.walk(function):
-        if isinstance(node, ast.Attribute) and node.attr in ("weight", "bias"):
-            if isinstance(node.value, ast.Name) and node.value.id in parameters:
+        if isinstance(node, ast.Attribute) and node.attr not in REPLACEMENT_ATTRIBUTES:
+            if node.attr not in ("weight", "bias"):
+                path, use = _read_path(node.value, in_forward=False), f"reads its {node.attr!r}"
+            elif isinstance(node.value, ast.Name) and node.value.id in parameters:
                 continue  # a module given to a helper, e.g. an initialiser
-            path = _read_path(node.value, function.name == "forward")
+            else:
+                path, use = _read_path(node.value, in_forward), WEIGHT_READ
             if path:
-                paths.add(path)
-    return paths
+                uses.add((path, use))
+        elif isinstance(node, ast.Call):
+            for argument in [*node.args, *(keyword.value for keyword in node.keywords)]:
+                path = _read_path(argument, in_forward=False)
+                if path:
+                    uses.add((path, f"passes it to {ast.unparse(node.func)}()"))
+    return uses
 
 
-def _bytecode_reads(function) -> set[str]:
-    """``_source_reads`` of a ``forward`` whose source is unavailable, from its bytecode (nested
-    functions included): ``self.a.b.weight`` gives ``"a.b"``, any other weight read ``"*"``."""
-    paths, codes = set(), [function.__code__]
+def _bytecode_uses(function) -> set[tuple[str, str]]:
+    """``_source_uses`` of a ``forward`` whose source is unavailable, from its bytecode (nested
+    functions included), attribute reads only: ``self.a.b.weight`` gives ``("a.b", WEIGHT_READ)``,
+    any other weight read ``("*", WEIGHT_READ)``."""
+    uses, codes = set(), [function.__code__]
     while codes:
         code = codes.pop()
         chain = None  # the attributes loaded since `self`
@@ -112,30 +130,29 @@ def _bytecode_reads(function) -> set[str]:
             name = instruction.argval
             if instruction.opname in ("LOAD_FAST", "LOAD_DEREF", "LOAD_FAST_CHECK") and name == "self":
                 chain = []
-            elif instruction.opname.startswith(("LOAD_ATTR", "LOAD_METHOD")) and name in ("weight", "bias"):
-                if chain is None:
-                    paths.add("*")
-                elif chain:
-                    paths.add(".".join(chain))
-                chain = None
-            elif instruction.opname.startswith(("LOAD_ATTR", "LOAD_METHOD")) and chain is not None:
-                chain.append(name)
+            elif instruction.opname.startswith(("LOAD_ATTR", "LOAD_METHOD")):
+                weight = name in ("weight", "bias")
+                if weight and chain is None:
+                    uses.add(("*", WEIGHT_READ))
+                elif chain and name not in REPLACEMENT_ATTRIBUTES:
+                    uses.add((".".join(chain), WEIGHT_READ if weight else f"reads its {name!r}"))
+                chain = None if chain is None or weight else [*chain, name]
             else:
                 chain = None
         codes.extend(const for const in code.co_consts if isinstance(const, types.CodeType))
-    return paths
+    return uses
 
 
 @functools.cache
-def _paths_with_direct_weight_use(cls: type) -> frozenset[str]:
-    """Submodule paths (``"a.b"``, ``"a.*"`` for any below ``a``, ``"*"`` for any) whose ``weight`` or
-    ``bias`` a method of ``cls`` (other than ``__init__``) reads directly, e.g. ``{"out_proj"}`` for
-    ``nn.MultiheadAttention``, which passes ``self.out_proj.weight`` to a functional instead of calling
-    ``self.out_proj``. Replacing such a submodule would break its owner, so it is left alone. Reads
-    that cannot be told statically count in ``forward`` only (elsewhere they are mostly initialisers);
-    a method whose source is unavailable (a class defined in ``python -c``, some notebooks) is read
-    from its bytecode when it is ``forward``."""
-    paths = set()
+def _direct_uses(cls: type) -> frozenset[tuple[str, str]]:
+    """``_source_uses`` of every method of ``cls`` but ``__init__``: submodules that it uses other than
+    by calling them, e.g. ``("out_proj", WEIGHT_READ)`` for ``nn.MultiheadAttention``, which passes
+    ``self.out_proj.weight`` to a functional instead of calling ``self.out_proj``. Replacing such a
+    submodule would break its owner, so it is left alone. Weight reads that cannot be told statically
+    count in ``forward`` only (elsewhere they are mostly initialisers); a method whose source is
+    unavailable (a class defined in ``python -c``, some notebooks) is read from its bytecode when it
+    is ``forward``."""
+    uses = set()
     for klass in cls.__mro__:
         if klass in (nn.Module, object):
             continue
@@ -150,19 +167,20 @@ def _paths_with_direct_weight_use(cls: type) -> frozenset[str]:
                     functions.append(ast.parse(textwrap.dedent(inspect.getsource(member))))
                 except (OSError, TypeError, SyntaxError):
                     if name == "forward":
-                        paths |= _bytecode_reads(member)
+                        uses |= _bytecode_uses(member)
         for tree in functions:
             for function in ast.walk(tree):
                 if isinstance(function, (ast.FunctionDef, ast.AsyncFunctionDef)) and function.name != "__init__":
-                    paths |= _source_reads(function)
-    return frozenset(paths)
+                    uses |= _source_uses(function)
+    return frozenset(uses)
 
 
-def _reads_weights_of(owner: type, path: str) -> bool:
-    return any(
-        path == read or (read.endswith("*") and path.startswith(read[:-1]))
-        for read in _paths_with_direct_weight_use(owner)
-    )
+def _direct_use(owner: type, path: str) -> str | None:
+    """How ``owner`` uses its submodule at ``path`` other than by calling it, if it does."""
+    for used, use in sorted(_direct_uses(owner)):
+        if path == used or (used.endswith("*") and path.startswith(used[:-1])):
+            return use
+    return None
 
 
 def _scan(model: nn.Module) -> tuple[dict[str, nn.Module], dict[str, str]]:
@@ -194,8 +212,9 @@ def _why_not(model, name, module, names_of, owners) -> str | None:
     parts = name.split(".")
     for depth in range(len(parts)):
         owner = model.get_submodule(".".join(parts[:depth]))
-        if _reads_weights_of(type(owner), ".".join(parts[depth:])):
-            return f"{type(owner).__name__} reads its weights directly instead of calling it"
+        use = _direct_use(type(owner), ".".join(parts[depth:]))
+        if use:
+            return f"{type(owner).__name__} {use} instead of only calling it"
     if isinstance(module.weight, nn.parameter.UninitializedParameter):
         return "its weights are not initialised yet (lazy module)"
     if parametrize.is_parametrized(module):
@@ -364,15 +383,16 @@ def _apply(model: nn.Module, replacements: list[Replacement]) -> dict[str, list[
     return changes
 
 
-def _make_policy(options: dict) -> RankPolicy:
-    try:
-        return RankPolicy(**options)
-    except TypeError:
-        valid = [name for name in RankPolicy.__dataclass_fields__ if name != "default"]
-        unknown = sorted(set(options) - set(valid))
+def _make_policy(options: dict, valid_extra: tuple[str, ...] = ("method",)) -> RankPolicy:
+    """RankPolicy(**options), an unknown option named with the valid ones (and ``valid_extra``, the
+    caller's own keywords)."""
+    valid = [name for name in RankPolicy.__dataclass_fields__ if name != "default"]
+    unknown = sorted(set(options) - set(valid))
+    if unknown:
         raise ValueError(
-            f"unknown policy option(s) {', '.join(unknown)}; valid options: method, {', '.join(valid)}"
-        ) from None
+            f"unknown policy option(s) {', '.join(unknown)}; valid options: {', '.join([*valid_extra, *valid])}"
+        )
+    return RankPolicy(**options)
 
 
 def _check_method(method: str) -> str:
@@ -473,7 +493,11 @@ class Decompose:
         self.policy = None
 
     def _set(self, **options) -> "Decompose":
-        self.policy = _make_policy(options)
+        if "method" in options:
+            raise ValueError(
+                f"Decompose takes the method when it is built: Decompose(model, method={options['method']!r})"
+            )
+        self.policy = _make_policy(options, valid_extra=())
         return self
 
     def from_ratio(self, ratio: float, ratio_of: str = "flops", **options) -> "Decompose":
@@ -514,12 +538,13 @@ class Decompose:
                 f"{self.config_file}: expected a JSON object of policy options, got {type(document).__name__}"
             )
         document = dict(document)
-        if "method" in document:
-            self.method = _check_method(document.pop("method"))
         try:
-            return self._set(**document, **options)
+            method = _check_method(document.pop("method", self.method))
+            self._set(**document, **options)
         except ValueError as error:
             raise ValueError(f"{self.config_file}: {error}") from None
+        self.method = method
+        return self
 
     def decompose_network(self, do_decompose_weight: bool = True) -> nn.Module:
         """A decomposed copy of the model. With ``do_decompose_weight=False`` only the structure is

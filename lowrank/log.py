@@ -17,6 +17,7 @@ LEVELS = {
     "error": logging.ERROR,
     "critical": logging.CRITICAL,
 }
+ALIASES = {"warn": "warning", "fatal": "critical"}  # as the logging module accepts them
 
 logger = logging.getLogger("lowrank")
 
@@ -30,8 +31,10 @@ class _Formatter(logging.Formatter):
 def _level(level) -> int:
     if isinstance(level, int) and not isinstance(level, bool):
         return level
-    if isinstance(level, str) and level.lower() in LEVELS:
-        return LEVELS[level.lower()]
+    if isinstance(level, str):
+        name = level.strip().lower()
+        if ALIASES.get(name, name) in LEVELS:
+            return LEVELS[ALIASES.get(name, name)]
     raise ValueError(f"unknown log level {level!r}; valid levels: {', '.join(LEVELS)}")
 
 
@@ -46,7 +49,12 @@ def _configure():
     handler.setFormatter(_Formatter())
     logger.addHandler(handler)
     logger.propagate = False
-    set_logger_level(os.environ.get(LEVEL_ENV, "info"))
+    # A bad value must not make the library unimportable (an empty one is common in job scripts).
+    try:
+        set_logger_level(os.environ.get(LEVEL_ENV, "").strip() or "info")
+    except ValueError as error:
+        set_logger_level("info")
+        logger.warning(f"{LEVEL_ENV}: {error}; logging at info")
 
 
 _configure()

@@ -16,7 +16,8 @@ rule for those layers, or to ``None`` to leave them alone; ``exclude`` lists exp
 to leave alone. With no rule and no ``layers``, the default rule is ``ratio=DEFAULT_RATIO``.
 
 Automatic rules (ratio, energy, vbmf, latency) round ranks to a multiple of ``divisor`` (down for
-ratio and latency, to stay within budget; up for energy and vbmf, to keep at least what was asked) and
+ratio and latency, to stay within budget, leaving alone a layer whose budget is below one divisor; up
+for energy and vbmf, to keep at least what was asked) and
 leave a layer alone when a rank would fall below ``min_rank`` (or its full rank, when smaller): a
 handful of directions cannot carry a layer such as the first conv of a network on 1 input channel or
 a 10-class classifier.
@@ -25,6 +26,7 @@ fewer parameters and fewer multiply-adds than the dense layer.
 """
 
 import math
+import numbers
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -52,15 +54,23 @@ class Rule:
         return "vbmf" if self.kind == "vbmf" else f"{self.kind}={self.value}"
 
 
-def _check_fraction(name, value, hint=""):
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
+def _is_int(value) -> bool:
+    """Python and NumPy integers, not bools (NumPy's are not Integral)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _fraction(name, value, hint="") -> float:
+    if not (isinstance(value, numbers.Real) and not isinstance(value, bool) and 0 < value <= 1):
         raise ValueError(f"{name} must be a number in (0, 1]{hint}, got {value!r}")
+    return float(value)
 
 
-def _check_rank(value):
+def _ranks(value, where):
+    """A positive int or a tuple of them (Python ints, for the info file)."""
     ranks = value if isinstance(value, (list, tuple)) else (value,)
-    if not ranks or any(isinstance(r, bool) or not isinstance(r, int) or r < 1 for r in ranks):
-        raise ValueError(f"rank must be a positive int or a sequence of positive ints, got {value!r}")
+    if not ranks or any(not _is_int(r) or r < 1 for r in ranks):
+        raise ValueError(f"{where}rank must be a positive int or a sequence of positive ints, got {value!r}")
+    return tuple(int(r) for r in ranks) if isinstance(value, (list, tuple)) else int(value)
 
 
 def make_rule(spec, where: str) -> Rule | None:
@@ -68,14 +78,12 @@ def make_rule(spec, where: str) -> Rule | None:
     dict with one of RULES and optionally ``method``. ``where`` names the value in errors."""
     if spec is None:
         return None
-    if isinstance(spec, bool):
+    if isinstance(spec, bool) or not isinstance(spec, (numbers.Real, Mapping)):
         raise ValueError(f"{where}: expected a rank, a ratio, a dict or None, got {spec!r}")
-    if isinstance(spec, int):
+    if _is_int(spec):
         spec = {"rank": spec}
-    elif isinstance(spec, float):
+    elif isinstance(spec, numbers.Real):
         spec = {"ratio": spec}
-    if not isinstance(spec, Mapping):
-        raise ValueError(f"{where}: expected a rank, a ratio, a dict or None, got {spec!r}")
     unknown = set(spec) - set(RULES) - {"method"}
     given = [kind for kind in RULES if kind in spec and _given(spec[kind])]
     if unknown or len(given) != 1:
@@ -85,12 +93,13 @@ def make_rule(spec, where: str) -> Rule | None:
     kind = given[0]
     value = spec[kind]
     if kind == "rank":
-        _check_rank(value)
-        value = tuple(value) if isinstance(value, (list, tuple)) else value
+        value = _ranks(value, f"{where}: ")
     elif kind in ("ratio", "energy"):
-        _check_fraction(f"{where}: {kind}", value)
+        value = _fraction(f"{where}: {kind}", value)
     elif kind == "latency":
-        _check_fraction(f"{where}: latency", value, " (the fraction of the dense layer's time: 0.5 asks for 2x faster)")
+        value = _fraction(
+            f"{where}: latency", value, " (the fraction of the dense layer's time: 0.5 asks for 2x faster)"
+        )
     elif value is not True:
         raise ValueError(f"{where}: vbmf must be True, got {value!r}")
     method = spec.get("method")
@@ -124,10 +133,13 @@ class RankPolicy:
             raise ValueError(f"ratio_of must be one of {', '.join(RATIO_OF)}, got {self.ratio_of!r}")
         for name in ("divisor", "min_rank"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            if not _is_int(value) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
-        if isinstance(self.exclude, str):
-            self.exclude = [self.exclude]
+            setattr(self, name, int(value))
+        if self.exclude is None or isinstance(self.exclude, str):
+            self.exclude = [self.exclude] if self.exclude else []
+        if not isinstance(self.exclude, (list, tuple)):
+            raise ValueError(f"exclude must be a regular expression or a list of them, got {self.exclude!r}")
         self._exclude = [_compile(pattern, "exclude") for pattern in self.exclude]
         if self.layers is not None and not isinstance(self.layers, Mapping):
             raise ValueError(f"layers must be a dict of regular expression -> rule, got {self.layers!r}")
@@ -196,7 +208,10 @@ class RankPolicy:
                 ranks = self._ratio_ranks(method, layer, rule.value)
                 if ranks is None:
                     return None, f"no rank fits {rule}"
-                ranks = self._round_down(ranks, full)
+                rounded = self._round_down(ranks, full)
+                if 0 in rounded:
+                    return None, f"{rule} gives rank {_show(ranks)}, below divisor {self.divisor}"
+                ranks = rounded
             else:
                 if layer.weight.is_meta:
                     raise ValueError(
@@ -267,10 +282,9 @@ class RankPolicy:
         return ranks, ""
 
     def _round_down(self, ranks, full):
-        """``ranks`` rounded down to a multiple of ``divisor`` (never to 0), where the full rank allows."""
-        return tuple(
-            max(self.divisor, r // self.divisor * self.divisor) if f >= self.divisor else r for r, f in zip(ranks, full)
-        )
+        """``ranks`` rounded down to a multiple of ``divisor`` (0 below it: rounding up would break the
+        budget), where the full rank allows."""
+        return tuple(r // self.divisor * self.divisor if f >= self.divisor else r for r, f in zip(ranks, full))
 
     def _ratio_ranks(self, method, layer, ratio):
         """Largest ranks, scaled together with the full ranks, whose cost fits ``ratio`` of the dense one."""
@@ -299,6 +313,8 @@ def _given(value) -> bool:
 
 
 def _compile(pattern, where):
+    if not isinstance(pattern, str):  # also a compiled one: the info file records the policy as text
+        raise ValueError(f"{where}: expected a regular expression as a string, got {pattern!r}")
     try:
         return re.compile(pattern)
     except (re.error, TypeError) as error:
@@ -306,7 +322,16 @@ def _compile(pattern, where):
 
 
 def _describe(value):
-    return list(value) if isinstance(value, tuple) else value
+    """A user's rule as JSON: NumPy numbers as Python ones, tuples as lists."""
+    if isinstance(value, Mapping):
+        return {key: _describe(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_describe(item) for item in value]
+    if _is_int(value):
+        return int(value)
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        return float(value)
+    return value
 
 
 def _show(ranks):

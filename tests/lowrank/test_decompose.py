@@ -95,6 +95,18 @@ def test_decompose_from_file(net, tmp_path):
         lowrank.Decompose(net, config_file=config).from_file()
     with pytest.raises(ValueError, match="needs Decompose\\(model, config_file=...\\)"):
         lowrank.Decompose(net).from_file()
+    config.write_text(json.dumps({"method": "cp", "ratio": 0.5}))
+    decomposer = lowrank.Decompose(net, config_file=config)
+    with pytest.raises(ValueError, match="policy.json: unknown method 'cp'"):
+        decomposer.from_file()
+    config.write_text(json.dumps({"method": "spatial", "ratio": 5}))
+    with pytest.raises(ValueError, match="policy.json: policy: ratio must be"):
+        decomposer.from_file()
+    assert decomposer.method == "tucker2"  # a file that does not check out changes nothing
+    with pytest.raises(
+        ValueError, match="Decompose takes the method when it is built: Decompose\\(model, method='svd'\\)"
+    ):
+        lowrank.Decompose(net).from_ratio(0.5, method="svd")
     with pytest.raises(ValueError, match="choose a policy first"):
         lowrank.Decompose(net).decompose_network()
 
@@ -246,6 +258,74 @@ def test_weights_read_by_the_owner_in_any_form_keep_the_layer(make, kept):
     _, changes = lowrank.auto_decomposition(model, ratio=0.5, min_rank=1)
     assert list(changes) == kept
     assert model(x).shape == (2, 64)
+
+
+class SamePadding(nn.Module):  # TensorFlow-style "same" padding, computed from the conv's own settings
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(64, 64, 3, stride=2)
+        self.other = nn.Conv2d(64, 64, 3)
+
+    def forward(self, x):
+        pad = max(self.conv.kernel_size[0] - self.conv.stride[0], 0)
+        return self.other(self.conv(nn.functional.pad(x, (pad // 2, pad - pad // 2) * 2)))
+
+
+def linear_head(layer, x):
+    return nn.functional.linear(x, layer.weight, layer.bias)
+
+
+class PassesToHelper(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc, self.out = nn.Linear(64, 64), nn.Linear(64, 64)
+
+    def forward(self, x):
+        return self.out(x) + linear_head(self.fc, x)
+
+
+class ReadsWidth(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(64, 64)
+
+    def forward(self, x):
+        return self.fc(x).view(-1, self.fc.out_features)
+
+
+NO_SOURCE_PADDING = """
+class NoSourcePadding(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(64, 64, 3)
+
+    def forward(self, x):
+        return self.conv(nn.functional.pad(x, [self.conv.kernel_size[0] // 2] * 4))
+"""
+
+
+@pytest.mark.parametrize(
+    "make, kept, reason",
+    [
+        (SamePadding, ["other"], "'conv': SamePadding reads its 'kernel_size' instead of only calling it"),
+        (PassesToHelper, ["out"], "'fc': PassesToHelper passes it to linear_head() instead of only calling it"),
+        (ReadsWidth, [], "'fc': ReadsWidth reads its 'out_features'"),
+        (
+            lambda: exec(NO_SOURCE_PADDING, {"nn": nn}, namespace := {}) or namespace["NoSourcePadding"](),
+            [],
+            "'conv': NoSourcePadding reads its 'kernel_size'",
+        ),
+    ],
+    ids=["attribute", "helper", "width", "no source"],
+)
+def test_other_uses_by_the_owner_keep_the_layer(make, kept, reason, lowrank_log):
+    model = make()
+    x = torch.randn(2, 64, 12, 12) if isinstance(getattr(model, "conv", None), nn.Conv2d) else torch.randn(2, 64)
+    expected = model(x)
+    _, changes = lowrank.auto_decomposition(model, ratio=0.5, min_rank=1)
+    assert list(changes) == kept
+    assert model(x).shape == expected.shape
+    assert any(reason in line for line in lowrank_log)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16, torch.float16])

@@ -4,6 +4,8 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 import lowrank
 
 LOWRANK_DIR = pathlib.Path(lowrank.__file__).parent
@@ -34,3 +36,16 @@ def test_log_level_from_the_environment():
     )
     assert "[lowrank] auto_decomposition start." in loud.stderr
     assert quiet.returncode == 0 and "[lowrank]" not in quiet.stderr
+
+
+@pytest.mark.parametrize(
+    "value, level, warning",
+    [("", "INFO", None), (" WARN ", "WARNING", None), ("loud", "INFO", "LOWRANK_LOG_LEVEL: unknown log level 'loud'")],
+)
+def test_a_bad_or_empty_log_level_in_the_environment_does_not_stop_the_import(value, level, warning):
+    code = "import logging, lowrank; print(logging.getLevelName(logging.getLogger('lowrank').level))"
+    env = {**os.environ, "LOWRANK_LOG_LEVEL": value}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == level
+    assert (warning in result.stderr) if warning else "[lowrank]" not in result.stderr

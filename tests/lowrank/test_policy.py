@@ -1,3 +1,7 @@
+import json
+import re
+
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -80,6 +84,16 @@ def test_divisor_rounds_ratio_down_and_energy_up():
         assert (r8 <= r) if check == "down" else (r8 >= r)
 
 
+def test_a_ratio_budget_below_the_divisor_leaves_the_layer_alone():
+    layer = nn.Linear(256, 256)
+    policy = RankPolicy(ratio=0.02, divisor=16, min_rank=1)  # the budget allows rank 2
+    ranks, reason = policy.choose_ranks(METHODS["svd"], layer, policy.default)
+    assert ranks is None and reason == "ratio=0.02 gives rank 2, below divisor 16"
+    conv = nn.Sequential(nn.Conv2d(64, 64, 3, bias=False))
+    _, changes = lowrank.auto_decomposition(conv, method="spatial", ratio=0.3, ratio_of="params", divisor=32)
+    assert changes == {}  # the budget allows rank 28: rounding up to 32 would break it
+
+
 def test_layers_dict_and_exclusions():
     model = nn.Sequential(
         nn.Sequential(nn.Conv2d(32, 32, 3), nn.Conv2d(32, 32, 3)),
@@ -142,11 +156,24 @@ def test_default_rule():
         (dict(vbmf="yes"), "vbmf must be True"),
         (dict(layers={"nothing.*": {"ratio": 0.5, "method": "cp"}}), r"layers\['nothing.\*'\]: unknown method 'cp'"),
         (dict(layers=["conv2"]), r"layers must be a dict of regular expression -> rule, got \['conv2'\]"),
+        (dict(layers={"fc": 0}), r"layers\['fc'\]: rank must be a positive int"),
+        (dict(exclude=5), "exclude must be a regular expression or a list of them, got 5"),
+        (dict(exclude=[re.compile("0")]), "exclude: expected a regular expression as a string"),
+        (dict(layers={re.compile("0"): 1}), "layers: expected a regular expression as a string"),
+        (dict(ratio=np.bool_(True)), r"ratio must be a number in \(0, 1\]"),
     ],
 )
 def test_invalid_policies_name_the_problem(options, message):
     with pytest.raises(ValueError, match=message):
         RankPolicy(**options)
+
+
+def test_numpy_numbers_are_accepted_and_recorded_as_python_ones():
+    policy = RankPolicy(layers={"a": np.float32(0.5), "b": {"rank": np.int64(4)}}, divisor=np.int64(8), exclude=None)
+    assert policy.rule_for("a")[0] == Rule("ratio", 0.5) and policy.rule_for("b")[0] == Rule("rank", 4)
+    assert type(policy.divisor) is int and policy.exclude == []
+    json.dumps(policy.describe())
+    assert RankPolicy(ratio=np.float32(0.25)).default == Rule("ratio", 0.25)
 
 
 def test_unknown_keyword_lists_the_valid_ones(net):
