@@ -143,4 +143,23 @@ def check_mode_args(args, pretrained=None) -> str:
         args.decomposed_weights_path = args.decomposed_weights_path or str(
             Path(args.output_dir) / "decomposed_weights.pth"
         )
+    written = [("output_dir", True), ("save_path", False)]
+    if mode == "online":
+        written += [("decompose_info_path", False), ("decomposed_weights_path", False)]
+    for flag, is_folder in written:
+        path = getattr(args, flag, None)
+        if path:
+            _check_writable(f"--{flag.replace('_', '-')}", Path(path), is_folder)
     return mode
+
+
+def _check_writable(flag: str, path: Path, is_folder: bool) -> None:
+    """Exits with an error naming ``flag`` when ``path`` cannot be created where it is: found at the
+    start rather than when the run saves, possibly hours later."""
+    if path.exists() and path.is_dir() != is_folder:
+        sys.exit(f"error: {flag} {path} is a {'file' if is_folder else 'folder'}")
+    parent = path.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        sys.exit(f"error: {flag} {path}: {parent} is a file, not a folder")

@@ -17,6 +17,7 @@ import contextlib
 import hashlib
 import inspect
 import json
+import sys
 import time
 import uuid
 from collections.abc import Callable
@@ -105,6 +106,16 @@ class Artifacts:
     def lock_path(self) -> Path:
         return self.info_path.with_name(self.info_path.name + ".lock")
 
+    def lock(self, timeout: float):
+        """The acquired lock on these paths (``Timeout`` after ``timeout`` s), saying on stderr when
+        another job holds it, so that a wait is never silent."""
+        lock = FileLock(self.lock_path)
+        try:
+            return lock.acquire(timeout=0)
+        except Timeout:
+            print(f"waiting for {self.lock_path}: another job is writing these artifacts", file=sys.stderr, flush=True)
+            return lock.acquire(timeout=timeout)
+
     def checksums(self) -> dict:
         return {"info": file_digest(self.info_path), "weights": file_digest(self.weights_path)}
 
@@ -113,9 +124,10 @@ class Artifacts:
 
     def read_marker(self) -> dict | None:
         try:
-            return json.loads(self.marker_path.read_text())
+            marker = json.loads(self.marker_path.read_text())
         except (FileNotFoundError, json.JSONDecodeError):
             return None
+        return marker if isinstance(marker, dict) else None  # not one of ours: as good as none
 
 
 def decompose_once(
@@ -158,7 +170,7 @@ def _decompose_on_rank_zero(model, artifacts, load_pretrained, pretrained_path, 
     # collective starts only once they have loaded, so it is short): no other job can overwrite the
     # files while this one's ranks read them.
     try:
-        held = FileLock(artifacts.lock_path).acquire(timeout=timeout)
+        held = artifacts.lock(timeout)
     except Timeout:
         raise BarrierError(
             f"rank 0: another job has held {artifacts.lock_path} for {timeout:.0f} s: it decomposes into the same "

@@ -52,7 +52,7 @@ from .barrier import (
     run_token,
 )
 
-PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: a checkpoint was saved on SIGTERM/SIGUSR1; resume with --resume
+PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: stopped by SIGTERM/SIGUSR1; --resume continues from the latest checkpoint
 MODES = ("baseline", "online", "offline")
 
 
@@ -95,15 +95,18 @@ def prepare_model(
     """The model for ``mode``, identical on every rank. Returns ``(model, changes, seconds, reused)``."""
     start = time.perf_counter()
     changes, reused = {}, False
+
+    def load_pretrained(dense):
+        try:
+            dense.load_state_dict(load_state_dict(pretrained_path))
+        except RuntimeError as error:  # another architecture, or other class counts
+            raise ValueError(f"{pretrained_path} does not fit the model: {error}") from None
+
     if mode == "baseline":
         if pretrained_path:
-            model.load_state_dict(load_state_dict(pretrained_path))
+            load_pretrained(model)
         check_identical_parameters(model)
     elif mode == "online":  # the barrier compares the ranks' weights itself
-
-        def load_pretrained(dense):
-            dense.load_state_dict(load_state_dict(pretrained_path))
-
         artifacts = Artifacts(Path(info_path), Path(weights_path))
         model, changes, reused = decompose_once(
             model, artifacts, load_pretrained, pretrained_path, policy, run_token(), timeout
@@ -171,6 +174,15 @@ class Preemption:
 
 
 preemption = Preemption()
+
+
+def leave_signals_to_the_trainer(worker_id: int) -> None:
+    """``worker_init_fn`` for DataLoader workers: they ignore the preemption signals, which a launcher or
+    Slurm also sends to them, so that they keep serving batches while the training process saves its
+    checkpoint (by default a worker dies of them, and the training process fails before it can save).
+    The training process stops them when it exits."""
+    for signum in Preemption.SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
 
 
 def from_rank_zero(value):
@@ -275,7 +287,13 @@ def checkpoint_to_resume(args, world_size: int) -> Path | None:
 
 
 def load_checkpoint(accelerator, checkpoint: Path, progress) -> None:
-    accelerator.load_state(checkpoint)
+    try:
+        accelerator.load_state(checkpoint)
+    except RuntimeError as error:  # e.g. another decomposition than the one the checkpoint was saved with
+        sys.exit(
+            f"error: {checkpoint} does not fit the model built now (was it saved with another decomposition, "
+            f"info file or pretrained weights?): {error}"
+        )
     log(f"[Resume] from {checkpoint} at step {progress.step}")
 
 
@@ -358,9 +376,12 @@ def train(
 ):
     """Trains until ``progress.step == steps`` (optimizer steps; the Accelerator's
     ``gradient_accumulation_steps`` batches each). ``eval_fn()`` runs every ``eval_steps`` steps before
-    the last; ``throughput_unit`` (e.g. "images/s") adds the throughput to the log line. Returns
-    normally, or exits with PREEMPTED_EXIT_CODE after saving a checkpoint when the job is preempted."""
+    the last; ``throughput_unit`` (e.g. "images/s") adds the throughput to the log line. Saves a
+    checkpoint after the last step, so that a signal during the final evaluation (which exits at
+    once) loses no training, and returns; or exits with PREEMPTED_EXIT_CODE after saving a checkpoint
+    when the job is preempted."""
     model.train()
+    first_step = progress.step
     samples, started = 0, time.perf_counter()
     bar = tqdm(total=steps, initial=progress.step, unit="step", disable=global_rank() != 0 or not sys.stdout.isatty())
     # From the process's creation, imports included: the launch overhead users wait for.
@@ -406,6 +427,8 @@ def train(
                 eval_fn()
                 model.train()
     bar.close()
+    if progress.step > first_step:
+        save_checkpoint(accelerator, output_dir, progress, args)
 
 
 @torch.no_grad()
@@ -443,9 +466,9 @@ def model_cost(model, example_input) -> dict:
 
 
 def finish(accelerator, model, progress, args, results: dict) -> None:
-    """The end of a run: a last checkpoint, then from rank 0 ``results.json`` in ``--output-dir``
-    (``results`` and the step reached) and the trained weights at ``--save-path``."""
-    save_checkpoint(accelerator, args.output_dir, progress, args)
+    """The end of a run (its last checkpoint saved by ``train``): from rank 0 ``results.json`` in
+    ``--output-dir`` (``results`` and the step reached) and the trained weights at ``--save-path``,
+    then ``end_run``."""
     state_dict = accelerator.get_state_dict(model)  # on every rank: under DeepSpeed ZeRO-3 it gathers the shards
     if global_rank() == 0:
         results = {**results, "steps": progress.step}

@@ -38,15 +38,19 @@ def inspect_table(path) -> str:
     if timed:
         header += ("dense ms", "decomposed ms", "time ratio")
     rows, totals = [], [0, 0, 0, 0]
-    for layer in document["layers"]:
+    for index, layer in enumerate(document["layers"]):
         try:
             (p0, p1), (m0, m1) = layer["params"], layer["macs_per_position"]
+            if not all(isinstance(text, str) for text in (layer["name"], layer["method"])):
+                raise TypeError("name and method must be strings")
             ranks = "x".join(str(rank) for rank in layer["ranks"])
             row = (layer["name"], layer["method"], ranks, f"{p0:,}", f"{p1:,}", _ratio(p0, p1))
             row += (f"{m0:,}", f"{m1:,}", _ratio(m0, m1))
             rows.append(row + (_latency_cells(layer["latency"]) if "latency" in layer else ("-",) * 3) * timed)
-        except (AttributeError, KeyError, TypeError, ValueError) as error:
-            raise DecomposeInfoError(f"{path}: layer record {layer!r} is incomplete: {error!r}") from None
+        except (AttributeError, KeyError, TypeError, ValueError, OverflowError) as error:
+            name = layer.get("name")
+            where = f"layer {name!r}" if isinstance(name, str) else f"layers[{index}]"
+            raise DecomposeInfoError(f"{path}: the record of {where} is incomplete or malformed: {error!r}") from None
         totals = [t + v for t, v in zip(totals, (p0, p1, m0, m1))]
     p0, p1, m0, m1 = totals
     total = (f"total ({len(document['layers'])} layers)", "", "", f"{p0:,}", f"{p1:,}", _ratio(p0, p1))

@@ -395,6 +395,13 @@ def _make_policy(options: dict, valid_extra: tuple[str, ...] = ("method",)) -> R
     return RankPolicy(**options)
 
 
+def _check_model(model) -> None:
+    if isinstance(model, torch.jit.ScriptModule):  # its forward is compiled code that calls the old layers
+        raise TypeError("a TorchScript module cannot be decomposed: decompose the Python model, then script it")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"expected an nn.Module, got {type(model).__name__}")
+
+
 def _check_method(method: str) -> str:
     if method not in CONV_METHODS:
         raise ValueError(f"unknown method {method!r} for k x k convolutions; valid methods: {', '.join(CONV_METHODS)}")
@@ -402,6 +409,7 @@ def _check_method(method: str) -> str:
 
 
 def _decompose(model, policy, method, with_weights, info_path, what) -> dict[str, list[str]]:
+    _check_model(model)
     logger.info("%s start.", what)
     start = time.perf_counter()
     params_before = count_parameters(model)
@@ -465,6 +473,7 @@ def decompose_network(model: nn.Module, decompose_info_path):
     Returns:
         ``(model, changes)`` as ``auto_decomposition``.
     """
+    _check_model(model)
     logger.info("decompose_network start.")
     replacements = read_info(decompose_info_path, model)
     if not replacements:

@@ -124,6 +124,8 @@ def load_json(path) -> object:
         ) from None
     except UnicodeDecodeError as error:
         raise DecomposeInfoError(f"{path}: not a text file: {error}") from None
+    except RecursionError:
+        raise DecomposeInfoError(f"{path}: JSON nested too deeply to be an info file") from None
 
 
 def read_document(path) -> list | dict:
@@ -140,7 +142,7 @@ def read_document(path) -> list | dict:
             f"{path}: not a decomposition info file (format is {document.get('format')!r}, expected {FORMAT!r})"
         )
     version = document.get("version")
-    if version not in READABLE_VERSIONS:
+    if type(version) is not int or version not in READABLE_VERSIONS:  # true == 1 and 1.0 == 1 in Python
         readable = ", ".join(map(str, READABLE_VERSIONS))
         raise DecomposeInfoError(
             f"{path}: unsupported info file version {version!r}; this lowrank reads versions {readable}"

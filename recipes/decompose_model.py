@@ -22,8 +22,9 @@ import torchvision
 
 import lowrank
 from launch.args import add_policy_args, policy_of
+from launch.barrier import Artifacts
 from launch.mnist import Net
-from lowrank.io import atomic_write, load_state_dict, save_state_dict
+from lowrank.io import atomic_write, load_state_dict, make_parent_dirs, save_state_dict
 
 
 def get_args_parser():
@@ -53,17 +54,20 @@ def main(args):
         model = torchvision.models.get_model(args.model, num_classes=classes)
     model.load_state_dict(state_dict)
     info_path = Path(args.decompose_info_path)
-    earlier_info = info_path.read_bytes() if info_path.is_file() else None
-    try:
-        model, _ = lowrank.auto_decomposition(model, info_path, **policy_of(args))
-        save_state_dict(model.state_dict(), args.decomposed_weights_path)
-    except BaseException:
-        # The two files go together: a new info file next to earlier weights would replay wrongly.
-        if earlier_info is None:
-            info_path.unlink(missing_ok=True)
-        else:
-            atomic_write(info_path, lambda file: file.write(earlier_info))
-        raise
+    make_parent_dirs(info_path)
+    # The lock that online runs take on the same paths: two jobs never interleave their two files.
+    with Artifacts(info_path, Path(args.decomposed_weights_path)).lock(timeout=-1):
+        earlier_info = info_path.read_bytes() if info_path.is_file() else None
+        try:
+            model, _ = lowrank.auto_decomposition(model, info_path, **policy_of(args))
+            save_state_dict(model.state_dict(), args.decomposed_weights_path)
+        except BaseException:
+            # The two files go together: a new info file next to earlier weights would replay wrongly.
+            if earlier_info is None:
+                info_path.unlink(missing_ok=True)
+            else:
+                atomic_write(info_path, lambda file: file.write(earlier_info))
+            raise
     print(f"Decomposed weights are saved to: {args.decomposed_weights_path}")
 
 

@@ -70,6 +70,7 @@ from launch.runner import (
     end_run,
     evaluate,
     finish,
+    leave_signals_to_the_trainer,
     load_checkpoint,
     log_decomposition,
     model_cost,
@@ -225,7 +226,12 @@ def main(args):
     classes = SYNTHETIC["classes"] if args.synthetic else len(train_set.classes)
     if not args.test_only:
         check_train_batches(len(train_set), args.train_batch_size, accelerator.num_processes)
-    loader = functools.partial(torch.utils.data.DataLoader, num_workers=args.workers, pin_memory=args.use_gpu)
+    loader = functools.partial(
+        torch.utils.data.DataLoader,
+        num_workers=args.workers,
+        pin_memory=args.use_gpu,
+        worker_init_fn=leave_signals_to_the_trainer,
+    )
     shuffle = ShuffleByEpoch(train_set, seed=args.seed)
     train_loader = loader(train_set, batch_size=args.train_batch_size, sampler=shuffle, drop_last=True)
     val_loader = loader(val_set, batch_size=args.test_batch_size)

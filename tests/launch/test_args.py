@@ -3,7 +3,16 @@ import re
 
 import pytest
 
-from launch.args import add_decomposition_args, non_negative_int, policy_of, positive_float, positive_int, probability
+from launch.args import (
+    add_decomposition_args,
+    add_output_args,
+    check_mode_args,
+    non_negative_int,
+    policy_of,
+    positive_float,
+    positive_int,
+    probability,
+)
 
 
 def parse(*argv, **defaults):
@@ -57,3 +66,27 @@ def test_barrier_timeout_must_be_positive(capsys):
     with pytest.raises(SystemExit):
         parse("--barrier-timeout", "-1")
     assert "argument --barrier-timeout: must be a positive number, got '-1'" in capsys.readouterr().err
+
+
+def test_output_paths_that_cannot_be_written_are_named_before_any_work(tmp_path):
+    pretrained = tmp_path / "dense.pth"
+    pretrained.write_bytes(b"")
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+
+    def check(*argv):
+        parser = argparse.ArgumentParser()
+        add_decomposition_args(parser, run_mode="online")
+        add_output_args(parser, output_dir=str(tmp_path / "out"))
+        args = parser.parse_args(["--pretrained-path", str(pretrained), *argv])
+        with pytest.raises(SystemExit) as stopped:
+            check_mode_args(args)
+        return str(stopped.value.code)
+
+    assert check("--output-dir", str(a_file)) == f"error: --output-dir {a_file} is a file"
+    assert (
+        check("--save-path", str(a_file / "w.pth"))
+        == f"error: --save-path {a_file / 'w.pth'}: {a_file} is a file, not a folder"
+    )
+    assert check("--save-path", str(tmp_path)) == f"error: --save-path {tmp_path} is a folder"
+    assert check("--decompose-info-path", str(a_file / "x" / "info.json")).startswith("error: --decompose-info-path")

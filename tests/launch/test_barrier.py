@@ -171,3 +171,10 @@ def test_rank_zero_names_another_job_holding_the_lock(tmp_path):
     with FileLock(artifacts.lock_path), pytest.raises(BarrierError, match=busy):  # another job on the same paths
         decompose_once(small_model(), artifacts, load, weights, {"ratio": 0.5}, run_token(), timeout=1)
     assert not artifacts.marker_path.exists()  # that job's marker is not this one's to write
+
+
+def test_a_marker_that_is_not_ours_counts_as_none(tmp_path):
+    artifacts = Artifacts(tmp_path / "decompose_info.json", tmp_path / "decomposed_weights.pth")
+    for text in ('"old"', "[1, 2]", "{"):
+        artifacts.marker_path.write_text(text)
+        assert artifacts.read_marker() is None

@@ -5,6 +5,7 @@ import itertools
 import json
 import os
 import signal
+import time
 
 import pytest
 import torch
@@ -19,9 +20,12 @@ from launch.runner import (
     check_train_batches,
     checkpoint_to_resume,
     latest_checkpoint,
+    leave_signals_to_the_trainer,
     load_checkpoint,
+    prepare_model,
     save_checkpoint,
 )
+from lowrank.io import save_state_dict
 
 
 def run_args(output_dir, **overrides):
@@ -157,3 +161,40 @@ def test_a_signal_waits_for_the_step_boundary_in_training_and_stops_the_process_
     finally:
         for signum, handler in handlers.items():
             signal.signal(signum, handler)
+
+
+class SlowRange(torch.utils.data.Dataset):
+    def __len__(self):
+        return 6
+
+    def __getitem__(self, index):
+        time.sleep(0.05)
+        return index
+
+
+@pytest.mark.parametrize("signum", Preemption.SIGNALS)
+def test_data_loader_workers_outlive_preemption_signals(signum):
+    # A launcher or Slurm signals every process of the job: the workers must keep serving batches
+    # while the training process saves its checkpoint.
+    loader = torch.utils.data.DataLoader(SlowRange(), num_workers=1, worker_init_fn=leave_signals_to_the_trainer)
+    iterator = iter(loader)
+    first = next(iterator)  # the worker has run its init function
+    os.kill(iterator._workers[0].pid, signum)
+    time.sleep(0.2)
+    assert [int(batch) for batch in [first, *iterator]] == list(range(6))
+
+
+def test_a_checkpoint_of_another_model_is_named(trainer, tmp_path):
+    accelerator, _, progress = trainer
+    path = save_checkpoint(accelerator, tmp_path, progress, run_args(tmp_path))
+    other = Accelerator(cpu=True)
+    other.prepare(torch.nn.Linear(5, 2))
+    with pytest.raises(SystemExit, match=f"error: {path} does not fit the model built now"):
+        load_checkpoint(other, path, Progress())
+
+
+def test_pretrained_weights_of_another_model_are_named(tmp_path):
+    weights = tmp_path / "other.pth"
+    save_state_dict(torch.nn.Linear(5, 2).state_dict(), weights)
+    with pytest.raises(ValueError, match=f"{weights} does not fit the model: Error"):
+        prepare_model(torch.nn.Linear(3, 2), "baseline", pretrained_path=weights)

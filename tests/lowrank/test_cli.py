@@ -46,6 +46,31 @@ def test_inspect_reads_odd_but_valid_json_without_a_traceback(net, tmp_path, cap
     assert "layers[1] must be an object, got 1" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"name": None}, "the record of layers[0] is incomplete or malformed"),
+        ({"method": {}}, "the record of layer 'conv2' is incomplete or malformed"),
+        ({"params": [10**400, 1]}, "the record of layer 'conv2' is incomplete or malformed: OverflowError"),
+    ],
+)
+def test_inspect_names_a_malformed_record(net, tmp_path, capsys, change, message):
+    path = tmp_path / "info.json"
+    lowrank.auto_decomposition(net, path)
+    document = json.loads(path.read_text())
+    document["layers"][0].update(change)
+    path.write_text(json.dumps(document))
+    assert main(["inspect", str(path)]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_inspect_of_deeply_nested_json(tmp_path, capsys):
+    path = tmp_path / "info.json"
+    path.write_text("[" * 100000 + "]" * 100000)
+    assert main(["inspect", str(path)]) == 2
+    assert "nested too deeply" in capsys.readouterr().err
+
+
 @pytest.mark.integration
 def test_console_script_is_installed(net, tmp_path):
     path = tmp_path / "info.json"

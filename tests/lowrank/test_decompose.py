@@ -402,3 +402,14 @@ def test_weights_that_are_not_finite_are_refused_before_any_change():
     ):
         lowrank.auto_decomposition(model)
     assert all(isinstance(layer, nn.Conv2d) for layer in model)
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # torch.jit.script is deprecated, and still used
+def test_a_torchscript_module_is_refused_with_the_way_out(tmp_path):
+    scripted = torch.jit.script(nn.Sequential(nn.Linear(64, 64)))
+    with pytest.raises(TypeError, match="a TorchScript module cannot be decomposed: decompose the Python model"):
+        lowrank.auto_decomposition(scripted)
+    info = tmp_path / "info.json"
+    lowrank.auto_decomposition(nn.Sequential(nn.Linear(64, 64)), info, ratio=0.5)
+    with pytest.raises(TypeError, match="TorchScript"):
+        lowrank.decompose_network(scripted, info)

@@ -74,6 +74,8 @@ def test_weights_load_safely(tmp_path):
     "change,message",
     [
         (lambda d: d.update(version=7), "unsupported info file version 7; this lowrank reads versions 1, 2"),
+        (lambda d: d.update(version=True), "unsupported info file version True"),
+        (lambda d: d.update(version=1.0), "unsupported info file version 1.0"),
         (lambda d: d.update(format="other"), "not a decomposition info file"),
         (lambda d: d.update(layers={}), "'layers' must be a list"),
         (lambda d: d["layers"][0].update(name="conv9"), "layer 'conv9' is not in the model"),

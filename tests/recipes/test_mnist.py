@@ -10,8 +10,10 @@ import time
 
 import pytest
 import torch
+from filelock import FileLock
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from launch.barrier import Artifacts
 from tests.conftest import DATA, ENV, RECIPES, ROOT, accelerate_launch, free_port, needs_data, run, torchrun
 
 FEW = [
@@ -161,6 +163,22 @@ def test_decompose_model_writes_both_files_or_neither(baseline, tmp_path):
     )
     assert result.returncode != 0 and "NotADirectoryError" in result.stderr
     assert info.read_text() == "earlier"
+
+
+@pytest.mark.integration
+@needs_data
+def test_decompose_model_waits_for_another_job_writing_the_same_paths(baseline, tmp_path):
+    info, weights = tmp_path / "decompose_info.json", tmp_path / "decomposed_weights.pth"
+    command = [sys.executable, str(RECIPES / "decompose_model.py"), "--pretrained-path", str(baseline)]
+    command += ["--decompose-info-path", str(info), "--decomposed-weights-path", str(weights)]
+    with FileLock(Artifacts(info, weights).lock_path):  # held by another job (an online run, or step 1)
+        job = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV, cwd=ROOT)
+        time.sleep(8)
+        assert job.poll() is None and not info.exists()
+    _, err = job.communicate(timeout=300)
+    assert job.returncode == 0, err
+    assert f"waiting for {info}.lock: another job is writing these artifacts" in err
+    assert info.is_file() and weights.is_file()
 
 
 @pytest.mark.integration
