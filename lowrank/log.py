@@ -33,8 +33,9 @@ def _level(level) -> int:
         return level
     if isinstance(level, str):
         name = level.strip().lower()
-        if ALIASES.get(name, name) in LEVELS:
-            return LEVELS[ALIASES.get(name, name)]
+        name = ALIASES.get(name, name)
+        if name in LEVELS:
+            return LEVELS[name]
     raise ValueError(f"unknown log level {level!r}; valid levels: {', '.join(LEVELS)}")
 
 
