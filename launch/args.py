@@ -6,6 +6,7 @@ import math
 import sys
 from pathlib import Path
 
+from lowrank.io import unwritable
 from lowrank.policy import DEFAULT_RATIO
 
 
@@ -148,18 +149,7 @@ def check_mode_args(args, pretrained=None) -> str:
         written += [("decompose_info_path", False), ("decomposed_weights_path", False)]
     for flag, is_folder in written:
         path = getattr(args, flag, None)
-        if path:
-            _check_writable(f"--{flag.replace('_', '-')}", Path(path), is_folder)
+        problem = path and unwritable(path, is_folder)
+        if problem:
+            sys.exit(f"error: --{flag.replace('_', '-')} {problem}")
     return mode
-
-
-def _check_writable(flag: str, path: Path, is_folder: bool) -> None:
-    """Exits with an error naming ``flag`` when ``path`` cannot be created where it is: found at the
-    start rather than when the run saves, possibly hours later."""
-    if path.exists() and path.is_dir() != is_folder:
-        sys.exit(f"error: {flag} {path} is a {'file' if is_folder else 'folder'}")
-    parent = path.parent
-    while not parent.exists():
-        parent = parent.parent
-    if not parent.is_dir():
-        sys.exit(f"error: {flag} {path}: {parent} is a file, not a folder")

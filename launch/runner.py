@@ -102,22 +102,26 @@ def prepare_model(
         except RuntimeError as error:  # another architecture, or other class counts
             raise ValueError(f"{pretrained_path} does not fit the model: {error}") from None
 
-    if mode == "baseline":
-        if pretrained_path:
-            load_pretrained(model)
-        check_identical_parameters(model)
-    elif mode == "online":  # the barrier compares the ranks' weights itself
-        artifacts = Artifacts(Path(info_path), Path(weights_path))
-        model, changes, reused = decompose_once(
-            model, artifacts, load_pretrained, pretrained_path, policy, run_token(), timeout
-        )
-        if reused:
-            log(f"[Decompose] reused the decomposition of an earlier run with the same inputs: {info_path}")
-    elif mode == "offline":
-        model, changes = load_decomposed(model, info_path, weights_path)
-        check_identical_parameters(model)
-    else:
-        raise ValueError(f"unknown mode {mode!r}; valid modes: {', '.join(MODES)}")
+    # The weights are loaded or computed, never drawn, but each path draws a different amount (a replay
+    # default-initialises, a decomposition does not): the random state is left as it was, so that what
+    # follows (batch order, dropout) is the same whichever path a rank or a rerun took.
+    with torch.random.fork_rng(devices=[]):
+        if mode == "baseline":
+            if pretrained_path:
+                load_pretrained(model)
+            check_identical_parameters(model)
+        elif mode == "online":  # the barrier compares the ranks' weights itself
+            artifacts = Artifacts(Path(info_path), Path(weights_path))
+            model, changes, reused = decompose_once(
+                model, artifacts, load_pretrained, pretrained_path, policy, run_token(), timeout
+            )
+            if reused:
+                log(f"[Decompose] reused the decomposition of an earlier run with the same inputs: {info_path}")
+        elif mode == "offline":
+            model, changes = load_decomposed(model, info_path, weights_path)
+            check_identical_parameters(model)
+        else:
+            raise ValueError(f"unknown mode {mode!r}; valid modes: {', '.join(MODES)}")
     return model, changes, time.perf_counter() - start, reused
 
 

@@ -1,9 +1,9 @@
 """The public API, with the seeds' names: AMCT's ``auto_decomposition``/``decompose_network`` and
 msModelSlim's ``Decompose``.
 
-Every call first plans (which layers, which ranks, the new weights) without touching the model,
-then writes the info file, then replaces the layers: an error never leaves a half-decomposed model
-or a half-written file.
+Every call first plans (which layers, which ranks, the new weights) and builds the new modules
+without touching the model, then writes the info file, then swaps the layers: an error never leaves a
+half-decomposed model or a half-written file.
 """
 
 import ast
@@ -25,7 +25,8 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from . import latency
-from .info import Replacement, load_json, read_info, write_info
+from .info import DecomposeInfoError, Replacement, load_json, read_info, write_info
+from .io import unwritable
 from .log import logger
 from .methods import build_module, dense_cost, method_for, output_shape_changes
 from .policy import RankPolicy
@@ -33,6 +34,9 @@ from .stats import count_parameters
 
 CONV_METHODS = ("spatial", "tucker2", "svd")
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# Wrappers that hold on to their module's parameters to synchronise or shard them (DDP, FSDP 1 and 2,
+# DeepSpeed): the parameters of replacements made under them would be left out.
+DISTRIBUTED_WRAPPERS = ("DistributedDataParallel", "FullyShardedDataParallel", "FSDPModule", "DeepSpeedEngine")
 # A module's own hooks, which its replacement would not carry.
 HOOKS = (
     "_forward_hooks",
@@ -91,14 +95,13 @@ REPLACEMENT_ATTRIBUTES = frozenset(dir(nn.Sequential()))
 WEIGHT_READ = "reads its weights directly"
 
 
-def _source_uses(function: ast.FunctionDef) -> set[tuple[str, str]]:
+def _source_uses(function: ast.FunctionDef, in_forward: bool) -> set[tuple[str, str]]:
     """``(path, use)`` for each submodule of ``self`` that ``function`` uses other than by calling it:
     reading an attribute the replacement lacks (``self.a.weight``, even only for its dtype, or
     ``self.a.kernel_size``) or passing it to a function (``head(self.a, x)``). Paths as in
-    ``_read_path``; wildcards for weights only (other attributes of that name are read off tensors
-    and configs everywhere)."""
+    ``_read_path`` (wildcards only ``in_forward``); wildcards for weights only (other attributes of
+    that name are read off tensors and configs everywhere)."""
     parameters = {arg.arg for arg in ast.walk(function.args) if isinstance(arg, ast.arg)} - {"self"}
-    in_forward = function.name == "forward"
     uses = set()
     for node in ast.walk(function):
         if isinstance(node, ast.Attribute) and node.attr not in REPLACEMENT_ATTRIBUTES:
@@ -143,55 +146,103 @@ def _bytecode_uses(function) -> set[tuple[str, str]]:
     return uses
 
 
+def _called_from_forward(functions: list[ast.FunctionDef]) -> set[str]:
+    """Names of ``forward`` and of the methods it calls as ``self.<name>(...)``, directly or through
+    each other."""
+    names, added = set(), {"forward"}
+    while added:
+        names |= added
+        added = {
+            node.func.attr
+            for function in functions
+            if function.name in added
+            for node in ast.walk(function)
+            if isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Attribute)
+            and isinstance(node.func.value, ast.Name)
+            and node.func.value.id == "self"
+        } - names
+    return names
+
+
+def _function_uses(function, in_forward: bool) -> set[tuple[str, str]]:
+    """``_source_uses`` of a Python function, from its bytecode when its source is unavailable."""
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(function)))
+    except (OSError, TypeError, SyntaxError):
+        return _bytecode_uses(function)
+    definitions = [node for node in ast.walk(tree) if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))]
+    return set().union(*(_source_uses(definition, in_forward) for definition in definitions))
+
+
 @functools.cache
 def _direct_uses(cls: type) -> frozenset[tuple[str, str]]:
     """``_source_uses`` of every method of ``cls`` but ``__init__``: submodules that it uses other than
     by calling them, e.g. ``("out_proj", WEIGHT_READ)`` for ``nn.MultiheadAttention``, which passes
     ``self.out_proj.weight`` to a functional instead of calling ``self.out_proj``. Replacing such a
     submodule would break its owner, so it is left alone. Weight reads that cannot be told statically
-    count in ``forward`` only (elsewhere they are mostly initialisers); a method whose source is
-    unavailable (a class defined in ``python -c``, some notebooks) is read from its bytecode when it
-    is ``forward``."""
-    uses = set()
+    count in ``forward`` and the methods it calls only (elsewhere they are mostly initialisers); a
+    method whose source is unavailable (a class defined in ``python -c``, some notebooks) is read from
+    its bytecode when it is ``forward``."""
+    uses, trees = set(), []
     for klass in cls.__mro__:
         if klass in (nn.Module, object):
             continue
         try:
-            functions = [ast.parse(textwrap.dedent(inspect.getsource(klass)))]
+            trees.append(ast.parse(textwrap.dedent(inspect.getsource(klass))))
         except (OSError, TypeError, SyntaxError):
-            functions = []
             for name, member in vars(klass).items():
                 if not inspect.isfunction(member) or name == "__init__":
                     continue
                 try:
-                    functions.append(ast.parse(textwrap.dedent(inspect.getsource(member))))
+                    trees.append(ast.parse(textwrap.dedent(inspect.getsource(member))))
                 except (OSError, TypeError, SyntaxError):
                     if name == "forward":
                         uses |= _bytecode_uses(member)
-        for tree in functions:
-            for function in ast.walk(tree):
-                if isinstance(function, (ast.FunctionDef, ast.AsyncFunctionDef)) and function.name != "__init__":
-                    uses |= _source_uses(function)
+    definitions = [
+        function
+        for tree in trees
+        for function in ast.walk(tree)
+        if isinstance(function, (ast.FunctionDef, ast.AsyncFunctionDef)) and function.name != "__init__"
+    ]
+    called = _called_from_forward(definitions)
+    for function in definitions:
+        uses |= _source_uses(function, in_forward=function.name in called)
     return frozenset(uses)
 
 
-def _direct_use(owner: type, path: str) -> str | None:
+def _instance_uses(module: nn.Module) -> set[tuple[str, str]]:
+    """``_source_uses`` of a ``forward`` set on the instance (``model.forward = MethodType(f, model)``),
+    which the methods of its class do not show."""
+    forward = vars(module).get("forward")
+    function = getattr(forward, "__func__", forward)
+    return _function_uses(function, in_forward=True) if inspect.isfunction(function) else set()
+
+
+def _direct_use(owner: nn.Module, path: str) -> str | None:
     """How ``owner`` uses its submodule at ``path`` other than by calling it, if it does."""
-    for used, use in sorted(_direct_uses(owner)):
+    for used, use in sorted(_direct_uses(type(owner)) | _instance_uses(owner)):
         if path == used or (used.endswith("*") and path.startswith(used[:-1])):
             return use
     return None
 
 
-def _scan(model: nn.Module) -> tuple[dict[str, nn.Module], dict[str, str]]:
-    """Conv2d and Linear layers that can be replaced, and every other conv/linear layer with the reason
-    it cannot."""
+def _aliases(model: nn.Module) -> tuple[dict[int, list[str]], dict[int, list[str]]]:
+    """Every name of each module and of each parameter, by ``id``: shared modules and tied parameters
+    have several."""
     names_of = defaultdict(list)
     for name, module in model.named_modules(remove_duplicate=False):
         names_of[id(module)].append(name)
     owners = defaultdict(list)
     for name, param in model.named_parameters(remove_duplicate=False):
         owners[id(param)].append(name)
+    return names_of, owners
+
+
+def _scan(model: nn.Module) -> tuple[dict[str, nn.Module], dict[str, str]]:
+    """Conv2d and Linear layers that can be replaced, and every other conv/linear layer with the reason
+    it cannot."""
+    names_of, owners = _aliases(model)
     candidates, skipped = {}, {}
     for name, module in model.named_modules():
         if not isinstance(module, (_ConvNd, nn.Linear)):
@@ -212,7 +263,7 @@ def _why_not(model, name, module, names_of, owners) -> str | None:
     parts = name.split(".")
     for depth in range(len(parts)):
         owner = model.get_submodule(".".join(parts[:depth]))
-        use = _direct_use(type(owner), ".".join(parts[depth:]))
+        use = _direct_use(owner, ".".join(parts[depth:]))
         if use:
             return f"{type(owner).__name__} {use} instead of only calling it"
     if isinstance(module.weight, nn.parameter.UninitializedParameter):
@@ -234,6 +285,10 @@ def _why_not(model, name, module, names_of, owners) -> str | None:
         return f"{kind} convolution (groups={module.groups})"
     if any(getattr(module, hooks, None) for hooks in HOOKS):
         return "hooks are registered on it and would be lost"
+    if "forward" in vars(module):
+        return "its forward is replaced on the instance (e.g. by an accelerate hook) and would be lost"
+    if any(param._backward_hooks or param._post_accumulate_grad_hooks for param in module.parameters(recurse=False)):
+        return "hooks are registered on its parameters and would be lost"
     if module.weight.dtype not in SUPPORTED_DTYPES:
         return f"unsupported dtype {module.weight.dtype}"
     return None
@@ -345,11 +400,15 @@ def _measure_ranks(name, layer, method, policy, rule, inputs, measurements):
     return ranks, reason
 
 
-def _replacement_module(layer: nn.Module, specs: list[dict]) -> nn.Sequential:
-    """The default-initialised nn.Sequential of ``specs`` on ``layer``'s device and dtype, in its memory
-    format, training mode and requires_grad."""
+def _replacement_module(layer: nn.Module, specs: list[dict], initialise: bool = True) -> nn.Sequential:
+    """The nn.Sequential of ``specs`` on ``layer``'s device and dtype, in its memory format, training
+    mode and requires_grad: default-initialised, or uninitialised for weights copied in next (which
+    saves the work and leaves the caller's random state alone)."""
     weight = layer.weight
-    new = nn.Sequential(*(build_module(spec, device=weight.device, dtype=weight.dtype) for spec in specs))
+    device = weight.device if initialise else "meta"
+    new = nn.Sequential(*(build_module(spec, device=device, dtype=weight.dtype) for spec in specs))
+    if not initialise:
+        new.to_empty(device=weight.device)
     if (
         weight.dim() == 4
         and not weight.is_meta
@@ -365,17 +424,27 @@ def _replacement_module(layer: nn.Module, specs: list[dict]) -> nn.Sequential:
 
 
 @torch.no_grad()
-def _apply(model: nn.Module, replacements: list[Replacement]) -> dict[str, list[str]]:
-    """Replaces each planned layer by its nn.Sequential, on the layer's device and dtype, keeping its
-    memory format, training mode and requires_grad; fills the weights when the plan has them."""
-    changes = {}
+def _build(model: nn.Module, replacements: list[Replacement]) -> list[tuple[Replacement, nn.Sequential]]:
+    """Each planned layer's nn.Sequential, on the layer's device and dtype, keeping its memory format,
+    training mode and requires_grad; with the weights when the plan has them. The model is not changed,
+    so that running out of memory here leaves it whole."""
+    built = []
     for replacement in replacements:
         layer = model.get_submodule(replacement.name)
-        new = _replacement_module(layer, replacement.specs)
-        for module, value in zip(new, replacement.weights):
-            module.weight.copy_(value)
-        if replacement.weights and layer.bias is not None:
-            new[-1].bias.copy_(layer.bias)
+        new = _replacement_module(layer, replacement.specs, initialise=not replacement.weights)
+        if replacement.weights:  # every parameter of the uninitialised modules is filled in
+            for module, value in zip(new, replacement.weights, strict=True):
+                module.weight.copy_(value)
+            if layer.bias is not None:  # the only bias, on the last module
+                new[-1].bias.copy_(layer.bias)
+        built.append((replacement, new))
+    return built
+
+
+def _swap(model: nn.Module, built: list[tuple[Replacement, nn.Sequential]]) -> dict[str, list[str]]:
+    """Puts the built modules in place of their layers; returns the changes."""
+    changes = {}
+    for replacement, new in built:
         parent_name, _, child_name = replacement.name.rpartition(".")
         setattr(model.get_submodule(parent_name), child_name, new)
         changes[replacement.name] = replacement.new_names
@@ -400,6 +469,15 @@ def _check_model(model) -> None:
         raise TypeError("a TorchScript module cannot be decomposed: decompose the Python model, then script it")
     if not isinstance(model, nn.Module):
         raise TypeError(f"expected an nn.Module, got {type(model).__name__}")
+    for name, module in model.named_modules():
+        wrapper = next((cls.__name__ for cls in type(module).__mro__ if cls.__name__ in DISTRIBUTED_WRAPPERS), None)
+        if wrapper:
+            where = f" (at {name!r})" if name else ""
+            raise TypeError(
+                f"the model is wrapped in {wrapper}{where}, which would keep synchronising or sharding the old "
+                "layers' parameters and not the new ones: decompose the unwrapped model (model.module), then wrap "
+                "it (with Accelerate: before accelerator.prepare)"
+            )
 
 
 def _check_method(method: str) -> str:
@@ -410,19 +488,23 @@ def _check_method(method: str) -> str:
 
 def _decompose(model, policy, method, with_weights, info_path, what) -> dict[str, list[str]]:
     _check_model(model)
+    problem = info_path is not None and unwritable(info_path)
+    if problem:
+        raise ValueError(f"decompose_info_path: {problem}")
     logger.info("%s start.", what)
     start = time.perf_counter()
     params_before = count_parameters(model)
     replacements, skipped, measurements = _plan(model, policy, method, with_weights, what)
     if not replacements:
         logger.info("No layer meets decomposition conditions.")
+    built = _build(model, replacements)
     if info_path is not None:
         described = {"method": method, **policy.describe()}
         if policy.measures_latency:
             described["measured_on"] = latency.context(policy.example_input)
         write_info(info_path, model, replacements, skipped, described, measurements)
         logger.info("Decomposition information file is saved to: %s", os.path.realpath(info_path))
-    changes = _apply(model, replacements)
+    changes = _swap(model, built)
     logger.info(
         "%d layer(s) decomposed, parameters %d -> %d, in %.2f s.",
         len(changes),
@@ -448,10 +530,11 @@ def auto_decomposition(model: nn.Module, decompose_info_path=None, *, method: st
             ``vbmf``, ``latency``; and ``layers``, ``exclude``, ``ratio_of``, ``divisor``, ``min_rank``.
             Default: ``ratio=0.3`` of each layer's multiply-adds. ``latency=0.5`` times each candidate
             layer, dense and decomposed, on the model's device and keeps only replacements measured
-            to run in at most half the dense layer's time; it needs ``example_input`` (a tensor, or a
-            tuple of the model's positional arguments, as the model will see it in production: batch
-            size, dtype, memory format), on which the model is run once to capture each layer's
-            input. The timings go into the info file; ``decompose_network`` replays without timing.
+            to run in at most half the dense layer's time; it needs ``example_input`` (a tensor, a tuple
+            of the model's positional arguments or a dict of its keyword arguments, as the model will
+            see them in production: batch size, dtype, memory format), on which the model is run once
+            to capture each layer's input. The timings go into the info file; ``decompose_network``
+            replays without timing.
 
     Returns:
         ``(model, changes)``: the same model, and ``{"conv2": ["conv2.0", "conv2.1"], ...}`` for
@@ -476,9 +559,14 @@ def decompose_network(model: nn.Module, decompose_info_path):
     _check_model(model)
     logger.info("decompose_network start.")
     replacements = read_info(decompose_info_path, model)
+    names_of, owners = _aliases(model)
+    for replacement in replacements:
+        reason = _why_not(model, replacement.name, model.get_submodule(replacement.name), names_of, owners)
+        if reason:
+            raise DecomposeInfoError(f"{decompose_info_path}: layer {replacement.name!r} cannot be replaced: {reason}")
     if not replacements:
         logger.info("No layer meets decomposition conditions.")
-    changes = _apply(model, replacements)
+    changes = _swap(model, _build(model, replacements))
     logger.info("decompose_network complete.")
     return model, changes
 
@@ -570,6 +658,13 @@ class Decompose:
                 "of the other processes from the deciding one's info file (auto_decomposition with "
                 "decompose_info_path, then lowrank.decompose_network), not with do_decompose_weight=False"
             )
-        model = copy.deepcopy(self.model)
+        _check_model(self.model)
+        try:
+            model = copy.deepcopy(self.model)
+        except (RuntimeError, TypeError) as error:
+            raise TypeError(
+                f"Decompose decomposes a copy of the model, and this one cannot be copied ({error}): decompose it "
+                "in place with lowrank.auto_decomposition"
+            ) from None
         _decompose(model, self.policy, self.method, do_decompose_weight, None, "decompose_network")
         return model

@@ -198,7 +198,7 @@ def _from_ours(path, model, index, record) -> Replacement:
     layer = _model_layer(path, model, name, _require(path, where, record, "type", str))
     recorded = _require(path, where, record, "args", dict)
     for key, value in layer_args(layer).items():
-        if recorded.get(key) != value:
+        if not _same(recorded.get(key), value):
             raise DecomposeInfoError(
                 f"{path}: {where}: {key} is {value!r} in the model but {recorded.get(key)!r} in the file"
             )
@@ -236,25 +236,38 @@ def _from_ours(path, model, index, record) -> Replacement:
     return _replacement(path, name, layer, method, ranks, specs)
 
 
+def _same(recorded, expected) -> bool:
+    """Equal as JSON: ``true`` is not ``1`` and ``1.0`` is not ``1`` (Python's ``==`` says they are)."""
+    return json.dumps(recorded, sort_keys=True) == json.dumps(expected, sort_keys=True)
+
+
+def _variants(method: str) -> list[dict]:
+    """The keyword arguments of each structure ``method`` can build: both orders of the spatial factors."""
+    return [{}] if method != "spatial" else [{"vertical_first": True}, {"vertical_first": False}]
+
+
 def _check_ranks(path, where, layer, method, ranks) -> tuple[int, ...]:
     try:
-        full = METHODS[method].full_ranks(layer)
+        fulls = [METHODS[method].full_ranks(layer, **variant) for variant in _variants(method)]
     except (AttributeError, TypeError, ValueError):
         raise DecomposeInfoError(f"{path}: {where}: method {method} does not apply to {type(layer).__name__}") from None
+    full = tuple(map(max, *fulls)) if len(fulls) > 1 else fulls[0]
     if len(ranks) != len(full) or not all(type(rank) is int and rank >= 1 for rank in ranks):
         names = ", ".join(METHODS[method].rank_names)
         raise DecomposeInfoError(
             f"{path}: {where}: {method} needs {len(full)} positive integer ranks ({names}), got {ranks}"
         )
+    if any(rank > bound for rank, bound in zip(ranks, full)):
+        raise DecomposeInfoError(f"{path}: {where}: ranks {ranks} exceed the layer's full ranks {list(full)}")
     return tuple(ranks)
 
 
 def _differs_from_method(layer, method, ranks, specs) -> str | None:
     """How the recorded ``specs`` differ from what ``method`` builds for ``layer`` at ``ranks`` (either
     order of the spatial factors), or None when they are the same."""
-    variants = [{}] if method != "spatial" else [{"vertical_first": True}, {"vertical_first": False}]
-    candidates = [json.loads(json.dumps(METHODS[method].specs(layer, ranks, **variant))) for variant in variants]
-    if specs in candidates:
+    built = [METHODS[method].specs(layer, ranks, **variant) for variant in _variants(method)]
+    candidates = [json.loads(json.dumps(candidate)) for candidate in built]  # tuples as lists, as recorded
+    if any(_same(specs, candidate) for candidate in candidates):
         return None
     # Compared with the candidate of the same first module, so that the difference named is the one that matters.
     expected = next(
@@ -271,7 +284,7 @@ def _differs_from_method(layer, method, ranks, specs) -> str | None:
         if got["type"] != want["type"]:
             return f"module {position} is {got['type']}, the method builds {want['type']}"
         for key in sorted(set(got["args"]) | set(want["args"])):
-            if got["args"].get(key) != want["args"].get(key):
+            if not _same(got["args"].get(key), want["args"].get(key)):
                 return (
                     f"module {position}: {key} is {got['args'].get(key)!r}, the method builds {want['args'].get(key)!r}"
                 )
@@ -308,13 +321,16 @@ def _from_amct(path, model, index, record) -> Replacement:
     rank = first[0]
     (kh, kw), cin, cout = layer.kernel_size, layer.in_channels, layer.out_channels
     orders = {True: ([rank, cin, kh, 1], [cout, rank, 1, kw]), False: ([rank, cin, 1, kw], [cout, rank, kh, 1])}
-    vertical = next((order for order, shapes in orders.items() if [first, last] == list(shapes)), None)
+    vertical = next((order for order, shapes in orders.items() if _same([first, last], list(shapes))), None)
     if vertical is None or type(rank) is not int or rank < 1:
         raise DecomposeInfoError(
             f"{path}: {where}: weight shapes {first} and {last} are not a spatial decomposition of the model's "
             f"{cout}x{cin}x{kh}x{kw} kernel (expected {orders[True][0]} then {orders[True][1]}, "
             "or the transposed order)"
         )
+    (full,) = METHODS["spatial"].full_ranks(layer, vertical_first=vertical)
+    if rank > full:
+        raise DecomposeInfoError(f"{path}: {where}: rank {rank} exceeds the layer's full rank {full}")
     return _replacement(
         path, name, layer, "spatial", (rank,), METHODS["spatial"].specs(layer, (rank,), vertical_first=vertical)
     )

@@ -35,6 +35,20 @@ def make_parent_dirs(path: str | os.PathLike) -> None:
         os.chmod(folder, DIR_MODE)  # mkdir's mode is filtered by the umask
 
 
+def unwritable(path: str | os.PathLike, is_folder: bool = False) -> str | None:
+    """Why ``path`` cannot be created where it is (a folder where a file is wanted or the reverse, a
+    file among its parents), or None: checked before long work rather than when it saves."""
+    path = Path(path)
+    if path.exists() and path.is_dir() != is_folder:
+        return f"{path} is a {'file' if is_folder else 'folder'}"
+    parent = path.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        return f"{path}: {parent} is a file, not a folder"
+    return None
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[object], None], binary: bool = True) -> None:
     """Calls ``write(file)`` on a temporary file next to ``path``, then moves it onto ``path``."""
     path = Path(path)

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from .stats import evaluating, positional_args
+from .stats import call_arguments, evaluating
 
 if TYPE_CHECKING:
     from torch.utils import benchmark
@@ -56,18 +56,20 @@ def _record(calls: list[InputSpec], module: nn.Module, args: tuple) -> None:
 
 def capture_inputs(model: nn.Module, example_input, layers: dict[str, nn.Module]) -> dict[str, list[InputSpec]]:
     """The input of every call of each of ``layers`` during one forward pass of ``model`` on
-    ``example_input`` (a tensor, or a tuple of positional arguments), in eval mode under ``no_grad`` so
-    that nothing is learnt (batch-norm statistics stay as they are). Not ``inference_mode``: what the
-    forward pass leaves on the model (a lazy layer's weights, a cache) must stay usable for training.
+    ``example_input`` (a tensor, a tuple of positional arguments or a dict of keyword arguments), in
+    eval mode under ``no_grad`` so that nothing is learnt (batch-norm statistics stay as they are).
+    Not ``inference_mode``: what the forward pass leaves on the model (a lazy layer's weights, a
+    cache) must stay usable for training.
     The modules' training flags and hooks are restored afterwards."""
     calls = {name: [] for name in layers}
     handles = [
         layer.register_forward_pre_hook(functools.partial(_record, calls[name])) for name, layer in layers.items()
     ]
     try:
+        args, kwargs = call_arguments(example_input)
         with evaluating(model), torch.no_grad():
-            model(*positional_args(example_input))
-    except (RuntimeError, TypeError, ValueError) as error:
+            model(*args, **kwargs)
+    except (RuntimeError, TypeError, ValueError, AttributeError, KeyError, IndexError) as error:
         raise ValueError(f"example_input: the model does not run on it: {type(error).__name__}: {error}") from None
     finally:
         for handle in handles:
@@ -124,7 +126,8 @@ def largest_within(candidates: Sequence, seconds_of: Callable[[object], float], 
 
 def context(example_input) -> dict:
     """Where the timings were taken, for the info file."""
-    tensors = [arg for arg in positional_args(example_input) if isinstance(arg, torch.Tensor)]
+    args, kwargs = call_arguments(example_input)
+    tensors = [arg for arg in (*args, *kwargs.values()) if isinstance(arg, torch.Tensor)]
     return {
         "device": str(tensors[0].device) if tensors else "cpu",
         "torch_threads": torch.get_num_threads(),

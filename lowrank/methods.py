@@ -212,9 +212,9 @@ class Spatial(Method):
     def _matrices(self, layer):
         return [F.spatial_unfold(layer.weight.detach(), self.vertical_first(layer))]
 
-    def full_ranks(self, layer):
-        (kh, kw), vertical = layer.kernel_size, self.vertical_first(layer)
-        first_k, last_k = (kh, kw) if vertical else (kw, kh)
+    def full_ranks(self, layer, vertical_first: bool | None = None):
+        vertical = self.vertical_first(layer) if vertical_first is None else vertical_first
+        first_k, last_k = layer.kernel_size if vertical else reversed(layer.kernel_size)
         return (min(layer.in_channels * first_k, layer.out_channels * last_k),)
 
     def specs(self, layer, ranks, vertical_first: bool | None = None):

@@ -122,7 +122,8 @@ class RankPolicy:
     divisor: int = 1
     min_rank: int = 8
     latency: float | None = None
-    example_input: object = field(default=None, repr=False)  # a tensor or a tuple of them: not an option to record
+    # What the model runs on: model(x), model(*x) for a tuple, model(**x) for a dict. Not recorded.
+    example_input: object = field(default=None, repr=False)
     default: Rule | None = field(init=False, default=None)
 
     def __post_init__(self):
@@ -153,7 +154,8 @@ class RankPolicy:
             self.default = Rule("ratio", DEFAULT_RATIO)
         if self.measures_latency and self.example_input is None:
             raise ValueError(
-                "latency needs example_input=<a tensor, or a tuple of the model's positional arguments>: "
+                "latency needs example_input=<a tensor, a tuple of the model's positional arguments or a dict of "
+                "its keyword arguments>: "
                 "the layers are timed on the inputs they receive from it"
             )
 

@@ -1,6 +1,7 @@
 """Model size and cost, as msModelSlim's ``count_parameters`` and a multiply-add counter, and how
 lowrank runs a model once on an example input (here and in ``lowrank.latency``)."""
 
+from collections.abc import Mapping
 from contextlib import contextmanager
 
 import torch
@@ -14,9 +15,15 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if not isinstance(p, nn.parameter.UninitializedParameter))
 
 
-def positional_args(example_input) -> tuple:
-    """``example_input`` as the model's positional arguments: a tuple as it is, anything else alone."""
-    return example_input if isinstance(example_input, tuple) else (example_input,)
+def call_arguments(example_input) -> tuple[tuple, dict]:
+    """``example_input`` as the model's positional and keyword arguments: a tuple is the positional
+    ones, a mapping the keyword ones (``model(**inputs)``, e.g. a tokenizer's output for a Hugging Face
+    model), anything else the one positional argument."""
+    if isinstance(example_input, tuple):
+        return example_input, {}
+    if isinstance(example_input, Mapping):
+        return (), dict(example_input)
+    return (example_input,), {}
 
 
 @contextmanager
@@ -34,10 +41,11 @@ def evaluating(model: nn.Module):
 
 @torch.no_grad()
 def count_flops(model: nn.Module, example_input) -> int:
-    """Multiply-adds of one forward pass on ``example_input`` (a tensor, or a tuple of positional
-    arguments), counted by PyTorch's FLOP counter: convolutions, matrix products and attention. The
-    model runs in eval mode (batch norm accepts a batch of one, running statistics stay untouched)
-    and gets its mode back."""
+    """Multiply-adds of one forward pass on ``example_input`` (a tensor, a tuple of positional
+    arguments or a dict of keyword arguments), counted by PyTorch's FLOP counter: convolutions, matrix
+    products and attention. The model runs in eval mode (batch norm accepts a batch of one, running
+    statistics stay untouched) and gets its mode back."""
     with evaluating(model), FlopCounterMode(display=False) as counter:
-        model(*positional_args(example_input))
+        args, kwargs = call_arguments(example_input)
+        model(*args, **kwargs)
     return counter.get_total_flops() // 2

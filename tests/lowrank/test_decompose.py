@@ -1,4 +1,6 @@
+import functools
 import json
+import types
 
 import pytest
 import torch
@@ -133,6 +135,11 @@ def test_layers_that_cannot_be_replaced_are_skipped_with_a_reason(lowrank_log):
     hooked.register_forward_hook(lambda *args: None)
     backward_hooked = nn.Linear(64, 64)
     backward_hooked.register_full_backward_pre_hook(lambda *args: None)
+    forward_replaced = nn.Linear(64, 64)  # as accelerate's add_hook_to_module (device_map, offloading) does
+    forward_replaced.forward = functools.partial(lambda module, x: nn.Linear.forward(module, x) * 2, forward_replaced)
+    gradient_masked, stepped_in_backward = nn.Linear(64, 64), nn.Linear(64, 64)
+    gradient_masked.weight.register_hook(lambda grad: grad * 0)
+    stepped_in_backward.weight.register_post_accumulate_grad_hook(lambda param: None)
     model = nn.ModuleDict(
         {
             "grouped": nn.Conv2d(64, 64, 3, groups=4),
@@ -148,6 +155,9 @@ def test_layers_that_cannot_be_replaced_are_skipped_with_a_reason(lowrank_log):
             "tied_b": tied_b,
             "hooked": hooked,
             "backward_hooked": backward_hooked,
+            "forward_replaced": forward_replaced,
+            "gradient_masked": gradient_masked,
+            "stepped_in_backward": stepped_in_backward,
             "normed": parametrizations.weight_norm(nn.Linear(64, 64)),
             "lazy": nn.LazyLinear(64),
             "fine": nn.Linear(64, 64),
@@ -168,6 +178,9 @@ def test_layers_that_cannot_be_replaced_are_skipped_with_a_reason(lowrank_log):
         "'tied_a': its parameters are tied with 'tied_b.weight'",
         "'hooked': hooks are registered on it",
         "'backward_hooked': hooks are registered on it",
+        "'forward_replaced': its forward is replaced on the instance (e.g. by an accelerate hook)",
+        "'gradient_masked': hooks are registered on its parameters",
+        "'stepped_in_backward': hooks are registered on its parameters",
         "'normed': its weight is parametrized",
         "'lazy': its weights are not initialised yet",
     ]:
@@ -215,6 +228,24 @@ class ThroughLoop(nn.Module):
             nn.init.xavier_uniform_(block.weight, gain)
 
 
+class ReadsInAHelperOfForward(nn.Module):  # as Hugging Face's RWKV rescales its layers' weights
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 64))
+
+    def forward(self, x):
+        self._rescale()
+        return self.blocks(x)
+
+    def _rescale(self):
+        self._scaled()
+
+    @torch.no_grad()
+    def _scaled(self):
+        for block in self.blocks:
+            block.weight.mul_(1.0)
+
+
 class ReadsAnIndexOutsideForward(nn.Module):
     def __init__(self):
         super().__init__()
@@ -226,6 +257,20 @@ class ReadsAnIndexOutsideForward(nn.Module):
 
     def forward(self, x):
         return self.head(self.blocks[1](self.blocks[0](x.to(self.get_dtype()))))
+
+
+def tied_forward(self, x):
+    return nn.functional.linear(self.other(x), self.fc.weight)
+
+
+class ForwardSetOnTheInstance(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc, self.other = nn.Linear(64, 64), nn.Linear(64, 64)
+        self.forward = types.MethodType(tied_forward, self)
+
+    def forward(self, x):
+        return self.fc(self.other(x))
 
 
 NO_SOURCE = """
@@ -247,10 +292,21 @@ class NoSource(nn.Module):
         (ThroughAlias, []),
         (ThroughGetattr, []),
         (ThroughLoop, []),
+        (ReadsInAHelperOfForward, []),
+        (ForwardSetOnTheInstance, ["other"]),
         (ReadsAnIndexOutsideForward, ["blocks.1", "head"]),
         (lambda: exec(NO_SOURCE, vars(nn) | {"nn": nn}, namespace := {}) or namespace["NoSource"](), ["body"]),
     ],
-    ids=["subscript", "alias", "getattr", "loop", "index outside forward", "no source"],
+    ids=[
+        "subscript",
+        "alias",
+        "getattr",
+        "loop",
+        "helper of forward",
+        "instance forward",
+        "index outside forward",
+        "no source",
+    ],
 )
 def test_weights_read_by_the_owner_in_any_form_keep_the_layer(make, kept):
     model = make()
@@ -413,3 +469,104 @@ def test_a_torchscript_module_is_refused_with_the_way_out(tmp_path):
     lowrank.auto_decomposition(nn.Sequential(nn.Linear(64, 64)), info, ratio=0.5)
     with pytest.raises(TypeError, match="TorchScript"):
         lowrank.decompose_network(scripted, info)
+
+
+class CallsWeightsThroughItsLayer(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(64, 64)
+
+    def forward(self, x):
+        return self.proj(x)
+
+
+def test_replay_refuses_layers_that_cannot_be_replaced_safely(tmp_path):
+    info = tmp_path / "info.json"
+    lowrank.auto_decomposition(CallsWeightsThroughItsLayer(), info, ratio=0.5)
+    model = UsesWeightDirectly()  # the same layer names, but its owner reads the weights
+    with pytest.raises(
+        lowrank.DecomposeInfoError,
+        match="info.json: layer 'proj' cannot be replaced: UsesWeightDirectly reads its weights directly",
+    ):
+        lowrank.decompose_network(model, info)
+    assert isinstance(model.proj, nn.Linear)
+
+    lowrank.auto_decomposition(nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 64)), info, ratio=0.5)
+    tied = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 64))
+    tied[1].weight = tied[0].weight
+    with pytest.raises(lowrank.DecomposeInfoError, match="layer '0' cannot be replaced: its parameters are tied"):
+        lowrank.decompose_network(tied, info)
+    assert tied[0].weight is tied[1].weight
+
+
+def test_a_failure_while_building_leaves_the_model_and_writes_no_info(monkeypatch, tmp_path):
+    model = nn.Sequential(nn.Conv2d(32, 32, 3), nn.Conv2d(32, 32, 3))
+    build = lowrank.decompose._replacement_module
+    built = []
+
+    def build_then_run_out_of_memory(layer, *args, **kwargs):
+        if built:
+            raise RuntimeError("can't allocate memory")
+        built.append(layer)
+        return build(layer, *args, **kwargs)
+
+    monkeypatch.setattr(lowrank.decompose, "_replacement_module", build_then_run_out_of_memory)
+    with pytest.raises(RuntimeError, match="can't allocate memory"):
+        lowrank.auto_decomposition(model, tmp_path / "info.json")
+    assert built and all(isinstance(layer, nn.Conv2d) for layer in model)
+    assert not (tmp_path / "info.json").exists()
+
+
+def test_a_model_wrapped_for_distributed_training_is_refused():
+    import torch._dynamo  # noqa: F401 (before any process group: imported later, it keeps the group alive)
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        wrapped = nn.parallel.DistributedDataParallel(nn.Sequential(nn.Linear(64, 64)))
+        with pytest.raises(TypeError, match="wrapped in DistributedDataParallel.* decompose the unwrapped model"):
+            lowrank.auto_decomposition(wrapped)
+        with pytest.raises(TypeError, match="wrapped in DistributedDataParallel \\(at 'body'\\)"):
+            lowrank.Decompose(nn.ModuleDict({"body": wrapped})).from_ratio(0.5).decompose_network()
+        assert isinstance(wrapped.module[0], nn.Linear)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_model_that_cannot_be_copied_names_the_in_place_way(net):
+    net.scale = torch.ones(2, requires_grad=True) * 2  # not a leaf tensor: deepcopy refuses it
+    with pytest.raises(TypeError, match="this one cannot be copied .*: decompose it in place with lowrank.auto_"):
+        lowrank.Decompose(net).from_ratio(0.5).decompose_network()
+
+
+def test_an_info_path_that_cannot_be_written_is_named_before_any_work(net, tmp_path, lowrank_log):
+    with pytest.raises(ValueError, match=f"decompose_info_path: {tmp_path} is a folder"):
+        lowrank.auto_decomposition(net, tmp_path)
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ValueError, match="file is a file, not a folder"):
+        lowrank.auto_decomposition(net, tmp_path / "file" / "info.json")
+    assert not any(line.startswith("Processing") for line in lowrank_log)
+    assert isinstance(net.conv2, nn.Conv2d)
+
+
+class TakesKeywords(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(10, 20)
+
+    def forward(self, input_ids, *, scale):
+        return self.fc(input_ids) * scale
+
+
+def test_example_inputs_may_be_keyword_arguments():
+    inputs = {"input_ids": torch.randn(3, 10), "scale": 2.0}
+    assert lowrank.count_flops(TakesKeywords(), inputs) == 3 * 10 * 20
+    assert lowrank.count_flops(nn.Linear(10, 20), (torch.randn(3, 10),)) == 3 * 10 * 20
+
+
+def test_decomposing_leaves_the_random_state_alone(net):
+    torch.manual_seed(1)
+    _, changes = lowrank.auto_decomposition(net, method="tucker2")
+    after = torch.rand(3)
+    torch.manual_seed(1)
+    assert changes and torch.equal(torch.rand(3), after)  # the new modules are not initialised, only filled

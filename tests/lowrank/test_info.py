@@ -137,6 +137,13 @@ def test_weights_load_safely(tmp_path):
             r"not the svd decomposition .* module 0: kernel_size is \[3, 1\], the method builds \[3, 3\]",
         ),
         (lambda d: d["layers"][0].update(name=""), r"a record names the model itself \(''\)"),
+        (
+            lambda d: d["layers"][0].update(ranks=[2**40]),
+            r"layer 'conv2': ranks \[1099511627776\] exceed the layer's full ranks \[384\]",
+        ),
+        # true == 1 in Python, not in JSON: such a file would fail only once the model runs
+        (lambda d: d["layers"][0]["modules"][0]["args"].update(groups=True), "module 0: groups is True, the method"),
+        (lambda d: d["layers"][0]["args"].update(groups=True), "layer 'conv2': groups is 1 in the model but True"),
     ],
 )
 def test_malformed_info_files_name_the_file_layer_and_mismatch(info, change, message):
@@ -209,6 +216,8 @@ def test_amct_info_files(tmp_path, first, last, kernels, lowrank_log):
         ),
         (amct_record([40, 128, 3, 1], [128, 40, 1, 3], name="conv7"), "layer 'conv7' is not in the model"),
         (amct_record([True, 128, 3, 1], [128, True, 1, 3]), "are not a spatial decomposition"),
+        (amct_record([40, True, 3, 1], [128, 40, 1, 3]), "are not a spatial decomposition"),
+        (amct_record([385, 128, 3, 1], [128, 385, 1, 3]), "layer 'conv2': rank 385 exceeds the layer's full rank 384"),
         (amct_record([40, 128, 3, 1], [128, 40, 1, 3], name="fc"), "layer 'fc' is Linear in the model but Conv2d"),
         ({"mode": "SCFK"}, "record 0 has no 'ori_layer_info'"),
         ({"ori_layer_info": {}, "mode": "SCFK"}, "ori_layer_info has none of layer_name, name, op_name"),

@@ -171,6 +171,22 @@ class LazyHead(nn.Module):
         return self.head(self.proj(self.query.expand(x.shape[0], -1, -1)) + x)
 
 
+class KeywordsOnly(nn.Module):  # as Hugging Face models take a tokenizer's output: model(**inputs)
+    def __init__(self):
+        super().__init__()
+        self.body = model_of_two_convs()
+
+    def forward(self, *, pixel_values):
+        return self.body(pixel_values)
+
+
+def test_the_example_input_may_be_keyword_arguments(fake_clock, tmp_path):
+    info = tmp_path / "info.json"
+    _, changes = lowrank.auto_decomposition(KeywordsOnly(), info, latency=0.5, example_input={"pixel_values": X})
+    assert list(changes) == ["body.3"]
+    assert json.loads(info.read_text())["policy"]["measured_on"]["example_input_shapes"] == [[4, 16, 12, 12]]
+
+
 def test_capture_leaves_a_trainable_model_and_samples_broadcast_inputs():
     model = LazyHead().train()
     calls = capture_inputs(model, torch.randn(2, 4, 16), {"proj": model.proj})
