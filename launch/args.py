@@ -152,4 +152,7 @@ def check_mode_args(args, pretrained=None) -> str:
         problem = path and unwritable(path, is_folder)
         if problem:
             sys.exit(f"error: --{flag.replace('_', '-')} {problem}")
+    problem = unwritable(Path(args.output_dir, "checkpoints"), is_folder=True)
+    if problem:
+        sys.exit(f"error: --output-dir: {problem}")
     return mode

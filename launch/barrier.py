@@ -9,6 +9,10 @@ the same inputs reuse the artifacts instead of decomposing again, and keeps stal
 artifacts from ever being used. A file lock next to the info file serialises jobs that share the
 paths, so none ever reads a mixed or half-written artifact.
 
+Rank 0 marks the run as running once it holds the lock; the other ranks check now and then that it
+still holds it, so that a rank 0 killed midway (out of memory, a lost node) stops them within seconds
+rather than at the timeout, also where no launcher would stop them (several nodes).
+
 Multi-node jobs need the artifact folder on a filesystem shared by all nodes: when the other ranks
 never see rank 0's marker, their timeout error says so.
 """
@@ -34,6 +38,9 @@ from lowrank.io import atomic_write, file_digest, load_state_dict, make_parent_d
 
 DEFAULT_TIMEOUT = 3600.0  # seconds the other ranks wait for rank 0: decomposing a large model takes minutes
 POLL_INTERVAL = 0.2
+# Every this many seconds, the waiting ranks check that rank 0 still holds the artifacts' lock (the
+# system frees it when a process dies, even killed): on several nodes no launcher stops them for it.
+LIVENESS_INTERVAL = 5.0
 
 
 class BarrierError(RuntimeError):
@@ -181,6 +188,7 @@ def _decompose_on_rank_zero(model, artifacts, load_pretrained, pretrained_path, 
             wanted = fingerprint(pretrained_path, model, policy)
             previous = artifacts.read_marker()
             reused = _intact(artifacts, previous, wanted)
+            artifacts.write_marker(status="running", token=token)  # the others now watch the lock
             if reused:
                 # _intact verified the checksums, and the lock keeps the files as they are: no second hashing.
                 model, changes = load_decomposed(model, artifacts.info_path, artifacts.weights_path)
@@ -210,12 +218,17 @@ def _intact(artifacts, marker, wanted) -> bool:
 
 def _wait_for_marker(artifacts, token, timeout) -> dict:
     deadline = time.monotonic() + timeout
+    next_liveness_check = time.monotonic() + LIVENESS_INTERVAL
     while True:
         marker = artifacts.read_marker()
         if marker and marker.get("token") == token:
             if marker.get("status") == "failed":
                 raise BarrierError(f"rank 0 failed to decompose the model: {marker.get('message')}")
-            return marker
+            if marker.get("status") != "running":
+                return marker
+            if time.monotonic() > next_liveness_check:
+                _check_rank_zero_alive(artifacts, token)
+                next_liveness_check = time.monotonic() + LIVENESS_INTERVAL
         if time.monotonic() > deadline:
             raise BarrierError(
                 f"rank {global_rank()}: rank 0 did not finish the decomposition within {timeout:.0f} s "
@@ -225,6 +238,21 @@ def _wait_for_marker(artifacts, token, timeout) -> dict:
                 "timeout."
             )
         time.sleep(POLL_INTERVAL)
+
+
+def _check_rank_zero_alive(artifacts, token) -> None:
+    """Raises BarrierError when rank 0, which said it was running, no longer holds the artifacts' lock
+    and left no result: it died (killed, out of memory, its node lost)."""
+    try:
+        with FileLock(artifacts.lock_path).acquire(timeout=0):
+            marker = artifacts.read_marker()  # under the lock: rank 0 writes its result before releasing it
+    except Timeout:
+        return  # held: rank 0 is at work
+    if marker and marker.get("token") == token and marker.get("status") == "running":
+        raise BarrierError(
+            f"rank {global_rank()}: rank 0 stopped while decomposing (it no longer holds {artifacts.lock_path} "
+            "and left no result): it was killed, ran out of memory or lost its node; see its log"
+        )
 
 
 def load_decomposed(model: nn.Module, info_path, weights_path) -> tuple[nn.Module, dict]:

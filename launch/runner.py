@@ -36,11 +36,12 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.state import PartialState
 from accelerate.utils import ProjectConfiguration
+from filelock import FileLock, Timeout
 from tqdm import tqdm
 
 import lowrank
 from lowrank.cli import inspect_table
-from lowrank.io import atomic_write, load_state_dict, save_state_dict
+from lowrank.io import atomic_write, load_state_dict, make_parent_dirs, save_state_dict
 
 from .barrier import (
     DEFAULT_TIMEOUT,
@@ -210,6 +211,10 @@ RESUME_SETTINGS = {
     "train_batch_size": "--train-batch-size",
     "gradient_accumulation_steps": "--gradient-accumulation-steps",
     "seed": "--seed",
+    # The optimizer's state holds them, and a resume restores it: a new value would be recorded, not used.
+    "lr": "--lr",
+    "momentum": "--momentum",
+    "weight_decay": "--weight-decay",
     "world_size": "the number of processes",
 }
 _CHECKPOINT = re.compile(r"step_(\d+)")
@@ -221,14 +226,39 @@ def _run_file(path: Path) -> Path | None:
     return next((path / name for name in _COMPLETE if (path / name).is_file()), None)
 
 
-def latest_checkpoint(output_dir) -> Path | None:
-    """The complete checkpoint (``checkpoints/step_<N>`` with its ``run.json``) of the highest step, or None."""
+def complete_checkpoints(output_dir) -> list[Path]:
+    """The complete checkpoints (``checkpoints/step_<N>`` with their ``run.json``), the latest first."""
     complete = [
         path
         for path in Path(output_dir, "checkpoints").glob("step_*")
         if _CHECKPOINT.fullmatch(path.name) and _run_file(path)
     ]
-    return max(complete, key=lambda path: int(_CHECKPOINT.fullmatch(path.name)[1]), default=None)
+    return sorted(complete, key=lambda path: int(_CHECKPOINT.fullmatch(path.name)[1]), reverse=True)
+
+
+def latest_checkpoint(output_dir) -> Path | None:
+    """The complete checkpoint of the highest step, or None."""
+    return next(iter(complete_checkpoints(output_dir)), None)
+
+
+def _saved_settings(checkpoint: Path) -> tuple[dict | None, str | None]:
+    """A complete checkpoint's ``run.json``, or what is wrong with the checkpoint: an unreadable
+    ``run.json``, or files missing or of another size than when it was saved (truncated by a full disk
+    or a copy cut short)."""
+    run_file = _run_file(checkpoint)
+    try:
+        saved = json.loads(run_file.read_text())
+    except (OSError, ValueError) as error:
+        return None, f"{run_file.name} cannot be read ({error})"
+    if not isinstance(saved, dict):
+        return None, f"{run_file.name} is not a JSON object"
+    for name, size in saved.get("files", {}).items():  # checkpoints of the previous release have no sizes
+        path = checkpoint / name
+        if not path.is_file():
+            return None, f"{name} is missing"
+        if path.stat().st_size != size:
+            return None, f"{name} has {path.stat().st_size} bytes, {size} when it was saved"
+    return saved, None
 
 
 def _tidy(folder: Path) -> None:
@@ -244,8 +274,35 @@ def _tidy(folder: Path) -> None:
             os.replace(replaced, path)
 
 
+# Rank 0 holds its --output-dir's lock until it exits (by path: a second lock on the same file in one
+# process would wait for the first).
+_output_dir_locks: dict[Path, FileLock] = {}
+
+
+def _lock_output_dir(output_dir) -> str | None:
+    """Takes ``output_dir``'s lock, or says which job holds it: a second job there would move this one's
+    checkpoints aside and write over its steps and results."""
+    path = Path(output_dir, ".lock").resolve()
+    if path in _output_dir_locks:
+        return None
+    make_parent_dirs(path)
+    lock = FileLock(path)
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        return (
+            f"error: another job is using --output-dir {output_dir} (it holds {path}): wait for it to end, or "
+            "give this one another --output-dir"
+        )
+    _output_dir_locks[path] = lock
+    return None
+
+
 def _resume_decision(args, world_size: int) -> tuple[str | None, str | None]:
     """Rank 0's part of ``checkpoint_to_resume``: the checkpoint (as a string) or an error message."""
+    error = _lock_output_dir(args.output_dir)
+    if error:
+        return None, error
     folder = Path(args.output_dir, "checkpoints")
     _tidy(folder)
     checkpoint = latest_checkpoint(args.output_dir)
@@ -253,13 +310,27 @@ def _resume_decision(args, world_size: int) -> tuple[str | None, str | None]:
         if checkpoint is not None and not getattr(args, "test_only", False):
             aside = folder.with_name(f"checkpoints.{time.strftime('%Y%m%d-%H%M%S')}")
             os.replace(folder, aside)
+            results = Path(args.output_dir, "results.json")
+            if results.is_file():  # that run's, not this one's
+                os.replace(results, aside / results.name)
             log(f"[Checkpoint] starting afresh (no --resume): the earlier run's checkpoints moved to {aside}")
         return None, None
-    if checkpoint is None:
-        if any(folder.glob("step_*")):
-            log(f"[Resume] no complete checkpoint in {folder}: starting afresh")
+    saved = None
+    for checkpoint in complete_checkpoints(args.output_dir):
+        saved, damage = _saved_settings(checkpoint)
+        if saved is not None:
+            break
+        log(f"[Resume] {checkpoint} is damaged ({damage}): trying the one before")
+    if saved is None:
+        earlier = sorted(path.name for path in folder.parent.glob("checkpoints.*") if path.is_dir())
+        hint = (
+            f"; runs without --resume moved earlier checkpoints to {', '.join(earlier)}: move one back to "
+            f"{folder} to resume from it"
+            if earlier
+            else ""
+        )
+        log(f"[Resume] no complete checkpoint in {folder}: starting afresh{hint}")
         return None, None
-    saved = json.loads(_run_file(checkpoint).read_text())
     current = {**vars(args), "world_size": world_size}
     changed = [
         f"{flag} {saved[key]} (now {current[key]})"
@@ -277,8 +348,9 @@ def _resume_decision(args, world_size: int) -> tuple[str | None, str | None]:
 def checkpoint_to_resume(args, world_size: int) -> Path | None:
     """The checkpoint ``--resume`` continues from, decided by rank 0 before any work: the latest
     complete one, which must have been saved with the same RESUME_SETTINGS. A training run without
-    ``--resume`` starts afresh: rank 0 moves an earlier run's checkpoints aside (to
-    ``checkpoints.<date-time>``), so that a later ``--resume`` cannot mix them up with this run's."""
+    ``--resume`` starts afresh: rank 0 moves an earlier run's checkpoints and results aside (to
+    ``checkpoints.<date-time>``), so that a later ``--resume`` cannot mix them up with this run's.
+    Rank 0 holds ``--output-dir``'s lock from here on: a second job there is refused."""
     checkpoint, error = from_rank_zero(_resume_decision(args, world_size) if global_rank() == 0 else None)
     if error:
         sys.exit(error)
@@ -298,6 +370,8 @@ def load_checkpoint(accelerator, checkpoint: Path, progress) -> None:
             f"error: {checkpoint} does not fit the model built now (was it saved with another decomposition, "
             f"info file or pretrained weights?): {error}"
         )
+    except Exception as error:  # damaged in a way its sizes do not show (safetensors, pickle, ...)
+        sys.exit(f"error: {checkpoint} cannot be loaded: {type(error).__name__}: {error}")
     log(f"[Resume] from {checkpoint} at step {progress.step}")
 
 
@@ -312,11 +386,24 @@ def save_checkpoint(accelerator, output_dir, progress, args) -> Path:
         for leftover in (partial, replaced):  # from a process killed while saving
             shutil.rmtree(leftover, ignore_errors=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(partial)  # under DeepSpeed every rank writes its shards
-    accelerator.wait_for_everyone()
+    try:
+        accelerator.save_state(partial)  # under DeepSpeed every rank writes its shards
+        accelerator.wait_for_everyone()
+        if global_rank() == 0:
+            # The sizes let a resume tell a checkpoint truncated later (a full disk, a cut copy) and skip it.
+            files = {
+                str(file.relative_to(partial)): file.stat().st_size for file in partial.rglob("*") if file.is_file()
+            }
+            run = {**vars(args), "world_size": accelerator.num_processes, "files": files}
+            atomic_write(partial / "run.json", lambda file: json.dump(run, file, indent=2, default=str), binary=False)
+    except (OSError, RuntimeError) as error:  # torch.save says "iostream error" on a full disk
+        shutil.rmtree(partial, ignore_errors=True)
+        free = shutil.disk_usage(output_dir).free / 2**30
+        sys.exit(
+            f"error: rank {global_rank()}: could not save the checkpoint {path}: {error} ({free:.2f} GiB free on "
+            "its disk); the earlier checkpoints are intact"
+        )
     if global_rank() == 0:
-        run = {**vars(args), "world_size": accelerator.num_processes}
-        atomic_write(partial / "run.json", lambda file: json.dump(run, file, indent=2, default=str), binary=False)
         if path.exists():
             os.replace(path, replaced)
         os.replace(partial, path)
@@ -383,7 +470,7 @@ def train(
     the last; ``throughput_unit`` (e.g. "images/s") adds the throughput to the log line. Saves a
     checkpoint after the last step, so that a signal during the final evaluation (which exits at
     once) loses no training, and returns; or exits with PREEMPTED_EXIT_CODE after saving a checkpoint
-    when the job is preempted."""
+    when the job is preempted (also by a signal during that last save, once it is complete)."""
     model.train()
     first_step = progress.step
     samples, started = 0, time.perf_counter()
@@ -421,18 +508,24 @@ def train(
                 break
             # Between optimizer steps only, so that a checkpoint never holds half-accumulated gradients.
             if preemption.requested(accelerator):
-                path = save_checkpoint(accelerator, output_dir, progress, args)
-                cause = preemption.received or "signal on another rank"
-                log(f"[Preempted] {cause}: checkpoint saved to {path}, exiting with {PREEMPTED_EXIT_CODE}")
-                end_run(accelerator, PREEMPTED_EXIT_CODE)
+                _exit_preempted(accelerator, save_checkpoint(accelerator, output_dir, progress, args))
             if checkpoint_steps and progress.step % checkpoint_steps == 0:
                 save_checkpoint(accelerator, output_dir, progress, args)
             if eval_fn and eval_steps and progress.step % eval_steps == 0:
                 eval_fn()
                 model.train()
-    bar.close()
-    if progress.step > first_step:
-        save_checkpoint(accelerator, output_dir, progress, args)
+        bar.close()
+        if progress.step > first_step:
+            path = save_checkpoint(accelerator, output_dir, progress, args)
+    # A signal in the last step or during this save stops the run now, the checkpoint complete.
+    if progress.step > first_step and preemption.requested(accelerator):
+        _exit_preempted(accelerator, path)
+
+
+def _exit_preempted(accelerator, checkpoint: Path) -> None:
+    cause = preemption.received or "signal on another rank"
+    log(f"[Preempted] {cause}: checkpoint saved to {checkpoint}, exiting with {PREEMPTED_EXIT_CODE}")
+    end_run(accelerator, PREEMPTED_EXIT_CODE)
 
 
 @torch.no_grad()

@@ -37,15 +37,20 @@ def make_parent_dirs(path: str | os.PathLike) -> None:
 
 def unwritable(path: str | os.PathLike, is_folder: bool = False) -> str | None:
     """Why ``path`` cannot be created where it is (a folder where a file is wanted or the reverse, a
-    file among its parents), or None: checked before long work rather than when it saves."""
+    file among its parents, a folder that refuses new files), or None: checked before long work
+    rather than when it saves."""
     path = Path(path)
     if path.exists() and path.is_dir() != is_folder:
         return f"{path} is a {'file' if is_folder else 'folder'}"
-    parent = path.parent
-    while not parent.exists():
-        parent = parent.parent
-    if not parent.is_dir():
-        return f"{path}: {parent} is a file, not a folder"
+    folder = path if path.is_dir() else path.parent
+    while not folder.exists():
+        folder = folder.parent
+    if not folder.is_dir():
+        return f"{path}: {folder} is a file, not a folder"
+    try:  # what the atomic writes do there (permissions alone do not tell: root, read-only mounts, /proc)
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError as error:
+        return f"{path}: cannot create files in {folder} ({error.strerror or error})"
     return None
 
 

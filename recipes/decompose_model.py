@@ -10,12 +10,15 @@ the decomposed weights.
         --decomposed-weights-path runs/r50_offline/decomposed_weights.pth
 
 Step 2 is ``mnist_offline.py`` (or ``resnet50_imagenet.py --tensor-decompose --run-mode offline``) with
-the same two paths and policy. Errors: a missing or unreadable ``--pretrained-path`` is named; nothing
-is written when the decomposition fails, and an earlier info file stays as it was when the weights
-cannot be saved.
+the same two paths and policy. Errors: a missing or unreadable ``--pretrained-path`` and output paths
+that cannot be written are named before any work; nothing is written when the decomposition fails,
+and an earlier info file stays as it was when the weights cannot be saved or the job is stopped
+(SIGTERM, as a time limit or ``scancel`` sends).
 """
 
 import argparse
+import signal
+import sys
 from pathlib import Path
 
 import torchvision
@@ -24,7 +27,7 @@ import lowrank
 from launch.args import add_policy_args, policy_of
 from launch.barrier import Artifacts
 from launch.mnist import Net
-from lowrank.io import atomic_write, load_state_dict, make_parent_dirs, save_state_dict
+from lowrank.io import atomic_write, load_state_dict, make_parent_dirs, save_state_dict, unwritable
 
 
 def get_args_parser():
@@ -46,6 +49,12 @@ def get_args_parser():
 
 
 def main(args):
+    for flag in ("decompose_info_path", "decomposed_weights_path"):
+        problem = unwritable(getattr(args, flag))
+        if problem:
+            sys.exit(f"error: --{flag.replace('_', '-')} {problem}")
+    # SIGTERM's default action would end the process before the restore below.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     state_dict = load_state_dict(args.pretrained_path)
     if args.model == "mnist":
         model = Net()

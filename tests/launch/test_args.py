@@ -90,3 +90,12 @@ def test_output_paths_that_cannot_be_written_are_named_before_any_work(tmp_path)
     )
     assert check("--save-path", str(tmp_path)) == f"error: --save-path {tmp_path} is a folder"
     assert check("--decompose-info-path", str(a_file / "x" / "info.json")).startswith("error: --decompose-info-path")
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "checkpoints").write_text("")  # where the first checkpoint would go, hours later
+    assert check("--output-dir", str(tmp_path / "run")) == (
+        f"error: --output-dir: {tmp_path / 'run' / 'checkpoints'} is a file"
+    )
+    # A folder that refuses new files (root ignores permissions; /proc refuses it too)
+    assert check("--save-path", "/proc/final.pth").startswith(
+        "error: --save-path /proc/final.pth: cannot create files in /proc ("
+    )

@@ -3,6 +3,7 @@
 import json
 import os
 import subprocess
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -12,6 +13,7 @@ import torch
 from filelock import FileLock
 
 import lowrank
+from launch import barrier
 from launch.barrier import Artifacts, BarrierError, decompose_once, load_decomposed, parameters_digest, run_token
 from lowrank.io import save_state_dict
 from tests.conftest import torchrun
@@ -178,3 +180,37 @@ def test_a_marker_that_is_not_ours_counts_as_none(tmp_path):
     for text in ('"old"', "[1, 2]", "{"):
         artifacts.marker_path.write_text(text)
         assert artifacts.read_marker() is None
+
+
+RANK_ZERO_AT_WORK = """
+import sys, time
+from pathlib import Path
+from filelock import FileLock
+from launch.barrier import Artifacts
+artifacts = Artifacts(Path(sys.argv[1]), Path(sys.argv[2]))
+with FileLock(artifacts.lock_path):
+    artifacts.write_marker(status="running", token="this-run")
+    print("running", flush=True)
+    time.sleep(600)
+"""
+
+
+def test_the_others_stop_waiting_soon_after_rank_zero_dies(tmp_path, monkeypatch):
+    # On several nodes no launcher stops the other ranks when rank 0's process dies: they see that
+    # it no longer holds the artifacts' lock.
+    monkeypatch.setattr(barrier, "LIVENESS_INTERVAL", 0.2)
+    artifacts = Artifacts(tmp_path / "decompose_info.json", tmp_path / "decomposed_weights.pth")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    command = [sys.executable, "-c", RANK_ZERO_AT_WORK, str(artifacts.info_path), str(artifacts.weights_path)]
+    rank_zero = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+    try:
+        assert rank_zero.stdout.readline() == "running\n"
+        with pytest.raises(BarrierError, match="within 1 s"):  # alive: the others keep waiting
+            barrier._wait_for_marker(artifacts, "this-run", timeout=1)
+    finally:
+        rank_zero.kill()  # as the out-of-memory killer does
+        rank_zero.wait()
+    started = time.monotonic()
+    with pytest.raises(BarrierError, match="rank 0 stopped while decomposing .* left no result"):
+        barrier._wait_for_marker(artifacts, "this-run", timeout=60)
+    assert time.monotonic() - started < 5

@@ -6,11 +6,14 @@ import json
 import os
 import signal
 import time
+from pathlib import Path
 
 import pytest
 import torch
 from accelerate import Accelerator
+from filelock import FileLock
 
+from launch import runner
 from launch.runner import (
     PREEMPTED_EXIT_CODE,
     Preemption,
@@ -85,19 +88,88 @@ def test_resume_needs_the_same_settings(trainer, tmp_path):
         r"processes 1 \(now 2\)",
     ):
         checkpoint_to_resume(run_args(tmp_path, ratio=0.5), world_size=2)
+    # The optimizer's state, restored on a resume, holds the learning rate: a new one would not be used.
+    save_checkpoint(accelerator, tmp_path, progress, run_args(tmp_path, lr=0.1))
+    with pytest.raises(SystemExit, match=r"--lr 0.1 \(now 0.5\)"):
+        checkpoint_to_resume(run_args(tmp_path, lr=0.5), world_size=1)
     assert checkpoint_to_resume(run_args(tmp_path / "empty"), world_size=1) is None
 
 
-def test_a_fresh_run_moves_the_earlier_checkpoints_aside(trainer, tmp_path):
+def test_a_fresh_run_moves_the_earlier_checkpoints_aside(trainer, tmp_path, capsys):
     accelerator, _, progress = trainer
     progress.step = 5
     save_checkpoint(accelerator, tmp_path, progress, run_args(tmp_path))
+    (tmp_path / "results.json").write_text("{}")
     assert checkpoint_to_resume(run_args(tmp_path, resume=False, test_only=True), world_size=1) is None
     assert latest_checkpoint(tmp_path) is not None  # evaluating only leaves them
     assert checkpoint_to_resume(run_args(tmp_path, resume=False), world_size=1) is None
     assert latest_checkpoint(tmp_path) is None
     (aside,) = tmp_path.glob("checkpoints.*")
     assert (aside / "step_5" / "run.json").is_file()  # moved, never deleted
+    assert (aside / "results.json").is_file() and not (tmp_path / "results.json").exists()  # not this run's
+    # --resume, after a run that forgot it, names where the checkpoints went
+    assert checkpoint_to_resume(run_args(tmp_path), world_size=1) is None
+    assert f"moved earlier checkpoints to {aside.name}: move one back" in capsys.readouterr().out
+
+
+def test_a_damaged_checkpoint_gives_way_to_the_one_before(trainer, tmp_path, capsys):
+    accelerator, _, progress = trainer
+    for progress.step in (2, 4, 6):
+        save_checkpoint(accelerator, tmp_path, progress, run_args(tmp_path))
+    step_2, step_4, step_6 = (tmp_path / "checkpoints" / f"step_{step}" for step in (2, 4, 6))
+    (step_6 / "run.json").write_text("{")  # cut short
+    weights = next(step_4.glob("model*"))
+    weights.write_bytes(weights.read_bytes()[:-10])  # truncated: a full disk, a copy cut short
+    assert checkpoint_to_resume(run_args(tmp_path), world_size=1) == step_2
+    out = capsys.readouterr().out
+    assert f"{step_6} is damaged (run.json cannot be read" in out
+    assert f"{step_4} is damaged ({weights.name} has" in out
+
+
+def test_a_second_job_on_the_same_output_dir_is_refused(tmp_path):
+    running_there = FileLock(tmp_path / ".lock")  # held by a job still running there
+    with running_there, pytest.raises(SystemExit, match=f"error: another job is using --output-dir {tmp_path}"):
+        checkpoint_to_resume(run_args(tmp_path), world_size=1)
+
+
+def test_a_failed_save_is_named_and_leaves_no_partial_checkpoint(trainer, tmp_path, monkeypatch):
+    accelerator, _, progress = trainer
+
+    def disk_full(folder):
+        os.makedirs(folder)
+        (Path(folder) / "model.safetensors").write_bytes(b"half")
+        raise RuntimeError("basic_ios::clear: iostream error")
+
+    monkeypatch.setattr(accelerator, "save_state", disk_full)
+    with pytest.raises(SystemExit, match=r"could not save the checkpoint .*step_0: basic_ios.* GiB free on its disk"):
+        save_checkpoint(accelerator, tmp_path, progress, run_args(tmp_path))
+    assert os.listdir(tmp_path / "checkpoints") == []
+
+
+def test_a_signal_during_the_last_save_exits_once_the_checkpoint_is_complete(trainer, tmp_path, monkeypatch):
+    accelerator, model, progress = trainer
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    loader = [(torch.randn(4, 3), torch.randn(4, 2))] * 3
+    save = runner.save_checkpoint
+
+    def signalled_while_saving(*args):
+        os.kill(os.getpid(), signal.SIGTERM)  # a time limit, in the middle of the write
+        return save(*args)
+
+    monkeypatch.setattr(runner, "save_checkpoint", signalled_while_saving)
+    handlers = {signum: signal.getsignal(signum) for signum in Preemption.SIGNALS}
+    try:
+        runner.preemption.install()
+        with pytest.raises(SystemExit) as stopped:
+            runner.train(
+                accelerator, model, optimizer, loader, progress, steps=2, log_steps=1, output_dir=tmp_path,
+                args=run_args(tmp_path), loss_fn=torch.nn.functional.mse_loss,
+            )  # fmt: skip
+    finally:
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
+    assert stopped.value.code == PREEMPTED_EXIT_CODE
+    assert latest_checkpoint(tmp_path) == tmp_path / "checkpoints" / "step_2"
 
 
 def test_a_save_killed_between_its_renames_leaves_the_earlier_checkpoint(trainer, tmp_path):

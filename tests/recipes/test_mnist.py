@@ -154,15 +154,30 @@ def test_offline_two_steps(baseline, tmp_path):
 @pytest.mark.integration
 @needs_data
 def test_decompose_model_writes_both_files_or_neither(baseline, tmp_path):
-    info = tmp_path / "decompose_info.json"
+    info, weights = tmp_path / "decompose_info.json", tmp_path / "decomposed_weights.pth"
     info.write_text("earlier")
     (tmp_path / "file").write_text("")
     paths = ["--decompose-info-path", info, "--decomposed-weights-path", tmp_path / "file" / "weights.pth"]
     result = run(
         [sys.executable, str(RECIPES / "decompose_model.py"), "--pretrained-path", baseline, *paths], check=False
     )
-    assert result.returncode != 0 and "NotADirectoryError" in result.stderr
-    assert info.read_text() == "earlier"
+    assert f"error: --decomposed-weights-path {tmp_path / 'file' / 'weights.pth'}: " in result.stderr
+    assert result.returncode != 0 and info.read_text() == "earlier"
+
+    # Stopped (a time limit, scancel) once the new info file is written, before the weights are saved:
+    stopped_while_saving = f"""
+import os, runpy, signal, sys, time
+main = runpy.run_path({str(RECIPES / "decompose_model.py")!r})["main"]
+def save_state_dict(*args):
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(60)
+main.__globals__["save_state_dict"] = save_state_dict
+main(main.__globals__["get_args_parser"]().parse_args(sys.argv[1:]))
+"""
+    paths = ["--decompose-info-path", info, "--decomposed-weights-path", weights]
+    result = run([sys.executable, "-c", stopped_while_saving, "--pretrained-path", baseline, *paths], check=False)
+    assert result.returncode == 128 + signal.SIGTERM, result.stderr
+    assert info.read_text() == "earlier" and not weights.exists()
 
 
 @pytest.mark.integration
