@@ -9,9 +9,11 @@ the same inputs reuse the artifacts instead of decomposing again, and keeps stal
 artifacts from ever being used. A file lock next to the info file serialises jobs that share the
 paths, so none ever reads a mixed or half-written artifact.
 
-Rank 0 marks the run as running once it holds the lock; the other ranks check now and then that it
-still holds it, so that a rank 0 killed midway (out of memory, a lost node) stops them within seconds
-rather than at the timeout, also where no launcher would stop them (several nodes).
+Rank 0 marks the run as running (with its host) once it holds the lock; the other ranks on its host
+check now and then that it still holds it, so that a rank 0 killed midway (out of memory) stops them
+within seconds rather than at the timeout, also where no launcher would stop them. Across nodes the
+scheduler does (the sbatch scripts' ``srun --kill-on-bad-exit``): some shared filesystems keep locks
+local to each node.
 
 Multi-node jobs need the artifact folder on a filesystem shared by all nodes: when the other ranks
 never see rank 0's marker, their timeout error says so.
@@ -21,6 +23,7 @@ import contextlib
 import hashlib
 import inspect
 import json
+import socket
 import sys
 import time
 import uuid
@@ -38,8 +41,8 @@ from lowrank.io import atomic_write, file_digest, load_state_dict, make_parent_d
 
 DEFAULT_TIMEOUT = 3600.0  # seconds the other ranks wait for rank 0: decomposing a large model takes minutes
 POLL_INTERVAL = 0.2
-# Every this many seconds, the waiting ranks check that rank 0 still holds the artifacts' lock (the
-# system frees it when a process dies, even killed): on several nodes no launcher stops them for it.
+# Every this many seconds, the waiting ranks on rank 0's host check that it still holds the artifacts'
+# lock (the system frees it when a process dies, even killed).
 LIVENESS_INTERVAL = 5.0
 
 
@@ -185,10 +188,11 @@ def _decompose_on_rank_zero(model, artifacts, load_pretrained, pretrained_path, 
         ) from None
     with held:
         try:
-            wanted = fingerprint(pretrained_path, model, policy)
             previous = artifacts.read_marker()
+            # Watched by the others on this host (_check_rank_zero_alive) until the result replaces it.
+            artifacts.write_marker(status="running", token=token, host=socket.gethostname())
+            wanted = fingerprint(pretrained_path, model, policy)
             reused = _intact(artifacts, previous, wanted)
-            artifacts.write_marker(status="running", token=token)  # the others now watch the lock
             if reused:
                 # _intact verified the checksums, and the lock keeps the files as they are: no second hashing.
                 model, changes = load_decomposed(model, artifacts.info_path, artifacts.weights_path)
@@ -241,8 +245,13 @@ def _wait_for_marker(artifacts, token, timeout) -> dict:
 
 
 def _check_rank_zero_alive(artifacts, token) -> None:
-    """Raises BarrierError when rank 0, which said it was running, no longer holds the artifacts' lock
-    and left no result: it died (killed, out of memory, its node lost)."""
+    """Raises BarrierError when rank 0, which said it was running on this host, no longer holds the
+    artifacts' lock and left no result: it died (killed, out of memory). Only on rank 0's host: some
+    shared filesystems keep locks local to each node (BeeGFS by default, NFS with local_lock), where
+    the lock would look free from the others."""
+    marker = artifacts.read_marker()
+    if not marker or marker.get("host") != socket.gethostname():
+        return
     try:
         with FileLock(artifacts.lock_path).acquire(timeout=0):
             marker = artifacts.read_marker()  # under the lock: rank 0 writes its result before releasing it
@@ -251,7 +260,7 @@ def _check_rank_zero_alive(artifacts, token) -> None:
     if marker and marker.get("token") == token and marker.get("status") == "running":
         raise BarrierError(
             f"rank {global_rank()}: rank 0 stopped while decomposing (it no longer holds {artifacts.lock_path} "
-            "and left no result): it was killed, ran out of memory or lost its node; see its log"
+            "and left no result): it was killed or ran out of memory; see its log"
         )
 
 

@@ -300,14 +300,15 @@ def _lock_output_dir(output_dir) -> str | None:
 
 def _resume_decision(args, world_size: int) -> tuple[str | None, str | None]:
     """Rank 0's part of ``checkpoint_to_resume``: the checkpoint (as a string) or an error message."""
-    error = _lock_output_dir(args.output_dir)
+    evaluating = getattr(args, "test_only", False)  # writes no checkpoints or results: no lock needed
+    error = None if evaluating else _lock_output_dir(args.output_dir)
     if error:
         return None, error
     folder = Path(args.output_dir, "checkpoints")
     _tidy(folder)
     checkpoint = latest_checkpoint(args.output_dir)
     if not args.resume:
-        if checkpoint is not None and not getattr(args, "test_only", False):
+        if checkpoint is not None and not evaluating:
             aside = folder.with_name(f"checkpoints.{time.strftime('%Y%m%d-%H%M%S')}")
             os.replace(folder, aside)
             results = Path(args.output_dir, "results.json")
@@ -350,7 +351,7 @@ def checkpoint_to_resume(args, world_size: int) -> Path | None:
     complete one, which must have been saved with the same RESUME_SETTINGS. A training run without
     ``--resume`` starts afresh: rank 0 moves an earlier run's checkpoints and results aside (to
     ``checkpoints.<date-time>``), so that a later ``--resume`` cannot mix them up with this run's.
-    Rank 0 holds ``--output-dir``'s lock from here on: a second job there is refused."""
+    Rank 0 of a training run holds ``--output-dir``'s lock from here on: a second one there is refused."""
     checkpoint, error = from_rank_zero(_resume_decision(args, world_size) if global_rank() == 0 else None)
     if error:
         sys.exit(error)
@@ -386,30 +387,39 @@ def save_checkpoint(accelerator, output_dir, progress, args) -> Path:
         for leftover in (partial, replaced):  # from a process killed while saving
             shutil.rmtree(leftover, ignore_errors=True)
     accelerator.wait_for_everyone()
-    try:
+    with _naming_a_failed_save(path, partial, output_dir):
         accelerator.save_state(partial)  # under DeepSpeed every rank writes its shards
-        accelerator.wait_for_everyone()
-        if global_rank() == 0:
+    accelerator.wait_for_everyone()
+    if global_rank() == 0:
+        with _naming_a_failed_save(path, partial, output_dir):
             # The sizes let a resume tell a checkpoint truncated later (a full disk, a cut copy) and skip it.
             files = {
                 str(file.relative_to(partial)): file.stat().st_size for file in partial.rglob("*") if file.is_file()
             }
             run = {**vars(args), "world_size": accelerator.num_processes, "files": files}
             atomic_write(partial / "run.json", lambda file: json.dump(run, file, indent=2, default=str), binary=False)
-    except (OSError, RuntimeError) as error:  # torch.save says "iostream error" on a full disk
-        shutil.rmtree(partial, ignore_errors=True)
-        free = shutil.disk_usage(output_dir).free / 2**30
-        sys.exit(
-            f"error: rank {global_rank()}: could not save the checkpoint {path}: {error} ({free:.2f} GiB free on "
-            "its disk); the earlier checkpoints are intact"
-        )
-    if global_rank() == 0:
         if path.exists():
             os.replace(path, replaced)
         os.replace(partial, path)
         shutil.rmtree(replaced, ignore_errors=True)
     accelerator.wait_for_everyone()
     return path
+
+
+@contextlib.contextmanager
+def _naming_a_failed_save(path: Path, partial: Path, output_dir):
+    """Turns a failed write into an error naming the checkpoint and the free space (torch.save says
+    "iostream error", safetensors "I/O error" on a full disk); rank 0 removes the partial folder."""
+    try:
+        yield
+    except Exception as error:
+        if global_rank() == 0:
+            shutil.rmtree(partial, ignore_errors=True)
+        free = shutil.disk_usage(output_dir).free / 2**30
+        sys.exit(
+            f"error: rank {global_rank()}: could not save the checkpoint {path}: {type(error).__name__}: {error} "
+            f"({free:.2f} GiB free on its disk); the earlier checkpoints are intact"
+        )
 
 
 def check_train_batches(samples: int, batch_size: int, processes: int) -> None:
@@ -517,9 +527,9 @@ def train(
         bar.close()
         if progress.step > first_step:
             path = save_checkpoint(accelerator, output_dir, progress, args)
-    # A signal in the last step or during this save stops the run now, the checkpoint complete.
-    if progress.step > first_step and preemption.requested(accelerator):
-        _exit_preempted(accelerator, path)
+            # A signal in the last step or during this save stops the run now, the checkpoint complete.
+            if preemption.requested(accelerator):
+                _exit_preempted(accelerator, path)
 
 
 def _exit_preempted(accelerator, checkpoint: Path) -> None:

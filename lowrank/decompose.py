@@ -147,20 +147,21 @@ def _bytecode_uses(function) -> set[tuple[str, str]]:
 
 
 def _called_from_forward(functions: list[ast.FunctionDef]) -> set[str]:
-    """Names of ``forward`` and of the methods it calls as ``self.<name>(...)``, directly or through
-    each other."""
+    """Names of ``forward`` and of the methods it may call: those it names as ``self.<name>`` (called,
+    passed as a callback, aliased), directly or through each other."""
+    methods = {function.name for function in functions}
     names, added = set(), {"forward"}
     while added:
         names |= added
         added = {
-            node.func.attr
+            node.attr
             for function in functions
             if function.name in added
             for node in ast.walk(function)
-            if isinstance(node, ast.Call)
-            and isinstance(node.func, ast.Attribute)
-            and isinstance(node.func.value, ast.Name)
-            and node.func.value.id == "self"
+            if isinstance(node, ast.Attribute)
+            and isinstance(node.value, ast.Name)
+            and node.value.id == "self"
+            and node.attr in methods
         } - names
     return names
 

@@ -227,12 +227,15 @@ def _from_ours(path, model, index, record) -> Replacement:
             )
         specs.append(spec)
     ranks = _check_ranks(path, where, layer, method, ranks)
-    problem = _differs_from_method(layer, method, ranks, specs)
+    variant, problem = _built_variant(layer, method, ranks, specs)
     if problem:
         raise DecomposeInfoError(
             f"{path}: {where}: the recorded modules are not the {method} decomposition of the layer at ranks "
             f"{list(ranks)}: {problem}"
         )
+    full = METHODS[method].full_ranks(layer, **variant)
+    if any(rank > bound for rank, bound in zip(ranks, full)):
+        raise DecomposeInfoError(f"{path}: {where}: ranks {list(ranks)} exceed the layer's full ranks {list(full)}")
     return _replacement(path, name, layer, method, ranks, specs)
 
 
@@ -248,28 +251,32 @@ def _variants(method: str) -> list[dict]:
 
 def _check_ranks(path, where, layer, method, ranks) -> tuple[int, ...]:
     try:
-        fulls = [METHODS[method].full_ranks(layer, **variant) for variant in _variants(method)]
+        full = METHODS[method].full_ranks(layer)
     except (AttributeError, TypeError, ValueError):
         raise DecomposeInfoError(f"{path}: {where}: method {method} does not apply to {type(layer).__name__}") from None
-    full = tuple(map(max, *fulls)) if len(fulls) > 1 else fulls[0]
     if len(ranks) != len(full) or not all(type(rank) is int and rank >= 1 for rank in ranks):
         names = ", ".join(METHODS[method].rank_names)
         raise DecomposeInfoError(
             f"{path}: {where}: {method} needs {len(full)} positive integer ranks ({names}), got {ranks}"
         )
-    if any(rank > bound for rank, bound in zip(ranks, full)):
-        raise DecomposeInfoError(f"{path}: {where}: ranks {ranks} exceed the layer's full ranks {list(full)}")
     return tuple(ranks)
 
 
-def _differs_from_method(layer, method, ranks, specs) -> str | None:
-    """How the recorded ``specs`` differ from what ``method`` builds for ``layer`` at ``ranks`` (either
-    order of the spatial factors), or None when they are the same."""
-    built = [METHODS[method].specs(layer, ranks, **variant) for variant in _variants(method)]
+def _built_variant(layer, method, ranks, specs) -> tuple[dict | None, str | None]:
+    """Which structure of ``method`` (either order of the spatial factors) the recorded ``specs`` are
+    for ``layer`` at ``ranks``, or how they differ from it."""
+    variants = _variants(method)
+    built = [METHODS[method].specs(layer, ranks, **variant) for variant in variants]
     candidates = [json.loads(json.dumps(candidate)) for candidate in built]  # tuples as lists, as recorded
-    if any(_same(specs, candidate) for candidate in candidates):
-        return None
-    # Compared with the candidate of the same first module, so that the difference named is the one that matters.
+    for variant, candidate in zip(variants, candidates):
+        if _same(specs, candidate):
+            return variant, None
+    return None, _difference(specs, candidates)
+
+
+def _difference(specs, candidates) -> str:
+    """The first difference between ``specs`` and the candidate of the same first module (the one that
+    matters)."""
     expected = next(
         (
             c
@@ -288,7 +295,7 @@ def _differs_from_method(layer, method, ranks, specs) -> str | None:
                 return (
                     f"module {position}: {key} is {got['args'].get(key)!r}, the method builds {want['args'].get(key)!r}"
                 )
-    return None
+    return "the modules differ"  # unreachable: the candidates were compared whole
 
 
 def _from_amct(path, model, index, record) -> Replacement:

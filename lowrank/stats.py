@@ -18,7 +18,7 @@ def count_parameters(model: nn.Module) -> int:
 def call_arguments(example_input) -> tuple[tuple, dict]:
     """``example_input`` as the model's positional and keyword arguments: a tuple is the positional
     ones, a mapping the keyword ones (``model(**inputs)``, e.g. a tokenizer's output for a Hugging Face
-    model), anything else the one positional argument."""
+    model), anything else the one positional argument (so a model that takes one dict gets ``(batch,)``)."""
     if isinstance(example_input, tuple):
         return example_input, {}
     if isinstance(example_input, Mapping):

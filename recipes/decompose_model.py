@@ -13,7 +13,7 @@ Step 2 is ``mnist_offline.py`` (or ``resnet50_imagenet.py --tensor-decompose --r
 the same two paths and policy. Errors: a missing or unreadable ``--pretrained-path`` and output paths
 that cannot be written are named before any work; nothing is written when the decomposition fails,
 and an earlier info file stays as it was when the weights cannot be saved or the job is stopped
-(SIGTERM, as a time limit or ``scancel`` sends).
+(SIGTERM or SIGUSR1, as a time limit or ``scancel`` sends) before they are.
 """
 
 import argparse
@@ -53,8 +53,9 @@ def main(args):
         problem = unwritable(getattr(args, flag))
         if problem:
             sys.exit(f"error: --{flag.replace('_', '-')} {problem}")
-    # SIGTERM's default action would end the process before the restore below.
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    # Their default action would end the process before the restore below (a time limit, scancel).
+    for signum in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(signum, lambda signum, frame: sys.exit(128 + signum))
     state_dict = load_state_dict(args.pretrained_path)
     if args.model == "mnist":
         model = Net()
@@ -65,19 +66,33 @@ def main(args):
     info_path = Path(args.decompose_info_path)
     make_parent_dirs(info_path)
     # The lock that online runs take on the same paths: two jobs never interleave their two files.
-    with Artifacts(info_path, Path(args.decomposed_weights_path)).lock(timeout=-1):
+    weights_path = Path(args.decomposed_weights_path)
+    with Artifacts(info_path, weights_path).lock(timeout=-1):
         earlier_info = info_path.read_bytes() if info_path.is_file() else None
+        earlier_weights = _identity(weights_path)
         try:
             model, _ = lowrank.auto_decomposition(model, info_path, **policy_of(args))
-            save_state_dict(model.state_dict(), args.decomposed_weights_path)
+            save_state_dict(model.state_dict(), weights_path)
         except BaseException:
-            # The two files go together: a new info file next to earlier weights would replay wrongly.
+            # The two files go together: a new info file next to earlier weights would replay wrongly
+            # (and once the new weights are in place, so is the pair).
+            if _identity(weights_path) != earlier_weights:
+                raise
             if earlier_info is None:
                 info_path.unlink(missing_ok=True)
             else:
                 atomic_write(info_path, lambda file: file.write(earlier_info))
             raise
     print(f"Decomposed weights are saved to: {args.decomposed_weights_path}")
+
+
+def _identity(path: Path) -> tuple[int, int] | None:
+    """Which file ``path`` is (inode, modification time): the atomic save replaces it by another."""
+    try:
+        stat = path.stat()
+    except FileNotFoundError:
+        return None
+    return stat.st_ino, stat.st_mtime_ns
 
 
 if __name__ == "__main__":

@@ -183,13 +183,13 @@ def test_a_marker_that_is_not_ours_counts_as_none(tmp_path):
 
 
 RANK_ZERO_AT_WORK = """
-import sys, time
+import socket, sys, time
 from pathlib import Path
 from filelock import FileLock
 from launch.barrier import Artifacts
 artifacts = Artifacts(Path(sys.argv[1]), Path(sys.argv[2]))
 with FileLock(artifacts.lock_path):
-    artifacts.write_marker(status="running", token="this-run")
+    artifacts.write_marker(status="running", token="this-run", host=socket.gethostname())
     print("running", flush=True)
     time.sleep(600)
 """
@@ -214,3 +214,7 @@ def test_the_others_stop_waiting_soon_after_rank_zero_dies(tmp_path, monkeypatch
     with pytest.raises(BarrierError, match="rank 0 stopped while decomposing .* left no result"):
         barrier._wait_for_marker(artifacts, "this-run", timeout=60)
     assert time.monotonic() - started < 5
+    # From another node, a free lock proves nothing: some shared filesystems keep locks node-local.
+    artifacts.write_marker(status="running", token="this-run", host="another-node")
+    with pytest.raises(BarrierError, match="within 1 s"):
+        barrier._wait_for_marker(artifacts, "this-run", timeout=1)

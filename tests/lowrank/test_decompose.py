@@ -246,6 +246,20 @@ class ReadsInAHelperOfForward(nn.Module):  # as Hugging Face's RWKV rescales its
             block.weight.mul_(1.0)
 
 
+class ReadsInACallbackOfForward(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 64))
+
+    def forward(self, x):
+        return torch.utils.checkpoint.checkpoint(self._run, x, use_reentrant=False)
+
+    def _run(self, x):
+        for block in self.blocks:
+            x = nn.functional.linear(x, block.weight)
+        return x
+
+
 class ReadsAnIndexOutsideForward(nn.Module):
     def __init__(self):
         super().__init__()
@@ -293,6 +307,7 @@ class NoSource(nn.Module):
         (ThroughGetattr, []),
         (ThroughLoop, []),
         (ReadsInAHelperOfForward, []),
+        (ReadsInACallbackOfForward, []),
         (ForwardSetOnTheInstance, ["other"]),
         (ReadsAnIndexOutsideForward, ["blocks.1", "head"]),
         (lambda: exec(NO_SOURCE, vars(nn) | {"nn": nn}, namespace := {}) or namespace["NoSource"](), ["body"]),
@@ -303,6 +318,7 @@ class NoSource(nn.Module):
         "getattr",
         "loop",
         "helper of forward",
+        "callback of forward",
         "instance forward",
         "index outside forward",
         "no source",

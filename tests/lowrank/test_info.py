@@ -10,6 +10,7 @@ import lowrank
 from launch.mnist import Net
 from lowrank import DecomposeInfoError
 from lowrank.io import atomic_write, load_state_dict, save_state_dict
+from lowrank.methods import METHODS
 
 
 @pytest.fixture
@@ -68,6 +69,14 @@ def test_weights_load_safely(tmp_path):
         load_state_dict(path)
     with pytest.raises(FileNotFoundError, match="weights file not found"):
         load_state_dict(tmp_path / "missing.pth")
+
+
+def at_rank(layer, rank):
+    """A spatial record edited by hand to another rank, consistently."""
+    first, last = layer["modules"]
+    first["args"]["out_channels"], last["args"]["in_channels"] = rank, rank
+    first.pop("weight_shape"), last.pop("weight_shape")
+    layer["ranks"] = [rank]
 
 
 @pytest.mark.parametrize(
@@ -138,7 +147,7 @@ def test_weights_load_safely(tmp_path):
         ),
         (lambda d: d["layers"][0].update(name=""), r"a record names the model itself \(''\)"),
         (
-            lambda d: d["layers"][0].update(ranks=[2**40]),
+            lambda d: at_rank(d["layers"][0], 2**40),  # modules and all: it would build, then fail to allocate
             r"layer 'conv2': ranks \[1099511627776\] exceed the layer's full ranks \[384\]",
         ),
         # true == 1 in Python, not in JSON: such a file would fail only once the model runs
@@ -245,3 +254,14 @@ def test_amct_records_of_grouped_convs_are_refused(tmp_path):
         DecomposeInfoError, match="layer '0': AMCT decomposes ungrouped convolutions; the model's has groups=4"
     ):
         lowrank.decompose_network(model, path)
+
+
+def test_spatial_ranks_are_bounded_by_the_full_rank_of_their_order(tmp_path):
+    # A (3, 5) kernel on 2 channels: full rank 6 vertical first (2 x 3), 10 horizontal first (2 x 5).
+    model = nn.Sequential(nn.Conv2d(2, 128, (3, 5)))
+    info = tmp_path / "info.json"
+    lowrank.auto_decomposition(model, info, rank=6, method="spatial")
+    specs = METHODS["spatial"].specs(nn.Conv2d(2, 128, (3, 5)), (7,), vertical_first=True)
+    edit(info, lambda d: d["layers"][0].update(ranks=[7], modules=json.loads(json.dumps(specs))))
+    with pytest.raises(DecomposeInfoError, match=r"layer '0': ranks \[7\] exceed the layer's full ranks \[6\]"):
+        lowrank.decompose_network(nn.Sequential(nn.Conv2d(2, 128, (3, 5))), info)

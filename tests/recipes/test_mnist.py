@@ -164,20 +164,28 @@ def test_decompose_model_writes_both_files_or_neither(baseline, tmp_path):
     assert f"error: --decomposed-weights-path {tmp_path / 'file' / 'weights.pth'}: " in result.stderr
     assert result.returncode != 0 and info.read_text() == "earlier"
 
-    # Stopped (a time limit, scancel) once the new info file is written, before the weights are saved:
+    # Stopped (a time limit, scancel) once the new info file is written: before the weights are saved,
+    # the earlier info file comes back; once they are, the new pair stands.
     stopped_while_saving = f"""
 import os, runpy, signal, sys, time
 main = runpy.run_path({str(RECIPES / "decompose_model.py")!r})["main"]
+save, when = main.__globals__["save_state_dict"], sys.argv.pop(1)
 def save_state_dict(*args):
+    if when == "after":
+        save(*args)
     os.kill(os.getpid(), signal.SIGTERM)
     time.sleep(60)
 main.__globals__["save_state_dict"] = save_state_dict
 main(main.__globals__["get_args_parser"]().parse_args(sys.argv[1:]))
 """
     paths = ["--decompose-info-path", info, "--decomposed-weights-path", weights]
-    result = run([sys.executable, "-c", stopped_while_saving, "--pretrained-path", baseline, *paths], check=False)
-    assert result.returncode == 128 + signal.SIGTERM, result.stderr
-    assert info.read_text() == "earlier" and not weights.exists()
+    for when in ("before", "after"):
+        command = [sys.executable, "-c", stopped_while_saving, when, "--pretrained-path", baseline, *paths]
+        result = run(command, check=False)
+        assert result.returncode == 128 + signal.SIGTERM, result.stderr
+        if when == "before":
+            assert info.read_text() == "earlier" and not weights.exists()
+    assert json.loads(info.read_text())["layers"] and weights.is_file()
 
 
 @pytest.mark.integration
