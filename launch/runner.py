@@ -292,7 +292,8 @@ def _lock_output_dir(output_dir) -> str | None:
     except Timeout:
         return (
             f"error: another job is using --output-dir {output_dir} (it holds {path}): wait for it to end, or "
-            "give this one another --output-dir"
+            "give this one another --output-dir. If none is, a job killed where the filesystem has no file "
+            "locks left the file: delete it"
         )
     _output_dir_locks[path] = lock
     return None
@@ -599,6 +600,9 @@ def end_run(accelerator, code: int = 0) -> None:
     cannot stop those threads while the prepared model keeps the group (pytorch/pytorch#190489)."""
     multi_process = accelerator.num_processes > 1
     accelerator.end_training()
+    # Released here, not by os._exit: on a filesystem without file locks the lock is a file to delete.
+    while _output_dir_locks:
+        _output_dir_locks.popitem()[1].release()
     if multi_process:
         logging.shutdown()
         sys.stdout.flush()

@@ -127,10 +127,14 @@ def test_a_damaged_checkpoint_gives_way_to_the_one_before(trainer, tmp_path, cap
     assert f"{step_4} is damaged ({weights.name} has" in out
 
 
-def test_a_second_job_on_the_same_output_dir_is_refused(tmp_path):
+def test_a_second_job_on_the_same_output_dir_is_refused(trainer, tmp_path):
     running_there = FileLock(tmp_path / ".lock")  # held by a job still running there
     with running_there, pytest.raises(SystemExit, match=f"error: another job is using --output-dir {tmp_path}"):
         checkpoint_to_resume(run_args(tmp_path), world_size=1)
+    assert checkpoint_to_resume(run_args(tmp_path), world_size=1) is None  # once it has ended
+    runner.end_run(trainer[0])  # this run ends: the next one may start there
+    with FileLock(tmp_path / ".lock").acquire(timeout=0):
+        pass
 
 
 def test_a_failed_save_is_named_and_leaves_no_partial_checkpoint(trainer, tmp_path, monkeypatch):
