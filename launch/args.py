@@ -144,15 +144,21 @@ def check_mode_args(args, pretrained=None) -> str:
         args.decomposed_weights_path = args.decomposed_weights_path or str(
             Path(args.output_dir) / "decomposed_weights.pth"
         )
-    written = [("output_dir", True), ("save_path", False)]
-    if mode == "online":
-        written += [("decompose_info_path", False), ("decomposed_weights_path", False)]
-    for flag, is_folder in written:
-        path = getattr(args, flag, None)
-        problem = path and unwritable(path, is_folder)
-        if problem:
-            sys.exit(f"error: --{flag.replace('_', '-')} {problem}")
+    folders = ["output_dir"]
+    files = ["save_path", *(["decompose_info_path", "decomposed_weights_path"] if mode == "online" else [])]
+    check_writable(args, files, folders)
     problem = unwritable(Path(args.output_dir, "checkpoints"), is_folder=True)
     if problem:
         sys.exit(f"error: --output-dir: {problem}")
     return mode
+
+
+def check_writable(args, files, folders=()) -> None:
+    """Exits with an error naming the flag when one of the ``files`` or ``folders`` flags (attribute
+    names of ``args``; unset ones are skipped) gives a path that cannot be created: found at the
+    start, not when the run saves."""
+    for flag, is_folder in [*((flag, True) for flag in folders), *((flag, False) for flag in files)]:
+        path = getattr(args, flag, None)
+        problem = path and unwritable(path, is_folder)
+        if problem:
+            sys.exit(f"error: --{flag.replace('_', '-')} {problem}")

@@ -236,11 +236,6 @@ def complete_checkpoints(output_dir) -> list[Path]:
     return sorted(complete, key=lambda path: int(_CHECKPOINT.fullmatch(path.name)[1]), reverse=True)
 
 
-def latest_checkpoint(output_dir) -> Path | None:
-    """The complete checkpoint of the highest step, or None."""
-    return next(iter(complete_checkpoints(output_dir)), None)
-
-
 def _saved_settings(checkpoint: Path) -> tuple[dict | None, str | None]:
     """A complete checkpoint's ``run.json``, or what is wrong with the checkpoint: an unreadable
     ``run.json``, or files missing or of another size than when it was saved (truncated by a full disk
@@ -307,9 +302,9 @@ def _resume_decision(args, world_size: int) -> tuple[str | None, str | None]:
         return None, error
     folder = Path(args.output_dir, "checkpoints")
     _tidy(folder)
-    checkpoint = latest_checkpoint(args.output_dir)
+    checkpoints = complete_checkpoints(args.output_dir)
     if not args.resume:
-        if checkpoint is not None and not evaluating:
+        if checkpoints and not evaluating:
             aside = folder.with_name(f"checkpoints.{time.strftime('%Y%m%d-%H%M%S')}")
             os.replace(folder, aside)
             results = Path(args.output_dir, "results.json")
@@ -318,7 +313,7 @@ def _resume_decision(args, world_size: int) -> tuple[str | None, str | None]:
             log(f"[Checkpoint] starting afresh (no --resume): the earlier run's checkpoints moved to {aside}")
         return None, None
     saved = None
-    for checkpoint in complete_checkpoints(args.output_dir):
+    for checkpoint in checkpoints:
         saved, damage = _saved_settings(checkpoint)
         if saved is not None:
             break

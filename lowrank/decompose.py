@@ -488,7 +488,6 @@ def _check_method(method: str) -> str:
 
 
 def _decompose(model, policy, method, with_weights, info_path, what) -> dict[str, list[str]]:
-    _check_model(model)
     problem = info_path is not None and unwritable(info_path)
     if problem:
         raise ValueError(f"decompose_info_path: {problem}")
@@ -542,6 +541,7 @@ def auto_decomposition(model: nn.Module, decompose_info_path=None, *, method: st
         the replaced layers.
     """
     method = _check_method(method)
+    _check_model(model)
     changes = _decompose(model, _make_policy(policy), method, True, decompose_info_path, "auto_decomposition")
     return model, changes
 

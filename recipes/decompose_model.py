@@ -24,10 +24,10 @@ from pathlib import Path
 import torchvision
 
 import lowrank
-from launch.args import add_policy_args, policy_of
+from launch.args import add_policy_args, check_writable, policy_of
 from launch.barrier import Artifacts
 from launch.mnist import Net
-from lowrank.io import atomic_write, load_state_dict, make_parent_dirs, save_state_dict, unwritable
+from lowrank.io import atomic_write, load_state_dict, make_parent_dirs, save_state_dict
 
 
 def get_args_parser():
@@ -49,10 +49,7 @@ def get_args_parser():
 
 
 def main(args):
-    for flag in ("decompose_info_path", "decomposed_weights_path"):
-        problem = unwritable(getattr(args, flag))
-        if problem:
-            sys.exit(f"error: --{flag.replace('_', '-')} {problem}")
+    check_writable(args, ["decompose_info_path", "decomposed_weights_path"])
     # Their default action would end the process before the restore below (a time limit, scancel).
     for signum in (signal.SIGTERM, signal.SIGUSR1):
         signal.signal(signum, lambda signum, frame: sys.exit(128 + signum))

@@ -23,7 +23,7 @@ from launch.runner import (
     batches,
     check_train_batches,
     checkpoint_to_resume,
-    latest_checkpoint,
+    complete_checkpoints,
     leave_signals_to_the_trainer,
     load_checkpoint,
     prepare_model,
@@ -58,7 +58,7 @@ def test_a_checkpoint_is_complete_or_absent(trainer, tmp_path):
     (tmp_path / "checkpoints" / "step_3").mkdir()  # no run.json: incomplete
     (tmp_path / "checkpoints" / ".step_4.partial").mkdir()
     (tmp_path / "checkpoints" / "step_2.bak").mkdir()
-    assert latest_checkpoint(tmp_path) == path
+    assert complete_checkpoints(tmp_path) == [path]
 
     # Saving the same step again replaces it whole; the leftovers of a killed save go.
     (tmp_path / "checkpoints" / ".step_2.partial").mkdir()
@@ -102,9 +102,9 @@ def test_a_fresh_run_moves_the_earlier_checkpoints_aside(trainer, tmp_path, caps
     save_checkpoint(accelerator, tmp_path, progress, run_args(tmp_path))
     (tmp_path / "results.json").write_text("{}")
     assert checkpoint_to_resume(run_args(tmp_path, resume=False, test_only=True), world_size=1) is None
-    assert latest_checkpoint(tmp_path) is not None  # evaluating only leaves them
+    assert complete_checkpoints(tmp_path)  # evaluating only leaves them
     assert checkpoint_to_resume(run_args(tmp_path, resume=False), world_size=1) is None
-    assert latest_checkpoint(tmp_path) is None
+    assert complete_checkpoints(tmp_path) == []
     (aside,) = tmp_path.glob("checkpoints.*")
     assert (aside / "step_5" / "run.json").is_file()  # moved, never deleted
     assert (aside / "results.json").is_file() and not (tmp_path / "results.json").exists()  # not this run's
@@ -174,7 +174,7 @@ def test_a_signal_during_the_last_save_exits_once_the_checkpoint_is_complete(tra
         for signum, handler in handlers.items():
             signal.signal(signum, handler)
     assert stopped.value.code == PREEMPTED_EXIT_CODE
-    assert latest_checkpoint(tmp_path) == tmp_path / "checkpoints" / "step_2"
+    assert complete_checkpoints(tmp_path) == [tmp_path / "checkpoints" / "step_2"]
 
 
 def test_a_save_killed_between_its_renames_leaves_the_earlier_checkpoint(trainer, tmp_path):
