@@ -90,23 +90,49 @@ def _read_path(node: ast.AST, in_forward: bool) -> str | None:
     return path if in_forward else None
 
 
+# The configuration of a layer, which its replacement carries too (see _replacement_module): it
+# describes the product of the new layers as a whole (same channels or features, kernel extent,
+# stride, padding, dilation), so an owner may read it, as timm's ConvNormAct does for its
+# in_channels. Setting it would change the layer but not the replacement.
+LAYER_CONFIG = (
+    "in_channels",
+    "out_channels",
+    "kernel_size",
+    "stride",
+    "padding",
+    "dilation",
+    "groups",
+    "padding_mode",
+    "output_padding",
+    "transposed",
+    "in_features",
+    "out_features",
+)
 # Attributes that the replacement (an nn.Sequential) has too: an owner may read those.
-REPLACEMENT_ATTRIBUTES = frozenset(dir(nn.Sequential()))
+REPLACEMENT_ATTRIBUTES = frozenset(dir(nn.Sequential())) | frozenset(LAYER_CONFIG)
 WEIGHT_READ = "reads its weights directly"
+
+
+def _attribute_use(name: str, store: bool) -> str | None:
+    """How reading (or, if ``store``, setting) attribute ``name`` of a layer would not carry over to its
+    replacement; None when it would."""
+    if store and (name in LAYER_CONFIG or name not in REPLACEMENT_ATTRIBUTES):
+        return f"sets its {name!r}"
+    return None if name in REPLACEMENT_ATTRIBUTES else f"reads its {name!r}"
 
 
 def _source_uses(function: ast.FunctionDef, in_forward: bool) -> set[tuple[str, str]]:
     """``(path, use)`` for each submodule of ``self`` that ``function`` uses other than by calling it:
-    reading an attribute the replacement lacks (``self.a.weight``, even only for its dtype, or
-    ``self.a.kernel_size``) or passing it to a function (``head(self.a, x)``). Paths as in
+    reading an attribute the replacement lacks (``self.a.weight``, even only for its dtype), setting
+    its configuration (``self.a.padding = 0``) or passing it to a function (``head(self.a, x)``). Paths as in
     ``_read_path`` (wildcards only ``in_forward``); wildcards for weights only (other attributes of
     that name are read off tensors and configs everywhere)."""
     parameters = {arg.arg for arg in ast.walk(function.args) if isinstance(arg, ast.arg)} - {"self"}
     uses = set()
     for node in ast.walk(function):
-        if isinstance(node, ast.Attribute) and node.attr not in REPLACEMENT_ATTRIBUTES:
+        if isinstance(node, ast.Attribute) and (use := _attribute_use(node.attr, not isinstance(node.ctx, ast.Load))):
             if node.attr not in ("weight", "bias"):
-                path, use = _read_path(node.value, in_forward=False), f"reads its {node.attr!r}"
+                path = _read_path(node.value, in_forward=False)
             elif isinstance(node.value, ast.Name) and node.value.id in parameters:
                 continue  # a module given to a helper, e.g. an initialiser
             else:
@@ -123,7 +149,7 @@ def _source_uses(function: ast.FunctionDef, in_forward: bool) -> set[tuple[str, 
 
 def _bytecode_uses(function) -> set[tuple[str, str]]:
     """``_source_uses`` of a ``forward`` whose source is unavailable, from its bytecode (nested
-    functions included), attribute reads only: ``self.a.b.weight`` gives ``("a.b", WEIGHT_READ)``,
+    functions included), attribute reads and sets only: ``self.a.b.weight`` gives ``("a.b", WEIGHT_READ)``,
     any other weight read ``("*", WEIGHT_READ)``."""
     uses, codes = set(), [function.__code__]
     while codes:
@@ -137,9 +163,13 @@ def _bytecode_uses(function) -> set[tuple[str, str]]:
                 weight = name in ("weight", "bias")
                 if weight and chain is None:
                     uses.add(("*", WEIGHT_READ))
-                elif chain and name not in REPLACEMENT_ATTRIBUTES:
-                    uses.add((".".join(chain), WEIGHT_READ if weight else f"reads its {name!r}"))
+                elif chain and (use := _attribute_use(name, store=False)):
+                    uses.add((".".join(chain), WEIGHT_READ if weight else use))
                 chain = None if chain is None or weight else [*chain, name]
+            elif instruction.opname in ("STORE_ATTR", "DELETE_ATTR") and chain:
+                if use := _attribute_use(name, store=True):
+                    uses.add((".".join(chain), use))
+                chain = None
             else:
                 chain = None
         codes.extend(const for const in code.co_consts if isinstance(const, types.CodeType))
@@ -403,11 +433,14 @@ def _measure_ranks(name, layer, method, policy, rule, inputs, measurements):
 
 def _replacement_module(layer: nn.Module, specs: list[dict], initialise: bool = True) -> nn.Sequential:
     """The nn.Sequential of ``specs`` on ``layer``'s device and dtype, in its memory format, training
-    mode and requires_grad: default-initialised, or uninitialised for weights copied in next (which
-    saves the work and leaves the caller's random state alone)."""
+    mode and requires_grad, carrying its LAYER_CONFIG: default-initialised, or uninitialised for
+    weights copied in next (which saves the work and leaves the caller's random state alone)."""
     weight = layer.weight
     device = weight.device if initialise else "meta"
     new = nn.Sequential(*(build_module(spec, device=device, dtype=weight.dtype) for spec in specs))
+    for name in LAYER_CONFIG:
+        if hasattr(layer, name):
+            setattr(new, name, getattr(layer, name))
     if not initialise:
         new.to_empty(device=weight.device)
     if (

@@ -287,6 +287,12 @@ class ForwardSetOnTheInstance(nn.Module):
         return self.fc(self.other(x))
 
 
+def no_source(code, name):
+    """An instance of class ``name`` defined by ``code`` through exec, so that its source is unavailable."""
+    exec(code, {"nn": nn}, namespace := {})
+    return namespace[name]()
+
+
 NO_SOURCE = """
 class NoSource(nn.Module):
     def __init__(self):
@@ -310,7 +316,7 @@ class NoSource(nn.Module):
         (ReadsInACallbackOfForward, []),
         (ForwardSetOnTheInstance, ["other"]),
         (ReadsAnIndexOutsideForward, ["blocks.1", "head"]),
-        (lambda: exec(NO_SOURCE, vars(nn) | {"nn": nn}, namespace := {}) or namespace["NoSource"](), ["body"]),
+        (lambda: no_source(NO_SOURCE, "NoSource"), ["body"]),
     ],
     ids=[
         "subscript",
@@ -336,11 +342,52 @@ class SamePadding(nn.Module):  # TensorFlow-style "same" padding, computed from 
     def __init__(self):
         super().__init__()
         self.conv = nn.Conv2d(64, 64, 3, stride=2)
-        self.other = nn.Conv2d(64, 64, 3)
 
     def forward(self, x):
         pad = max(self.conv.kernel_size[0] - self.conv.stride[0], 0)
-        return self.other(self.conv(nn.functional.pad(x, (pad // 2, pad - pad // 2) * 2)))
+        return self.conv(nn.functional.pad(x, (pad // 2, pad - pad // 2) * 2))
+
+
+class ReadsWidth(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(64, 64)
+
+    @property
+    def out_features(self):  # as timm's ConvNormAct.in_channels
+        return self.fc.out_features
+
+    def forward(self, x):
+        return self.fc(x).view(-1, self.out_features)
+
+
+NO_SOURCE_PADDING = """
+class NoSourcePadding(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(64, 64, 3)
+
+    def forward(self, x):
+        return self.conv(nn.functional.pad(x, [self.conv.kernel_size[0] // 2] * 4))
+"""
+
+
+@pytest.mark.parametrize(
+    "make",
+    [SamePadding, ReadsWidth, lambda: no_source(NO_SOURCE_PADDING, "NoSourcePadding")],
+    ids=["padding", "width", "no source"],
+)
+def test_owner_reads_the_layer_configuration_of_the_replacement(make):
+    model = make()
+    layer_name, layer = next((n, m) for n, m in model.named_children() if isinstance(m, (nn.Conv2d, nn.Linear)))
+    config = {name: getattr(layer, name) for name in lowrank.decompose.LAYER_CONFIG if hasattr(layer, name)}
+    x = torch.randn(2, 64, 12, 12) if isinstance(layer, nn.Conv2d) else torch.randn(2, 64)
+    expected = model(x)
+    _, changes = lowrank.auto_decomposition(model, ratio=0.5, min_rank=1)
+    assert list(changes) == [layer_name]
+    replacement = getattr(model, layer_name)
+    assert {name: getattr(replacement, name) for name in config} == config
+    assert model(x).shape == expected.shape
 
 
 def linear_head(layer, x):
@@ -356,39 +403,40 @@ class PassesToHelper(nn.Module):
         return self.out(x) + linear_head(self.fc, x)
 
 
-class ReadsWidth(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.fc = nn.Linear(64, 64)
-
-    def forward(self, x):
-        return self.fc(x).view(-1, self.fc.out_features)
-
-
-NO_SOURCE_PADDING = """
-class NoSourcePadding(nn.Module):
+class SetsPadding(nn.Module):  # the replacement would keep the padding it was built with
     def __init__(self):
         super().__init__()
         self.conv = nn.Conv2d(64, 64, 3)
 
     def forward(self, x):
-        return self.conv(nn.functional.pad(x, [self.conv.kernel_size[0] // 2] * 4))
+        self.conv.padding = (1, 1)
+        return self.conv(x)
+
+
+NO_SOURCE_SETS_PADDING = """
+class NoSourceSetsPadding(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(64, 64, 3)
+
+    def forward(self, x):
+        self.conv.padding = (1, 1)
+        return self.conv(x)
 """
 
 
 @pytest.mark.parametrize(
     "make, kept, reason",
     [
-        (SamePadding, ["other"], "'conv': SamePadding reads its 'kernel_size' instead of only calling it"),
         (PassesToHelper, ["out"], "'fc': PassesToHelper passes it to linear_head() instead of only calling it"),
-        (ReadsWidth, [], "'fc': ReadsWidth reads its 'out_features'"),
+        (SetsPadding, [], "'conv': SetsPadding sets its 'padding' instead of only calling it"),
         (
-            lambda: exec(NO_SOURCE_PADDING, {"nn": nn}, namespace := {}) or namespace["NoSourcePadding"](),
+            lambda: no_source(NO_SOURCE_SETS_PADDING, "NoSourceSetsPadding"),
             [],
-            "'conv': NoSourcePadding reads its 'kernel_size'",
+            "'conv': NoSourceSetsPadding sets its 'padding'",
         ),
     ],
-    ids=["attribute", "helper", "width", "no source"],
+    ids=["helper", "sets", "no source"],
 )
 def test_other_uses_by_the_owner_keep_the_layer(make, kept, reason, lowrank_log):
     model = make()
