@@ -35,8 +35,8 @@ def add_decomposition_args(parser: argparse.ArgumentParser, run_mode=None, metho
     group.add_argument(
         "--run-mode",
         choices=("online", "offline"),
-        default=run_mode or "online",
-        help=f"decomposition mode (default: {run_mode or 'online'})",
+        default=run_mode,  # None: not given, for the check that --tensor-decompose comes with it
+        help=f"decomposition mode, with --tensor-decompose (default: {run_mode or 'online'})",
     )
     add_policy_args(group, method, ratio)
     group.add_argument(
@@ -127,7 +127,14 @@ def check_mode_args(args, pretrained=None) -> str:
     """The run's mode (baseline, online or offline). Missing paths for it exit with an error naming
     their flag, before any work; online artifacts default to files in ``--output-dir``.
     ``pretrained`` names a flag other than ``--pretrained-path`` that also provides the weights."""
-    mode = args.run_mode if args.tensor_decompose else "baseline"
+    if not args.tensor_decompose:
+        # The AMCT sample: these flags must be used together with --tensor-decompose.
+        given = [flag for flag in ("run_mode", "decompose_info_path", "decomposed_weights_path") if getattr(args, flag)]
+        if given:
+            flags = ", ".join(f"--{flag.replace('_', '-')}" for flag in given)
+            sys.exit(f"error: {flags} need(s) --tensor-decompose; without it the run trains the dense model")
+    mode = (args.run_mode or "online") if args.tensor_decompose else "baseline"
+    args.run_mode = mode if mode != "baseline" else None
     if mode == "online" and not args.pretrained_path and not (pretrained and getattr(args, pretrained)):
         alternative = f" (or --{pretrained.replace('_', '-')})" if pretrained else ""
         sys.exit(f"error: --pretrained-path{alternative} is required in online mode")
@@ -144,6 +151,8 @@ def check_mode_args(args, pretrained=None) -> str:
         args.decomposed_weights_path = args.decomposed_weights_path or str(
             Path(args.output_dir) / "decomposed_weights.pth"
         )
+    if mode != "baseline":
+        check_distinct(args, "decompose_info_path", "decomposed_weights_path")
     folders = ["output_dir"]
     files = ["save_path", *(["decompose_info_path", "decomposed_weights_path"] if mode == "online" else [])]
     check_writable(args, files, folders)
@@ -151,6 +160,18 @@ def check_mode_args(args, pretrained=None) -> str:
     if problem:
         sys.exit(f"error: --output-dir: {problem}")
     return mode
+
+
+def check_distinct(args, *flags) -> None:
+    """Exits with an error when two of the path ``flags`` (attribute names of ``args``) name the same
+    file: one would overwrite the other."""
+    paths = {}
+    for flag in flags:
+        path = Path(getattr(args, flag)).resolve()
+        if path in paths:
+            first, second = (f"--{name.replace('_', '-')}" for name in (paths[path], flag))
+            sys.exit(f"error: {first} and {second} are the same file {path}: give each its own")
+        paths[path] = flag
 
 
 def check_writable(args, files, folders=()) -> None:

@@ -12,6 +12,7 @@ import dis
 import functools
 import inspect
 import os
+import re
 import textwrap
 import time
 import types
@@ -25,7 +26,7 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from . import latency
-from .info import DecomposeInfoError, Replacement, load_json, read_info, write_info
+from .info import DecomposeInfoError, Replacement, read_info, write_info
 from .io import unwritable
 from .log import logger
 from .methods import build_module, dense_cost, method_for, output_shape_changes
@@ -270,15 +271,50 @@ def _aliases(model: nn.Module) -> tuple[dict[int, list[str]], dict[int, list[str
     return names_of, owners
 
 
+# What every nn.Module keeps in its __dict__ (parameters, submodules, hooks, flags): the rest is the
+# model's own.
+MODULE_INTERNALS = frozenset(vars(nn.Module()))
+
+
+def _held_outside(model: nn.Module) -> dict[int, str]:
+    """Modules that a module also holds outside its registered submodules, by ``id``, with where: in a
+    dict, list, tuple or set (``self.heads = {"main": self.fc}``) or as a bound method (``self.act =
+    self.fc.forward``). Replacing the registered module would leave these on the old one."""
+    held = {}
+
+    def visit(value, where, depth):
+        if isinstance(value, nn.Module):
+            held.setdefault(id(value), where)
+        elif isinstance(getattr(value, "__self__", None), nn.Module):
+            held.setdefault(id(value.__self__), where)
+        elif depth < 3 and isinstance(value, dict):
+            for key, item in value.items():
+                visit(item, f"{where}[{key!r}]", depth + 1)
+        elif depth < 3 and isinstance(value, (list, tuple, set, frozenset)):
+            for index, item in enumerate(value):
+                visit(item, f"{where}[{index}]", depth + 1)
+
+    for owner_name, owner in model.named_modules():
+        for attribute, value in vars(owner).items():
+            if attribute not in MODULE_INTERNALS:
+                visit(value, f"{owner_name}.{attribute}" if owner_name else attribute, 0)
+    return held
+
+
 def _scan(model: nn.Module) -> tuple[dict[str, nn.Module], dict[str, str]]:
     """Conv2d and Linear layers that can be replaced, and every other conv/linear layer with the reason
     it cannot."""
     names_of, owners = _aliases(model)
+    held = _held_outside(model)
     candidates, skipped = {}, {}
     for name, module in model.named_modules():
         if not isinstance(module, (_ConvNd, nn.Linear)):
             continue
-        reason = _why_not(model, name, module, names_of, owners)
+        reason = _why_not(model, name, module, names_of, owners) or (
+            f"it is also held as {held[id(module)]}, outside the registered submodules, which would keep the old layer"
+            if id(module) in held
+            else None
+        )
         if reason:
             skipped[name] = reason
         else:
@@ -520,6 +556,14 @@ def _check_method(method: str) -> str:
     return method
 
 
+def _described(policy: RankPolicy, method: str) -> dict:
+    """The policy as the info file records it."""
+    described = {"method": method, **policy.describe()}
+    if policy.measures_latency:
+        described["measured_on"] = latency.context(policy.example_input)
+    return described
+
+
 def _decompose(model, policy, method, with_weights, info_path, what) -> dict[str, list[str]]:
     problem = info_path is not None and unwritable(info_path)
     if problem:
@@ -532,10 +576,7 @@ def _decompose(model, policy, method, with_weights, info_path, what) -> dict[str
         logger.info("No layer meets decomposition conditions.")
     built = _build(model, replacements)
     if info_path is not None:
-        described = {"method": method, **policy.describe()}
-        if policy.measures_latency:
-            described["measured_on"] = latency.context(policy.example_input)
-        write_info(info_path, model, replacements, skipped, described, measurements)
+        write_info(info_path, model, replacements, skipped, _described(policy, method), measurements)
         logger.info("Decomposition information file is saved to: %s", os.path.realpath(info_path))
     changes = _swap(model, built)
     logger.info(
@@ -608,11 +649,16 @@ def decompose_network(model: nn.Module, decompose_info_path):
 class Decompose:
     """msModelSlim's interface: ``Decompose(model).from_ratio(0.5).decompose_network()``.
 
+    The ``from_*`` methods take msModelSlim's ``excludes`` (layer names or regular expressions to
+    leave alone) and ``divisor`` (ranks rounded to a multiple of it; 64 by default, as in
+    msModelSlim; 1 turns rounding off), and any other policy option of ``auto_decomposition``.
+
     Args:
         model: the model to decompose; ``decompose_network`` returns a decomposed copy and leaves
             it untouched.
-        config_file: a JSON file of policy options (the keywords of ``auto_decomposition``,
-            ``method`` included), read by ``from_file()``.
+        config_file: where a ``from_*`` method saves the ranks it chose for each layer (a
+            decomposition info file, JSON), and where ``from_file()`` reads them back: the processes
+            of a multi-card job build the same structure from it, whatever their weights.
         method: the method for k x k convolutions, ``"tucker2"`` by default as in msModelSlim;
             ``"spatial"`` selects AMCT's.
     """
@@ -623,64 +669,71 @@ class Decompose:
         self.method = _check_method(method)
         self.policy = None
 
-    def _set(self, **options) -> "Decompose":
+    def _set(self, excludes, divisor, **options) -> "Decompose":
         if "method" in options:
             raise ValueError(
                 f"Decompose takes the method when it is built: Decompose(model, method={options['method']!r})"
             )
-        self.policy = _make_policy(options, valid_extra=())
+        policy = _make_policy({"exclude": excludes or (), "divisor": divisor, **options}, valid_extra=())
+        if self.config_file is not None:
+            _check_model(self.model)
+            replacements = _save_plan(self.model, policy, self.method, self.config_file)
+            policy = _replay_policy(replacements)
+        self.policy = policy
         return self
 
-    def from_ratio(self, ratio: float, ratio_of: str = "flops", **options) -> "Decompose":
-        """Ranks whose cost is at most ``ratio`` of each layer's (multiply-adds, or ``"params"``)."""
-        return self._set(ratio=ratio, ratio_of=ratio_of, **options)
+    def from_ratio(self, channel_ratio: float, excludes=None, divisor: int = 64, ratio_of="rank", **options):
+        """Ranks that are ``channel_ratio`` of each layer's full ranks (msModelSlim's channel ratio), or,
+        with ``ratio_of="flops"`` or ``"params"``, whose cost is at most that fraction of the layer's."""
+        return self._set(excludes, divisor, ratio=channel_ratio, ratio_of=ratio_of, **options)
 
-    def from_fixed(self, rank, **options) -> "Decompose":
-        """The same rank for every layer (or one per rank of the method, e.g. ``(in_rank, out_rank)``)."""
-        return self._set(rank=rank, **options)
+    def from_fixed(self, channel_fixed, excludes=None, divisor: int = 64, **options) -> "Decompose":
+        """The same rank for every layer (or one per rank of the method, e.g. ``(in_rank, out_rank)``),
+        used as given."""
+        return self._set(excludes, divisor, rank=channel_fixed, **options)
 
-    def from_energy(self, energy: float, **options) -> "Decompose":
+    def from_energy(self, energy: float, excludes=None, divisor: int = 64, **options) -> "Decompose":
         """The smallest ranks keeping ``energy`` of each layer's squared singular values."""
-        return self._set(energy=energy, **options)
+        return self._set(excludes, divisor, energy=energy, **options)
 
-    def from_vbmf(self, **options) -> "Decompose":
+    def from_vbmf(self, excludes=None, divisor: int = 64, **options) -> "Decompose":
         """Ranks estimated by EVBMF."""
-        return self._set(vbmf=True, **options)
+        return self._set(excludes, divisor, vbmf=True, **options)
 
-    def from_latency(self, latency: float, example_input, **options) -> "Decompose":
+    def from_latency(self, latency: float, example_input, excludes=None, divisor: int = 64, **options):
         """The largest ranks whose replacement is measured to run in at most ``latency`` of the dense
         layer's time (0.5: 2x faster) on the input it receives when the model runs on ``example_input``;
         layers that no rank makes that fast are left alone."""
-        return self._set(latency=latency, example_input=example_input, **options)
+        return self._set(excludes, divisor, latency=latency, example_input=example_input, **options)
 
-    def from_dict(self, layers: dict, **options) -> "Decompose":
-        """Only the layers whose names match a key (a regular expression), each with its own rule:
-        ``{"layer1\\\\..*conv2": 0.5, "fc": {"rank": 64}, "layer4.*": None}``."""
-        return self._set(layers=layers, **options)
+    def from_dict(self, channel_dict: dict, excludes=None, divisor: int = 64, ratio_of="rank", **options):
+        """Only the layers whose names match a key (a regular expression), each with its own rule: a
+        rank or ranks, a channel ratio, ``"vbmf"``, a dict of policy options, or None to leave them
+        alone: ``{"layer1\\..*conv2": 0.5, "fc": 64, "layer2.*": (64, 32), "layer4.*": None}``."""
+        return self._set(excludes, divisor, layers=channel_dict, ratio_of=ratio_of, **options)
 
-    def from_file(self, **options) -> "Decompose":
-        """The policy (and optionally ``method``) from ``config_file``; ``options`` adds what a JSON file
-        cannot hold, such as ``example_input`` for latency rules."""
+    def from_file(self) -> "Decompose":
+        """The ranks that a ``from_*`` method saved in ``config_file``, checked against the model."""
         if self.config_file is None:
-            raise ValueError("from_file() needs Decompose(model, config_file=...)")
-        document = load_json(self.config_file)
-        if not isinstance(document, dict):
+            raise ValueError("from_file() needs Decompose(model, config_file=...), where a from_*() method saved ranks")
+        if not os.path.exists(self.config_file):
             raise ValueError(
-                f"{self.config_file}: expected a JSON object of policy options, got {type(document).__name__}"
+                f"{self.config_file}: no such config file; a from_*() method of Decompose(model, "
+                "config_file=...) saves it first"
             )
-        document = dict(document)
-        try:
-            method = _check_method(document.pop("method", self.method))
-            self._set(**document, **options)
-        except ValueError as error:
-            raise ValueError(f"{self.config_file}: {error}") from None
-        self.method = method
+        self.policy = _replay_policy(read_info(self.config_file, self.model))
         return self
 
-    def decompose_network(self, do_decompose_weight: bool = True) -> nn.Module:
+    def decompose_network(self, do_decompose_weight: bool = True, datasets=None, max_iter: int = -1) -> nn.Module:
         """A decomposed copy of the model. With ``do_decompose_weight=False`` only the structure is
         built (default-initialised), for processes that then load the weights saved by the one that
-        decomposed them."""
+        decomposed them. ``datasets`` and ``max_iter`` are msModelSlim's data-aware decomposition,
+        which this library does not do: ranks and weights come from the weights alone."""
+        if datasets is not None or max_iter != -1:
+            raise ValueError(
+                "data-aware decomposition (datasets=, max_iter=) is not supported: ranks and weights come from the "
+                "weights alone; call decompose_network() without them"
+            )
         if self.policy is None:
             raise ValueError(
                 "choose a policy first: from_ratio, from_fixed, from_energy, from_vbmf, from_latency, from_dict or "
@@ -688,9 +741,9 @@ class Decompose:
             )
         if not do_decompose_weight and self.policy.measures_latency:
             raise ValueError(
-                "a latency rule picks ranks from timings, which differ between processes: build the structure "
-                "of the other processes from the deciding one's info file (auto_decomposition with "
-                "decompose_info_path, then lowrank.decompose_network), not with do_decompose_weight=False"
+                "a latency rule picks ranks from timings, which differ between processes: save the deciding "
+                "process's ranks with Decompose(model, config_file=...) and build the others' structure with "
+                "from_file(), not with the latency rule and do_decompose_weight=False"
             )
         _check_model(self.model)
         try:
@@ -702,3 +755,23 @@ class Decompose:
             ) from None
         _decompose(model, self.policy, self.method, do_decompose_weight, None, "decompose_network")
         return model
+
+
+def _save_plan(model, policy, method, path) -> list[Replacement]:
+    """The replacements ``policy`` plans for ``model`` (structure only: the model is not changed), saved
+    to the info file ``path``."""
+    problem = unwritable(path)
+    if problem:
+        raise ValueError(f"config_file: {problem}")
+    replacements, skipped, measurements = _plan(model, policy, method, False, "Decompose")
+    write_info(path, model, replacements, skipped, _described(policy, method), measurements)
+    logger.info("Decomposition information file is saved to: %s", os.path.realpath(path))
+    return replacements
+
+
+def _replay_policy(replacements: list[Replacement]) -> RankPolicy:
+    """A policy giving exactly these layers their recorded method and ranks, and no other layer."""
+    return RankPolicy(
+        layers={re.escape(r.name): {"rank": list(r.ranks), "method": r.method} for r in replacements},
+        min_rank=1,
+    )

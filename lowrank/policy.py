@@ -3,7 +3,8 @@
 A rule picks the ranks of one layer:
 - ``rank``: a fixed rank (an int, or one int per rank of the method, e.g. ``(in_rank, out_rank)``);
 - ``ratio``: the largest ranks whose cost is at most this fraction of the dense layer's
-  (``ratio_of="flops"``, multiply-adds, or ``"params"``);
+  (``ratio_of="flops"``, multiply-adds, or ``"params"``), or, with ``ratio_of="rank"``, this fraction
+  of each full rank (msModelSlim's channel ratio: 0.5 halves the middle channels);
 - ``energy``: the smallest ranks that keep this fraction of the squared singular values;
 - ``vbmf``: ranks estimated by EVBMF (Nakajima et al. 2013), as in Kim et al. 2016;
 - ``latency``: the largest ranks whose replacement is measured to run in at most this fraction of
@@ -13,7 +14,8 @@ A rule picks the ranks of one layer:
   format and thread count of the measurement (see ``lowrank.latency``).
 ``layers`` maps regular expressions (matched against the whole layer name, first match wins) to a
 rule for those layers, or to ``None`` to leave them alone; ``exclude`` lists expressions of layers
-to leave alone. With no rule and no ``layers``, the default rule is ``ratio=DEFAULT_RATIO``.
+to leave alone. With no rule and no ``layers``, the default rule is ``ratio=DEFAULT_RATIO``; with
+``layers``, the layers that match no key are left alone.
 
 Automatic rules (ratio, energy, vbmf, latency) round ranks to a multiple of ``divisor`` (down for
 ratio and latency, to stay within budget, leaving alone a layer whose budget is below one divisor; up
@@ -39,7 +41,7 @@ from .methods import METHODS, Method, dense_cost
 
 DEFAULT_RATIO = 0.3  # cuts a 3x3 conv about 3x in FLOPs: the seed's MNIST conv2 goes 128->57->128
 RULES = ("rank", "ratio", "energy", "vbmf", "latency")
-RATIO_OF = ("flops", "params")
+RATIO_OF = ("flops", "params", "rank")
 
 
 @dataclass(frozen=True)
@@ -74,13 +76,16 @@ def _ranks(value, where):
 
 
 def make_rule(spec, where: str) -> Rule | None:
-    """A Rule from a user value: None (leave alone), an int (rank), a float in (0, 1) (ratio), or a
-    dict with one of RULES and optionally ``method``. ``where`` names the value in errors."""
+    """A Rule from a user value: None (leave alone), an int or a sequence of ints (rank), a float in
+    (0, 1) (ratio), ``"vbmf"`` (msModelSlim's from_dict values), or a dict with one of RULES and
+    optionally ``method``. ``where`` names the value in errors."""
     if spec is None:
         return None
-    if isinstance(spec, bool) or not isinstance(spec, (numbers.Real, Mapping)):
-        raise ValueError(f"{where}: expected a rank, a ratio, a dict or None, got {spec!r}")
-    if _is_int(spec):
+    if spec == "vbmf":
+        spec = {"vbmf": True}
+    if isinstance(spec, bool) or not isinstance(spec, (numbers.Real, Mapping, list, tuple)):
+        raise ValueError(f'{where}: expected a rank, a ratio, "vbmf", a dict or None, got {spec!r}')
+    if _is_int(spec) or isinstance(spec, (list, tuple)):
         spec = {"rank": spec}
     elif isinstance(spec, numbers.Real):
         spec = {"ratio": spec}
@@ -150,7 +155,7 @@ class RankPolicy:
         ]
         if given:
             self.default = make_rule(given, "policy")
-        elif not self.layers:
+        elif self.layers is None:
             self.default = Rule("ratio", DEFAULT_RATIO)
         if self.measures_latency and self.example_input is None:
             raise ValueError(
@@ -289,8 +294,11 @@ class RankPolicy:
         return tuple(r // self.divisor * self.divisor if f >= self.divisor else r for r, f in zip(ranks, full))
 
     def _ratio_ranks(self, method, layer, ratio):
-        """Largest ranks, scaled together with the full ranks, whose cost fits ``ratio`` of the dense one."""
+        """Largest ranks, scaled together with the full ranks, whose cost fits ``ratio`` of the dense one
+        (or that are at most ``ratio`` of the full ranks)."""
         full = method.full_ranks(layer)
+        if self.ratio_of == "rank":
+            return tuple(max(1, math.floor(ratio * f)) for f in full)
         field_name = "macs" if self.ratio_of == "flops" else "params"
         budget = ratio * getattr(dense_cost(layer), field_name)
         low, high = 0, max(full)  # invariant: _scaled(full, low) fits (or low == 0), _scaled(full, high + 1) does not

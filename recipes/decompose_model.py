@@ -24,7 +24,7 @@ from pathlib import Path
 import torchvision
 
 import lowrank
-from launch.args import add_policy_args, check_writable, policy_of
+from launch.args import add_policy_args, check_distinct, check_writable, policy_of
 from launch.barrier import Artifacts
 from launch.mnist import Net
 from lowrank.io import atomic_write, load_state_dict, make_parent_dirs, save_state_dict
@@ -49,6 +49,7 @@ def get_args_parser():
 
 
 def main(args):
+    check_distinct(args, "decompose_info_path", "decomposed_weights_path")
     check_writable(args, ["decompose_info_path", "decomposed_weights_path"])
     # Their default action would end the process before the restore below (a time limit, scancel).
     for signum in (signal.SIGTERM, signal.SIGUSR1):

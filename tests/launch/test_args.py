@@ -99,3 +99,41 @@ def test_output_paths_that_cannot_be_written_are_named_before_any_work(tmp_path)
     assert check("--save-path", "/proc/final.pth").startswith(
         "error: --save-path /proc/final.pth: cannot create files in /proc ("
     )
+
+
+def test_decomposition_flags_without_tensor_decompose_are_refused(tmp_path):
+    """The AMCT sample: --run-mode and the artifact paths must come with --tensor-decompose."""
+
+    def check(*argv, run_mode=None):
+        parser = argparse.ArgumentParser()
+        add_decomposition_args(parser, run_mode=run_mode)
+        add_output_args(parser, output_dir=str(tmp_path / "out"))
+        args = parser.parse_args(argv)
+        try:
+            return check_mode_args(args)
+        except SystemExit as stopped:
+            return str(stopped.code)
+
+    assert check("--run-mode", "offline") == (
+        "error: --run-mode need(s) --tensor-decompose; without it the run trains the dense model"
+    )
+    assert check("--decompose-info-path", "i.json").startswith("error: --decompose-info-path need(s)")
+    assert check() == "baseline"
+    pretrained = tmp_path / "dense.pth"
+    pretrained.write_bytes(b"")
+    assert check("--tensor-decompose", "--pretrained-path", str(pretrained)) == "online"
+    assert check("--pretrained-path", str(pretrained), run_mode="online") == "online"
+
+
+def test_the_two_artifacts_cannot_be_one_file(tmp_path):
+    parser = argparse.ArgumentParser()
+    add_decomposition_args(parser, run_mode="offline")
+    add_output_args(parser, output_dir=str(tmp_path / "out"))
+    same = tmp_path / "same"
+    same.write_text("")
+    args = parser.parse_args(["--decompose-info-path", str(same), "--decomposed-weights-path", f"{tmp_path}/./same"])
+    with pytest.raises(SystemExit) as stopped:
+        check_mode_args(args)
+    assert str(stopped.value.code) == (
+        f"error: --decompose-info-path and --decomposed-weights-path are the same file {same}: give each its own"
+    )

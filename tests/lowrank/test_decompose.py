@@ -62,7 +62,7 @@ def test_decompose_returns_a_new_model_and_leaves_the_original(net):
 
 
 def test_decompose_structure_only_matches_and_loads(net, tmp_path):
-    decomposer = lowrank.Decompose(net, method="spatial").from_energy(0.8, min_rank=1)
+    decomposer = lowrank.Decompose(net, method="spatial").from_energy(0.8, divisor=1, min_rank=1)
     with_weights = decomposer.decompose_network()
     structure = decomposer.decompose_network(do_decompose_weight=False)
     assert {k: v.shape for k, v in structure.state_dict().items()} == {
@@ -80,31 +80,47 @@ def test_decompose_policies(net, choose):
     decomposer = {
         "from_fixed": lambda: decomposer.from_fixed(16),
         "from_vbmf": lambda: decomposer.from_vbmf(min_rank=1),
-        "from_dict": lambda: decomposer.from_dict({"conv2": {"rank": [10, 20]}}),
+        "from_dict": lambda: decomposer.from_dict({"conv2": (10, 20), "fc.*": "vbmf"}),
     }[choose]()
     model = decomposer.decompose_network()
     assert isinstance(model.conv2, nn.Sequential)
     assert model(X).shape == (2, 10)
 
 
-def test_decompose_from_file(net, tmp_path):
-    config = tmp_path / "policy.json"
-    config.write_text(json.dumps({"method": "spatial", "layers": {"conv2": {"rank": 24}}}))
-    model = lowrank.Decompose(net, config_file=config).from_file().decompose_network()
-    assert [m.out_channels for m in model.conv2] == [24, 128]
-    config.write_text(json.dumps({"ratios": 0.5}))
-    with pytest.raises(ValueError, match="policy.json: unknown policy option"):
-        lowrank.Decompose(net, config_file=config).from_file()
+def test_decompose_from_ratio_is_msmodelslims_channel_ratio(net):
+    model = lowrank.Decompose(net).from_ratio(0.5).decompose_network()
+    assert [m.out_channels for m in model.conv2] == [64, 64, 128]  # half of conv2's 128 middle channels
+    model = lowrank.Decompose(net).from_ratio(0.3, divisor=16).decompose_network()
+    assert [m.out_channels for m in model.conv2] == [32, 32, 128]  # 38 rounded down to a multiple of 16
+    model = lowrank.Decompose(net).from_ratio(0.3, excludes=["conv2"]).decompose_network()
+    assert isinstance(model.conv2, nn.Conv2d)
+
+
+def test_config_file_gives_every_process_the_ranks_of_the_one_that_chose(net, tmp_path):
+    config = tmp_path / "ranks.json"
+    chosen = lowrank.Decompose(net, config_file=config).from_energy(0.6, divisor=1)
+    assert json.loads(config.read_text())["layers"][0]["name"] == "conv2"  # an info file (lowrank inspect)
+    decomposed = chosen.decompose_network()
+    other = Net()  # another process: its own weights, from which energy would pick other ranks
+    with torch.no_grad():
+        for param in other.parameters():
+            param.mul_(torch.linspace(0, 1, param.numel()).reshape(param.shape))
+    structure = lowrank.Decompose(other, config_file=config).from_file().decompose_network(do_decompose_weight=False)
+    structure.load_state_dict(decomposed.state_dict())
+    assert torch.equal(structure(X), decomposed(X))
+
+
+def test_decompose_errors(net, tmp_path):
     with pytest.raises(ValueError, match="needs Decompose\\(model, config_file=...\\)"):
         lowrank.Decompose(net).from_file()
-    config.write_text(json.dumps({"method": "cp", "ratio": 0.5}))
-    decomposer = lowrank.Decompose(net, config_file=config)
-    with pytest.raises(ValueError, match="policy.json: unknown method 'cp'"):
-        decomposer.from_file()
-    config.write_text(json.dumps({"method": "spatial", "ratio": 5}))
-    with pytest.raises(ValueError, match="policy.json: policy: ratio must be"):
-        decomposer.from_file()
-    assert decomposer.method == "tucker2"  # a file that does not check out changes nothing
+    with pytest.raises(ValueError, match="missing.json: no such config file; a from_\\*\\(\\) method"):
+        lowrank.Decompose(net, config_file=tmp_path / "missing.json").from_file()
+    config = tmp_path / "ranks.json"
+    lowrank.Decompose(nn.Sequential(nn.Linear(64, 64)), config_file=config).from_fixed(8)
+    with pytest.raises(lowrank.DecomposeInfoError, match="ranks.json: .*'0'"):
+        lowrank.Decompose(net, config_file=config).from_file()
+    with pytest.raises(ValueError, match="data-aware decomposition \\(datasets=, max_iter=\\) is not supported"):
+        lowrank.Decompose(net).from_ratio(0.5).decompose_network(datasets=[X])
     with pytest.raises(
         ValueError, match="Decompose takes the method when it is built: Decompose\\(model, method='svd'\\)"
     ):
@@ -388,6 +404,25 @@ def test_owner_reads_the_layer_configuration_of_the_replacement(make):
     replacement = getattr(model, layer_name)
     assert {name: getattr(replacement, name) for name in config} == config
     assert model(x).shape == expected.shape
+
+
+class HoldsOutsideSubmodules(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc, self.out, self.kept = nn.Linear(64, 64), nn.Linear(64, 64), nn.Linear(64, 64)
+        self.heads = {"main": [self.fc]}  # not registered: swapping self.fc would leave this on the old layer
+        self.act = self.out.forward
+
+    def forward(self, x):
+        return self.kept(self.act(self.heads["main"][0](x)))
+
+
+def test_layers_held_outside_the_submodules_are_kept(lowrank_log):
+    model = HoldsOutsideSubmodules()
+    _, changes = lowrank.auto_decomposition(model, rank=8)
+    assert list(changes) == ["kept"]
+    assert any("'fc': it is also held as heads['main'][0], outside the registered" in line for line in lowrank_log)
+    assert any("'out': it is also held as act, outside" in line for line in lowrank_log)
 
 
 def linear_head(layer, x):

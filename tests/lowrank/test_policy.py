@@ -151,7 +151,7 @@ def test_default_rule():
         (dict(min_rank=2.5), "min_rank must be a positive int"),
         (dict(exclude=["("]), "exclude: invalid regular expression '\\('"),
         (dict(layers={"[": 1}), "layers: invalid regular expression"),
-        (dict(layers={"a": "big"}), r"layers\['a'\]: expected a rank, a ratio, a dict or None"),
+        (dict(layers={"a": "big"}), r"layers\['a'\]: expected a rank, a ratio, \"vbmf\", a dict or None"),
         (dict(layers={"a": {"ratio": 0.5, "rank": 3}}), r"layers\['a'\]: expected exactly one of"),
         (dict(vbmf="yes"), "vbmf must be True"),
         (dict(layers={"nothing.*": {"ratio": 0.5, "method": "cp"}}), r"layers\['nothing.\*'\]: unknown method 'cp'"),
