@@ -23,19 +23,21 @@ Several nodes (run on each node with its --machine_rank; see slurm/resnet50_gpu.
         --main_process_ip $HEAD_ADDR --num_machines $NODES --num_processes $((NODES * 8)) \\
         recipes/resnet50_imagenet.py --use-gpu ...
 
-DeepSpeed ZeRO-2: ``--config_file recipes/configs/deepspeed_zero2.yaml``. Offline: step 1 is
+DeepSpeed ZeRO-2, in float32: ``--config_file recipes/configs/deepspeed_zero2.yaml``. Offline: step 1 is
 ``python recipes/decompose_model.py --model resnet50 --method tucker2 --ratio 0.5 --pretrained-path
 ...``, step 2 this recipe with ``--tensor-decompose --run-mode offline --decompose-info-path ...
 --decomposed-weights-path ...``. A smoke test without data: ``--synthetic --image-size 64 --steps 4``
-(random images, 10 classes). CPU without ``--use-gpu``:
+(random images, 10 classes), on the CPU without ``--use-gpu``; ``--lr`` is used as given, and the
+default 0.1 diverges at a global batch of 8:
 
     accelerate launch --config_file recipes/configs/cpu_2proc.yaml recipes/resnet50_imagenet.py \\
-        --synthetic --image-size 64 --train-batch-size 4 --steps 4 --workers 0 --output-dir runs/r50_smoke
+        --synthetic --image-size 64 --train-batch-size 4 --lr 0.001 --steps 4 --workers 0 --output-dir runs/r50_smoke
 
 Errors: as the MNIST recipes (missing paths name their flag before any work; a failure on rank 0
 while decomposing stops every rank with its message; SIGTERM/SIGUSR1 checkpoint and exit with 75,
 rerun with ``--resume``), plus: no ``train/``/``val/`` under ``--data-path``; ``--weights`` whose class
-count differs from the dataset's; fp16/bf16 on a device that lacks it.
+count differs from the dataset's; fp16/bf16 on a device that lacks it; fp16/bf16 under DeepSpeed (its
+casts leave BatchNorm's running statistics in float32, which torch refuses), named before any work.
 """
 
 import argparse
@@ -47,7 +49,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 import torchvision
-from accelerate.utils import set_seed
+from accelerate.utils import DistributedType, set_seed
 from torchvision import datasets, transforms
 
 from launch.args import (
@@ -115,7 +117,9 @@ def get_args_parser():
         "--lr",
         type=positive_float,
         default=None,
-        help="SGD learning rate for a global batch of 256 (default: 0.1, and 0.01 when finetuning a decomposed model)",
+        help="SGD learning rate, used as given whatever the global batch, as in torchvision's reference (0.1 for 8 "
+        "processes x 32); scale it with the global batch yourself (default: 0.1, and 0.01 when finetuning a "
+        "decomposed model)",
     )
     parser.add_argument("--momentum", type=non_negative_float, default=0.9, help="SGD momentum (default: 0.9)")
     parser.add_argument("--weight-decay", type=non_negative_float, default=1e-4, help="weight decay (default: 1e-4)")
@@ -174,7 +178,10 @@ def load_data(args):
         shape = (3, resize, resize)
         return (
             datasets.FakeData(SYNTHETIC["train"], shape, SYNTHETIC["classes"], train_transform, random_offset=0),
-            datasets.FakeData(SYNTHETIC["val"], shape, SYNTHETIC["classes"], val_transform, random_offset=1),
+            # Image i is drawn from seed i + random_offset: the validation images follow the training ones.
+            datasets.FakeData(
+                SYNTHETIC["val"], shape, SYNTHETIC["classes"], val_transform, random_offset=SYNTHETIC["train"]
+            ),
         )
     folders = {split: Path(args.data_path) / split for split in ("train", "val")}
     missing = [str(folder) for folder in folders.values() if not folder.is_dir()]
@@ -217,6 +224,14 @@ def main(args):
         mixed_precision=args.mixed_precision,
         gradient_accumulation_steps=args.gradient_accumulation_steps,
     )
+    # DeepSpeed's fp16/bf16 casts every parameter, BatchNorm's too, but not the BatchNorm running
+    # statistics (float32), a mix torch's batch_norm refuses at the first forward pass.
+    if accelerator.distributed_type == DistributedType.DEEPSPEED and accelerator.mixed_precision != "no":
+        raise SystemExit(
+            f"error: mixed precision {accelerator.mixed_precision} (--mixed-precision or the launcher's config) "
+            "does not run under DeepSpeed, which casts BatchNorm's weights but not its running statistics: "
+            "pass --mixed-precision no, or launch without DeepSpeed (Accelerate's autocast)"
+        )
     checkpoint = checkpoint_to_resume(args, accelerator.num_processes)
     set_seed(args.seed)
     accelerator.init_trackers(f"resnet50_{mode}", config={k: v for k, v in vars(args).items() if v is not None})
@@ -260,7 +275,9 @@ def main(args):
     # optimizer and schedule, in optimizer steps
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
     model, optimizer, train_loader, val_loader = accelerator.prepare(model, optimizer, train_loader, val_loader)
-    steps_per_epoch = max(1, len(train_loader) // args.gradient_accumulation_steps)  # an epoch ends with a step
+    # Accelerate steps at the end of every epoch (sync_with_dataloader), so the last step of an epoch
+    # may take fewer batches. The accelerator's value: under DeepSpeed, prepare sets it to DeepSpeed's.
+    steps_per_epoch = math.ceil(len(train_loader) / accelerator.gradient_accumulation_steps)
     steps = args.epochs * steps_per_epoch if args.steps is None else min(args.steps, args.epochs * steps_per_epoch)
     warmup_steps = min(round(args.lr_warmup_epochs * steps_per_epoch), steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(warmup_steps, steps))

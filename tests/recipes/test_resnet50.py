@@ -1,7 +1,11 @@
 """The ResNet-50 recipe end to end on CPU with 2 gloo processes, on a tiny ImageFolder written here."""
 
+import ast
+import importlib.util
 import json
 import re
+import runpy
+import shlex
 import sys
 
 import pytest
@@ -100,3 +104,46 @@ def test_synthetic_baseline_on_one_process(tmp_path):
     result = run([str(arg) for arg in command])
     assert "[Train] Step[1/1] Loss:" in result.stdout and "/128), Top-5:" in result.stdout  # 10 classes
     assert json.loads((tmp_path / "results.json").read_text())["mode"] == "baseline"
+
+
+def test_an_epoch_counts_the_short_step_that_ends_it(imagenet, tmp_path):
+    """16 images in batches of 2, 3 batches a step: Accelerate steps at every epoch end, so an epoch is
+    3 steps (3, 3 and 2 batches), not 8 // 3 = 2; --epochs and the evaluation after each epoch follow."""
+    command = [sys.executable, RECIPE, *SMALL, "--data-path", imagenet, "--gradient-accumulation-steps", "3"]
+    result = run([str(arg) for arg in [*command, "--epochs", "2", "--output-dir", tmp_path]])
+    assert "[Train] Step[6/6]" in result.stdout
+    assert result.stdout.count("[Test] Loss:") == 2  # after step 3, and at the end
+
+
+def test_synthetic_validation_images_are_not_training_images():
+    recipe = runpy.run_path(str(RECIPE))
+    train_set, val_set = recipe["load_data"](
+        recipe["get_args_parser"]().parse_args(["--synthetic", "--image-size", "32"])
+    )
+    train_set.transform = val_set.transform = None  # the generated images, without the random crops
+    seen = {image.tobytes() for image, _ in train_set}
+    assert not any(image.tobytes() in seen for image, _ in val_set)
+
+
+def test_the_docstring_smoke_command_does_not_diverge(tmp_path):
+    """The CPU command of the docstring, as written: --lr is used as given, whatever the global batch."""
+    doc = ast.get_docstring(ast.parse(RECIPE.read_text()))
+    command = re.search(r"accelerate launch --config_file recipes/configs/cpu_2proc.yaml (.+?)\n\n", doc, re.S)
+    args = shlex.split(command.group(1).replace("\\\n", " "))
+    assert args[0] == "recipes/resnet50_imagenet.py" and "--synthetic" in args
+    result = run(accelerate_launch(*args, "--log-steps", "1", "--output-dir", tmp_path, port=free_port()))
+    losses = [float(loss) for loss in re.findall(r"\[Train\] Step\[\d+/\d+\] Loss: ([\d.]+)", result.stdout)]
+    test_loss = float(re.search(r"\[Test\] Loss: ([\d.]+)", result.stdout).group(1))
+    assert len(losses) == 4 and max(losses) < 3.5 and test_loss < 3.5, result.stdout  # ln(10) = 2.3 at chance
+
+
+@pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed is not installed")
+def test_mixed_precision_under_deepspeed_is_refused_before_any_work(tmp_path):
+    """DeepSpeed's bf16 casts BatchNorm's weights but not its running statistics: torch's batch_norm
+    would fail at the first forward pass, after all the setup."""
+    out = tmp_path / "out"
+    args = [RECIPE, *SMALL, "--synthetic", "--steps", "1", "--mixed-precision", "bf16", "--output-dir", out]
+    result = run(accelerate_launch(*args, port=free_port(), config="deepspeed_zero2.yaml"), check=False, timeout=300)
+    message = "error: mixed precision bf16 (--mixed-precision or the launcher's config) does not run under DeepSpeed"
+    assert result.returncode != 0 and message in result.stderr
+    assert "[Train]" not in result.stdout and not out.exists()
