@@ -28,7 +28,8 @@ def inspect_table(path) -> str:
     document = read_document(path)
     if isinstance(document, list):
         raise DecomposeInfoError(
-            f"{path}: an AMCT info file records no costs; replay it with decompose_network, then save a lowrank one"
+            f"{path}: an AMCT info file records no costs, which the table shows: inspect a lowrank info file "
+            "(written by auto_decomposition with decompose_info_path)"
         )
     for index, layer in enumerate(document["layers"]):
         if not isinstance(layer, dict):

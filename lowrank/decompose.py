@@ -674,6 +674,13 @@ class Decompose:
             raise ValueError(
                 f"Decompose takes the method when it is built: Decompose(model, method={options['method']!r})"
             )
+        missing = [
+            name
+            for name in ("rank", "ratio", "energy", "latency", "layers")
+            if name in options and options[name] is None
+        ]
+        if missing:  # None means "not given" to RankPolicy, which would fall back to its default rule
+            raise ValueError(f"{missing[0]} must be given, got None")
         policy = _make_policy({"exclude": excludes or (), "divisor": divisor, **options}, valid_extra=())
         if self.config_file is not None:
             _check_model(self.model)

@@ -119,6 +119,9 @@ def test_decompose_errors(net, tmp_path):
     lowrank.Decompose(nn.Sequential(nn.Linear(64, 64)), config_file=config).from_fixed(8)
     with pytest.raises(lowrank.DecomposeInfoError, match="ranks.json: .*'0'"):
         lowrank.Decompose(net, config_file=config).from_file()
+    for choose in ("from_ratio", "from_fixed", "from_energy", "from_dict"):
+        with pytest.raises(ValueError, match="must be given, got None"):
+            getattr(lowrank.Decompose(net), choose)(None)
     with pytest.raises(ValueError, match="data-aware decomposition \\(datasets=, max_iter=\\) is not supported"):
         lowrank.Decompose(net).from_ratio(0.5).decompose_network(datasets=[X])
     with pytest.raises(
