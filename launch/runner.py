@@ -4,7 +4,8 @@
   (rank 0 decomposes behind the barrier, the others load its artifacts), ``offline`` (every rank
   replays the info file and loads the decomposed weights).
 - ``create_accelerator``: an Accelerator logging to TensorBoard, on the CPU unless asked for GPUs,
-  whose rank and world size agree with torch.distributed (also under DeepSpeed on the CPU).
+  whose rank and world size agree with torch.distributed (also under DeepSpeed on the CPU), whose
+  gradient accumulation is the recipe's, and whose gradients DeepSpeed clips only when its config says so.
 - ``train``: a step-based loop (a step is one optimizer step, gradient accumulation included) with
   the AMCT sample's log lines (``[Train] Step[20/200] Loss: ...``), TensorBoard scalars through
   Accelerate's tracker (flushed at every log), checkpoints named after their step, periodic
@@ -15,7 +16,8 @@
   the whole test set, whatever the number of processes.
 
 Log lines and files come from global rank 0 only (from torch.distributed: under some launchers
-Accelerate's ``process_index`` is 0 on every rank).
+Accelerate's ``process_index`` is 0 on every rank). Before an evaluation or a checkpoint every rank
+takes rank 0's buffers (BatchNorm's running statistics), which DeepSpeed, unlike DDP, lets diverge.
 """
 
 import contextlib
@@ -70,6 +72,10 @@ def create_accelerator(*, use_gpu: bool, output_dir, **kwargs) -> Accelerator:
     process of index 0 on every rank while DeepSpeed's process group holds them all: rank 0's role,
     data sharding and DeepSpeed's batch size would all be wrong, so the state is set from
     torch.distributed, which knows the real ranks.
+
+    Exits with an error when the launcher sets another gradient accumulation than the recipe's
+    ``gradient_accumulation_steps`` (default 1), which Accelerate would use instead. Under DeepSpeed the
+    gradients are not clipped unless the config sets ``gradient_clipping``, as without DeepSpeed.
     """
     deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
     if deepspeed and not use_gpu and torch.cuda.is_available():
@@ -84,10 +90,32 @@ def create_accelerator(*, use_gpu: bool, output_dir, **kwargs) -> Accelerator:
     if dist.is_available() and dist.is_initialized() and accelerator.num_processes != dist.get_world_size():
         for state in (PartialState(), accelerator.state):
             state.num_processes, state.process_index = dist.get_world_size(), dist.get_rank()
+    _check_gradient_accumulation(accelerator, kwargs.get("gradient_accumulation_steps", 1))
+    deepspeed_plugin = accelerator.state.deepspeed_plugin
+    if deepspeed_plugin is not None and deepspeed_plugin.is_auto("gradient_clipping"):
+        # Accelerate fills an unset gradient_clipping with 1.0 when it prepares the model: DeepSpeed runs
+        # would clip the gradients, and the same flags without DeepSpeed not. A value set in the config stays.
+        deepspeed_plugin.deepspeed_config["gradient_clipping"] = 0.0
     if use_gpu and not gpu:
         log("--use-gpu: torch sees no GPU on this machine, running on the CPU")
     preemption.install()
     return accelerator
+
+
+def _check_gradient_accumulation(accelerator, requested: int) -> None:
+    """Exits with an error when the launcher's gradient accumulation overrides the recipe's: Accelerate
+    takes ACCELERATE_GRADIENT_ACCUMULATION_STEPS (which ``accelerate launch`` sets from the config's
+    ``gradient_accumulation_steps``) over its keyword, and a DeepSpeed config file's value over both."""
+    plugin = accelerator.state.deepspeed_plugin
+    configured = [accelerator.gradient_accumulation_steps, plugin and plugin.get_value("gradient_accumulation_steps")]
+    other = next((steps for steps in configured if steps not in (None, "auto", requested)), None)
+    if other is not None:
+        sys.exit(
+            f"error: the launcher sets gradient accumulation to {other} step(s), which Accelerate would use instead "
+            f"of the recipe's {requested} (--gradient-accumulation-steps where the recipe has it): remove "
+            'gradient_accumulation_steps from the Accelerate config file (set it to "auto" in a DeepSpeed config '
+            "file), and drop accelerate launch --gradient_accumulation_steps and ACCELERATE_GRADIENT_ACCUMULATION_STEPS"
+        )
 
 
 def prepare_model(
@@ -199,15 +227,28 @@ def from_rank_zero(value):
     return value
 
 
-# The settings a checkpoint must share with the run that resumes it: they decide the model's
-# structure and which batches come next (the others, such as --steps, may change on a resume).
-RESUME_SETTINGS = {
+def share_rank_zero_buffers(model) -> None:
+    """Gives every rank global rank 0's buffers (BatchNorm's running statistics), as DDP does at each
+    forward and DeepSpeed never: each rank would evaluate with its own, and a checkpoint (rank 0's)
+    would resume into other statistics than the uninterrupted run's."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        for buffer in model.buffers():
+            dist.broadcast(buffer, src=0)
+
+
+# The settings a checkpoint must share with the run that resumes it. The model's structure, also for
+# --test-only:
+MODEL_SETTINGS = {
     "tensor_decompose": "--tensor-decompose",
     "run_mode": "--run-mode",
     "method": "--method",
     "ratio": "--ratio",
     "energy": "--energy",
     "vbmf": "--vbmf",
+}
+# For training, also which batches come next and the optimizer's state (the others, such as --steps,
+# may change; a recipe adds its own through checkpoint_to_resume's recipe_settings).
+TRAINING_SETTINGS = {
     "train_batch_size": "--train-batch-size",
     "gradient_accumulation_steps": "--gradient-accumulation-steps",
     "seed": "--seed",
@@ -294,14 +335,17 @@ def _lock_output_dir(output_dir) -> str | None:
     return None
 
 
-def _resume_decision(args, world_size: int) -> tuple[str | None, str | None]:
+def _resume_decision(args, world_size: int, recipe_settings) -> tuple[str | None, str | None]:
     """Rank 0's part of ``checkpoint_to_resume``: the checkpoint (as a string) or an error message."""
-    evaluating = getattr(args, "test_only", False)  # writes no checkpoints or results: no lock needed
+    # --test-only writes no checkpoints or results, so it takes no lock; nor does it change the
+    # checkpoints, which a training job may be writing there.
+    evaluating = getattr(args, "test_only", False)
     error = None if evaluating else _lock_output_dir(args.output_dir)
     if error:
         return None, error
     folder = Path(args.output_dir, "checkpoints")
-    _tidy(folder)
+    if not evaluating:
+        _tidy(folder)
     checkpoints = complete_checkpoints(args.output_dir)
     if not args.resume:
         if checkpoints and not evaluating:
@@ -328,10 +372,13 @@ def _resume_decision(args, world_size: int) -> tuple[str | None, str | None]:
         )
         log(f"[Resume] no complete checkpoint in {folder}: starting afresh{hint}")
         return None, None
+    settings = dict(MODEL_SETTINGS)
+    if not evaluating:
+        settings |= TRAINING_SETTINGS | {name: f"--{name.replace('_', '-')}" for name in recipe_settings}
     current = {**vars(args), "world_size": world_size}
     changed = [
         f"{flag} {saved[key]} (now {current[key]})"
-        for key, flag in RESUME_SETTINGS.items()
+        for key, flag in settings.items()
         if key in saved and key in current and saved[key] != current[key]
     ]
     if changed:
@@ -342,13 +389,17 @@ def _resume_decision(args, world_size: int) -> tuple[str | None, str | None]:
     return str(checkpoint), None
 
 
-def checkpoint_to_resume(args, world_size: int) -> Path | None:
+def checkpoint_to_resume(args, world_size: int, recipe_settings=()) -> Path | None:
     """The checkpoint ``--resume`` continues from, decided by rank 0 before any work: the latest
-    complete one, which must have been saved with the same RESUME_SETTINGS. A training run without
-    ``--resume`` starts afresh: rank 0 moves an earlier run's checkpoints and results aside (to
-    ``checkpoints.<date-time>``), so that a later ``--resume`` cannot mix them up with this run's.
-    Rank 0 of a training run holds ``--output-dir``'s lock from here on: a second one there is refused."""
-    checkpoint, error = from_rank_zero(_resume_decision(args, world_size) if global_rank() == 0 else None)
+    complete one, which must have been saved with the same MODEL_SETTINGS and, to train, the same
+    TRAINING_SETTINGS and ``recipe_settings`` (names of ``args``' attributes, such as those of the
+    recipe's learning-rate schedule: a scheduler's checkpoint holds its step, not its curve). A
+    training run without ``--resume`` starts afresh: rank 0 moves an earlier run's checkpoints and
+    results aside (to ``checkpoints.<date-time>``), so that a later ``--resume`` cannot mix them up with
+    this run's. Rank 0 of a training run holds ``--output-dir``'s lock from here on: a second one there
+    is refused; ``--test-only`` (``args.test_only``) takes no lock and leaves the checkpoints as they are."""
+    decision = _resume_decision(args, world_size, recipe_settings) if global_rank() == 0 else None
+    checkpoint, error = from_rank_zero(decision)
     if error:
         sys.exit(error)
     if checkpoint and not Path(checkpoint).is_dir():
@@ -379,6 +430,8 @@ def save_checkpoint(accelerator, output_dir, progress, args) -> Path:
     folder = Path(output_dir, "checkpoints")
     path = folder / f"step_{progress.step}"
     partial, replaced = folder / f".{path.name}.partial", folder / f".{path.name}.replaced"
+    for model in accelerator._models:  # the models save_state writes
+        share_rank_zero_buffers(model)
     if global_rank() == 0:
         for leftover in (partial, replaced):  # from a process killed while saving
             shutil.rmtree(leftover, ignore_errors=True)
@@ -473,10 +526,11 @@ def train(
 ):
     """Trains until ``progress.step == steps`` (optimizer steps; the Accelerator's
     ``gradient_accumulation_steps`` batches each). ``eval_fn()`` runs every ``eval_steps`` steps before
-    the last; ``throughput_unit`` (e.g. "images/s") adds the throughput to the log line. Saves a
-    checkpoint after the last step, so that a signal during the final evaluation (which exits at
-    once) loses no training, and returns; or exits with PREEMPTED_EXIT_CODE after saving a checkpoint
-    when the job is preempted (also by a signal during that last save, once it is complete)."""
+    the last; ``throughput_unit`` (e.g. "images/s") adds the throughput of the training alone (not of
+    checkpoints and evaluations) to the log line. Saves a checkpoint after the last step, so that a
+    signal during the final evaluation (which exits at once) loses no training, and returns; or exits
+    with PREEMPTED_EXIT_CODE after saving a checkpoint when the job is preempted (also by a signal
+    during that last save, once it is complete)."""
     model.train()
     first_step = progress.step
     samples, started = 0, time.perf_counter()
@@ -515,11 +569,13 @@ def train(
             # Between optimizer steps only, so that a checkpoint never holds half-accumulated gradients.
             if preemption.requested(accelerator):
                 _exit_preempted(accelerator, save_checkpoint(accelerator, output_dir, progress, args))
+            paused = time.perf_counter()
             if checkpoint_steps and progress.step % checkpoint_steps == 0:
                 save_checkpoint(accelerator, output_dir, progress, args)
             if eval_fn and eval_steps and progress.step % eval_steps == 0:
                 eval_fn()
                 model.train()
+            started += time.perf_counter() - paused  # the throughput's clock stops while they run
         bar.close()
         if progress.step > first_step:
             path = save_checkpoint(accelerator, output_dir, progress, args)
@@ -538,6 +594,7 @@ def _exit_preempted(accelerator, checkpoint: Path) -> None:
 def evaluate(accelerator, model, loader, step=None, loss_fn=F.nll_loss, top5=False) -> dict:
     """Mean loss and accuracy (top-1, and top-5 when asked) over the whole test set on all processes;
     logs the ``[Test]`` line. Returns ``{"loss", "accuracy", "correct", "total"[, "top5_accuracy"]}``."""
+    share_rank_zero_buffers(model)
     model.eval()
     losses, hits = [], []
     for data, target in loader:

@@ -1,9 +1,12 @@
-"""The runner's checkpoints and checks on one process (the multi-process runs are in tests/recipes)."""
+"""The runner's checkpoints and checks on one process (the multi-process runs are in
+test_runner_processes.py and tests/recipes)."""
 
 import argparse
 import itertools
 import json
 import os
+import re
+import shutil
 import signal
 import time
 from pathlib import Path
@@ -94,6 +97,33 @@ def test_resume_needs_the_same_settings(trainer, tmp_path):
     with pytest.raises(SystemExit, match=r"--lr 0.1 \(now 0.5\)"):
         checkpoint_to_resume(run_args(tmp_path, lr=0.5), world_size=1)
     assert checkpoint_to_resume(run_args(tmp_path / "empty"), world_size=1) is None
+
+
+def test_a_resume_keeps_the_recipes_settings_and_an_evaluation_only_the_models(trainer, tmp_path):
+    accelerator, _, progress = trainer
+    progress.step = 5
+    saved = save_checkpoint(accelerator, tmp_path, progress, run_args(tmp_path, epochs=2, lr=0.1))
+    # A recipe's learning-rate schedule: a resumed scheduler keeps its step, and would switch curves.
+    with pytest.raises(SystemExit, match=r"saved with other settings: --epochs 2 \(now 3\)"):
+        checkpoint_to_resume(run_args(tmp_path, epochs=3, lr=0.1), world_size=1, recipe_settings=("epochs",))
+    # An evaluation depends on the model's structure alone, not on the training's settings.
+    evaluation = run_args(tmp_path, epochs=3, lr=0.5, test_only=True)
+    assert checkpoint_to_resume(evaluation, world_size=2, recipe_settings=("epochs",)) == saved
+    with pytest.raises(SystemExit, match=r"saved with other settings: --ratio 0.3 \(now 0.5\)\."):
+        checkpoint_to_resume(run_args(tmp_path, ratio=0.5, lr=0.5, test_only=True), world_size=2)
+
+
+def test_an_evaluation_leaves_the_checkpoints_of_a_running_job_alone(trainer, tmp_path):
+    accelerator, _, progress = trainer
+    progress.step = 2
+    step_2 = save_checkpoint(accelerator, tmp_path, progress, run_args(tmp_path))
+    # The running job is saving step 4, and saving step 3 again: it has set the earlier one aside.
+    partial, replaced = tmp_path / "checkpoints" / ".step_4.partial", tmp_path / "checkpoints" / ".step_3.replaced"
+    partial.mkdir()
+    shutil.copytree(step_2, replaced)
+    with FileLock(tmp_path / ".lock"):
+        assert checkpoint_to_resume(run_args(tmp_path, test_only=True), world_size=1) == step_2
+    assert partial.is_dir() and replaced.is_dir() and not replaced.with_name("step_3").exists()
 
 
 def test_a_fresh_run_moves_the_earlier_checkpoints_aside(trainer, tmp_path, capsys):
@@ -259,6 +289,39 @@ def test_data_loader_workers_outlive_preemption_signals(signum):
     os.kill(iterator._workers[0].pid, signum)
     time.sleep(0.2)
     assert [int(batch) for batch in [first, *iterator]] == list(range(6))
+
+
+def test_the_throughput_leaves_out_checkpoints_and_evaluations(trainer, tmp_path, monkeypatch, capsys):
+    accelerator, model, progress = trainer
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    loader = [(torch.randn(4, 3), torch.randn(4, 2))] * 4
+    save = runner.save_checkpoint
+
+    def slow_save(*args):
+        time.sleep(0.5)
+        return save(*args)
+
+    monkeypatch.setattr(runner, "save_checkpoint", slow_save)
+    monkeypatch.setattr(runner, "preemption", Preemption())  # no signal left from another test
+    runner.train(
+        accelerator, model, optimizer, loader, progress, steps=4, log_steps=2, output_dir=tmp_path,
+        args=run_args(tmp_path), loss_fn=torch.nn.functional.mse_loss, checkpoint_steps=1, eval_steps=1,
+        eval_fn=lambda: time.sleep(0.5), throughput_unit="samples/s",
+    )  # fmt: skip
+    rates = [float(rate) for rate in re.findall(r"Loss: [\d.]+, ([\d.]+) samples/s", capsys.readouterr().out)]
+    # 8 samples a log line: at most 8/s with the second of saving and evaluating after step 1 (and 3).
+    assert len(rates) == 2 and min(rates) > 20, rates
+
+
+def test_a_launcher_overriding_the_gradient_accumulation_is_refused(tmp_path, monkeypatch):
+    # What accelerate launch exports for gradient_accumulation_steps in its config: Accelerate prefers it.
+    monkeypatch.setenv("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "1")
+    with pytest.raises(
+        SystemExit,
+        match=r"the launcher sets gradient accumulation to 1 step\(s\), which Accelerate would use instead of the "
+        r"recipe's 2 \(--gradient-accumulation-steps",
+    ):
+        runner.create_accelerator(use_gpu=False, output_dir=tmp_path, gradient_accumulation_steps=2)
 
 
 def test_a_checkpoint_of_another_model_is_named(trainer, tmp_path):
