@@ -259,16 +259,17 @@ def _direct_use(owner: nn.Module, path: str) -> str | None:
     return None
 
 
-def _aliases(model: nn.Module) -> tuple[dict[int, list[str]], dict[int, list[str]]]:
-    """Every name of each module and of each parameter, by ``id``: shared modules and tied parameters
-    have several."""
+def _references(model: nn.Module) -> tuple[dict[int, list[str]], dict[int, list[str]], dict[int, str]]:
+    """The other ways a layer is reached, which its replacement would not take over: every name of each
+    module and of each parameter, by ``id`` (shared modules and tied parameters have several), and
+    ``_held_outside``."""
     names_of = defaultdict(list)
     for name, module in model.named_modules(remove_duplicate=False):
         names_of[id(module)].append(name)
     owners = defaultdict(list)
     for name, param in model.named_parameters(remove_duplicate=False):
         owners[id(param)].append(name)
-    return names_of, owners
+    return names_of, owners, _held_outside(model)
 
 
 # What every nn.Module keeps in its __dict__ (parameters, submodules, hooks, flags): the rest is the
@@ -304,17 +305,12 @@ def _held_outside(model: nn.Module) -> dict[int, str]:
 def _scan(model: nn.Module) -> tuple[dict[str, nn.Module], dict[str, str]]:
     """Conv2d and Linear layers that can be replaced, and every other conv/linear layer with the reason
     it cannot."""
-    names_of, owners = _aliases(model)
-    held = _held_outside(model)
+    references = _references(model)
     candidates, skipped = {}, {}
     for name, module in model.named_modules():
         if not isinstance(module, (_ConvNd, nn.Linear)):
             continue
-        reason = _why_not(model, name, module, names_of, owners) or (
-            f"it is also held as {held[id(module)]}, outside the registered submodules, which would keep the old layer"
-            if id(module) in held
-            else None
-        )
+        reason = _why_not(model, name, module, references)
         if reason:
             skipped[name] = reason
         else:
@@ -322,7 +318,8 @@ def _scan(model: nn.Module) -> tuple[dict[str, nn.Module], dict[str, str]]:
     return candidates, skipped
 
 
-def _why_not(model, name, module, names_of, owners) -> str | None:
+def _why_not(model, name, module, references) -> str | None:
+    names_of, owners, held = references
     if not name:
         return "the model itself is the layer; wrap it in a container such as nn.Sequential"
     if not isinstance(module, (nn.Conv2d, nn.Linear)):
@@ -343,6 +340,9 @@ def _why_not(model, name, module, names_of, owners) -> str | None:
     others = [other for other in names_of[id(module)] if other != name]
     if others:
         return f"the module is shared with {others[0]!r}"
+    if id(module) in held:
+        where = held[id(module)]
+        return f"it is also held as {where}, outside the registered submodules, which would keep the old layer"
     for param in module.parameters(recurse=False):
         tied = [owner for owner in owners[id(param)] if owner.rpartition(".")[0] != name]
         if tied:
@@ -556,18 +556,25 @@ def _check_method(method: str) -> str:
     return method
 
 
-def _described(policy: RankPolicy, method: str) -> dict:
-    """The policy as the info file records it."""
+def _check_info_path(path, argument: str) -> None:
+    """Raises ValueError naming ``argument`` when the info file ``path`` cannot be written: before any work."""
+    problem = unwritable(path)
+    if problem:
+        raise ValueError(f"{argument}: {problem}")
+
+
+def _write_info(path, model, replacements, skipped, policy: RankPolicy, method: str, measurements) -> None:
+    """The info file of a plan, with the policy and, for the latency rule, what it was measured on."""
     described = {"method": method, **policy.describe()}
     if policy.measures_latency:
         described["measured_on"] = latency.context(policy.example_input)
-    return described
+    write_info(path, model, replacements, skipped, described, measurements)
+    logger.info("Decomposition information file is saved to: %s", os.path.realpath(path))
 
 
 def _decompose(model, policy, method, with_weights, info_path, what) -> dict[str, list[str]]:
-    problem = info_path is not None and unwritable(info_path)
-    if problem:
-        raise ValueError(f"decompose_info_path: {problem}")
+    if info_path is not None:
+        _check_info_path(info_path, "decompose_info_path")
     logger.info("%s start.", what)
     start = time.perf_counter()
     params_before = count_parameters(model)
@@ -576,8 +583,7 @@ def _decompose(model, policy, method, with_weights, info_path, what) -> dict[str
         logger.info("No layer meets decomposition conditions.")
     built = _build(model, replacements)
     if info_path is not None:
-        write_info(info_path, model, replacements, skipped, _described(policy, method), measurements)
-        logger.info("Decomposition information file is saved to: %s", os.path.realpath(info_path))
+        _write_info(info_path, model, replacements, skipped, policy, method, measurements)
     changes = _swap(model, built)
     logger.info(
         "%d layer(s) decomposed, parameters %d -> %d, in %.2f s.",
@@ -634,9 +640,9 @@ def decompose_network(model: nn.Module, decompose_info_path):
     _check_model(model)
     logger.info("decompose_network start.")
     replacements = read_info(decompose_info_path, model)
-    names_of, owners = _aliases(model)
+    references = _references(model)
     for replacement in replacements:
-        reason = _why_not(model, replacement.name, model.get_submodule(replacement.name), names_of, owners)
+        reason = _why_not(model, replacement.name, model.get_submodule(replacement.name), references)
         if reason:
             raise DecomposeInfoError(f"{decompose_info_path}: layer {replacement.name!r} cannot be replaced: {reason}")
     if not replacements:
@@ -767,12 +773,9 @@ class Decompose:
 def _save_plan(model, policy, method, path) -> list[Replacement]:
     """The replacements ``policy`` plans for ``model`` (structure only: the model is not changed), saved
     to the info file ``path``."""
-    problem = unwritable(path)
-    if problem:
-        raise ValueError(f"config_file: {problem}")
+    _check_info_path(path, "config_file")
     replacements, skipped, measurements = _plan(model, policy, method, False, "Decompose")
-    write_info(path, model, replacements, skipped, _described(policy, method), measurements)
-    logger.info("Decomposition information file is saved to: %s", os.path.realpath(path))
+    _write_info(path, model, replacements, skipped, policy, method, measurements)
     return replacements
 
 

@@ -1,5 +1,7 @@
 import functools
+import inspect
 import json
+import textwrap
 import types
 
 import pytest
@@ -306,14 +308,14 @@ class ForwardSetOnTheInstance(nn.Module):
         return self.fc(self.other(x))
 
 
-def no_source(code, name):
-    """An instance of class ``name`` defined by ``code`` through exec, so that its source is unavailable."""
-    exec(code, {"nn": nn}, namespace := {})
-    return namespace[name]()
+def no_source(cls):
+    """An instance of ``cls`` defined again from its source through exec, so that its source is
+    unavailable (as for a class defined in ``python -c``) and only its bytecode tells what it does."""
+    exec(textwrap.dedent(inspect.getsource(cls)), {"nn": nn}, namespace := {})
+    return namespace[cls.__name__]()
 
 
-NO_SOURCE = """
-class NoSource(nn.Module):
+class TiedThroughAFunctional(nn.Module):
     def __init__(self):
         super().__init__()
         self.enc = nn.Linear(64, 64)
@@ -321,7 +323,6 @@ class NoSource(nn.Module):
 
     def forward(self, x):
         return nn.functional.linear(self.enc(self.body(x)), self.enc.weight.t())
-"""
 
 
 @pytest.mark.parametrize(
@@ -335,7 +336,7 @@ class NoSource(nn.Module):
         (ReadsInACallbackOfForward, []),
         (ForwardSetOnTheInstance, ["other"]),
         (ReadsAnIndexOutsideForward, ["blocks.1", "head"]),
-        (lambda: no_source(NO_SOURCE, "NoSource"), ["body"]),
+        (lambda: no_source(TiedThroughAFunctional), ["body"]),
     ],
     ids=[
         "subscript",
@@ -380,20 +381,9 @@ class ReadsWidth(nn.Module):
         return self.fc(x).view(-1, self.out_features)
 
 
-NO_SOURCE_PADDING = """
-class NoSourcePadding(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Conv2d(64, 64, 3)
-
-    def forward(self, x):
-        return self.conv(nn.functional.pad(x, [self.conv.kernel_size[0] // 2] * 4))
-"""
-
-
 @pytest.mark.parametrize(
     "make",
-    [SamePadding, ReadsWidth, lambda: no_source(NO_SOURCE_PADDING, "NoSourcePadding")],
+    [SamePadding, ReadsWidth, lambda: no_source(SamePadding)],
     ids=["padding", "width", "no source"],
 )
 def test_owner_reads_the_layer_configuration_of_the_replacement(make):
@@ -428,6 +418,15 @@ def test_layers_held_outside_the_submodules_are_kept(lowrank_log):
     assert any("'out': it is also held as act, outside" in line for line in lowrank_log)
 
 
+def test_replaying_refuses_layers_held_outside_the_submodules(tmp_path):
+    info = tmp_path / "info.json"
+    lowrank.auto_decomposition(nn.Sequential(nn.Linear(64, 64)), info, rank=8)
+    model = nn.Sequential(nn.Linear(64, 64))
+    model.heads = {"main": model[0]}
+    with pytest.raises(lowrank.DecomposeInfoError, match="layer '0' cannot be replaced: it is also held as heads"):
+        lowrank.decompose_network(model, info)
+
+
 def linear_head(layer, x):
     return nn.functional.linear(x, layer.weight, layer.bias)
 
@@ -451,28 +450,12 @@ class SetsPadding(nn.Module):  # the replacement would keep the padding it was b
         return self.conv(x)
 
 
-NO_SOURCE_SETS_PADDING = """
-class NoSourceSetsPadding(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Conv2d(64, 64, 3)
-
-    def forward(self, x):
-        self.conv.padding = (1, 1)
-        return self.conv(x)
-"""
-
-
 @pytest.mark.parametrize(
     "make, kept, reason",
     [
         (PassesToHelper, ["out"], "'fc': PassesToHelper passes it to linear_head() instead of only calling it"),
         (SetsPadding, [], "'conv': SetsPadding sets its 'padding' instead of only calling it"),
-        (
-            lambda: no_source(NO_SOURCE_SETS_PADDING, "NoSourceSetsPadding"),
-            [],
-            "'conv': NoSourceSetsPadding sets its 'padding'",
-        ),
+        (lambda: no_source(SetsPadding), [], "'conv': SetsPadding sets its 'padding'"),
     ],
     ids=["helper", "sets", "no source"],
 )
