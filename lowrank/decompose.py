@@ -20,6 +20,7 @@ from collections import defaultdict
 
 import torch
 from torch import nn
+from torch.ao.nn.intrinsic import _FusedModule
 from torch.nn.modules.conv import _ConvNd
 from torch.nn.utils import parametrize
 from tqdm import tqdm
@@ -29,7 +30,7 @@ from . import latency
 from .info import DecomposeInfoError, Replacement, read_info, write_info
 from .io import unwritable
 from .log import logger
-from .methods import build_module, dense_cost, method_for, output_shape_changes
+from .methods import build_module, dense_cost, layer_spec, method_for, output_shape_changes
 from .policy import RankPolicy
 from .stats import count_parameters
 
@@ -244,11 +245,18 @@ def _direct_uses(cls: type) -> frozenset[tuple[str, str]]:
 
 
 def _instance_uses(module: nn.Module) -> set[tuple[str, str]]:
-    """``_source_uses`` of a ``forward`` set on the instance (``model.forward = MethodType(f, model)``),
-    which the methods of its class do not show."""
+    """``_source_uses`` of what runs with the module but is not in its class: a ``forward`` set on the
+    instance (``model.forward = MethodType(f, model)``) and its forward hooks (a user's weight
+    clipping), these from their bytecode, where the module they get is not named ``self``, so that
+    any weight they read counts for every layer below."""
     forward = vars(module).get("forward")
     function = getattr(forward, "__func__", forward)
-    return _function_uses(function, in_forward=True) if inspect.isfunction(function) else set()
+    uses = _function_uses(function, in_forward=True) if inspect.isfunction(function) else set()
+    for hook in [*module._forward_pre_hooks.values(), *module._forward_hooks.values()]:
+        function = getattr(hook, "__func__", getattr(hook, "func", hook))  # a bound method or a partial
+        if inspect.isfunction(function):
+            uses |= {(path, f"{use} (in its hook {function.__name__})") for path, use in _bytecode_uses(function)}
+    return uses
 
 
 def _direct_use(owner: nn.Module, path: str) -> str | None:
@@ -278,13 +286,14 @@ MODULE_INTERNALS = frozenset(vars(nn.Module()))
 
 
 def _held_outside(model: nn.Module) -> dict[int, str]:
-    """Modules that a module also holds outside its registered submodules, by ``id``, with where: in a
-    dict, list, tuple or set (``self.heads = {"main": self.fc}``) or as a bound method (``self.act =
-    self.fc.forward``). Replacing the registered module would leave these on the old one."""
+    """Modules and tensors (parameters) that a module also holds outside its registered submodules and
+    parameters, by ``id``, with where: in a dict, list, tuple or set (``self.heads = {"main": self.fc}``,
+    ``self.weights = [self.fc.weight]``) or as a bound method (``self.act = self.fc.forward``). Replacing
+    the registered module would leave these on the old one, which the state dict no longer holds."""
     held = {}
 
     def visit(value, where, depth):
-        if isinstance(value, nn.Module):
+        if isinstance(value, (nn.Module, torch.Tensor)):
             held.setdefault(id(value), where)
         elif isinstance(getattr(value, "__self__", None), nn.Module):
             held.setdefault(id(value.__self__), where)
@@ -324,6 +333,14 @@ def _why_not(model, name, module, references) -> str | None:
         return "the model itself is the layer; wrap it in a container such as nn.Sequential"
     if not isinstance(module, (nn.Conv2d, nn.Linear)):
         return f"{type(module).__name__} is not supported (Conv2d and Linear are)"
+    parent = model.get_submodule(name.rpartition(".")[0])
+    if _compiled(parent):  # the wrapper's forward is bound to the module it was given
+        return (
+            "it is compiled on its own (torch.compile), whose wrapper would keep calling the old layer: decompose "
+            "before compiling"
+        )
+    if isinstance(parent, _FusedModule):  # e.g. ConvReLU2d, which quantization converts from its [0].weight
+        return f"it is part of {type(parent).__name__}, a fused module that quantization converts as a whole"
     parts = name.split(".")
     for depth in range(len(parts)):
         owner = model.get_submodule(".".join(parts[:depth]))
@@ -333,23 +350,36 @@ def _why_not(model, name, module, references) -> str | None:
     if isinstance(module.weight, nn.parameter.UninitializedParameter):
         return "its weights are not initialised yet (lazy module)"
     if parametrize.is_parametrized(module):
-        return "its weight is parametrized (torch.nn.utils.parametrize)"
+        tensors = list(module.parametrizations)
+        verb = "is" if len(tensors) == 1 else "are"
+        return f"its {' and '.join(tensors)} {verb} parametrized (torch.nn.utils.parametrize)"
     if type(module) not in (nn.Conv2d, nn.Linear):
-        base = "Conv2d" if isinstance(module, nn.Conv2d) else "Linear"
-        return f"{type(module).__name__} is a subclass of {base} whose forward may differ"
+        cls, base = type(module).__name__, "Conv2d" if isinstance(module, nn.Conv2d) else "Linear"
+        if cls == base:  # torch.ao.nn.qat's fake-quantized layers: named in full
+            cls, base = f"{type(module).__module__}.{cls}", f"torch.nn.{base}"
+        return f"{cls} is a subclass of {base} whose forward may differ"
     others = [other for other in names_of[id(module)] if other != name]
     if others:
         return f"the module is shared with {others[0]!r}"
     if id(module) in held:
         where = held[id(module)]
         return f"it is also held as {where}, outside the registered submodules, which would keep the old layer"
-    for param in module.parameters(recurse=False):
+    for param_name, param in module.named_parameters(recurse=False):
         tied = [owner for owner in owners[id(param)] if owner.rpartition(".")[0] != name]
         if tied:
             return f"its parameters are tied with {tied[0]!r}"
+        if id(param) in held:
+            where = held[id(param)]
+            return (
+                f"its {param_name} is also held as {where}, outside the registered parameters, which would keep "
+                "the old one"
+            )
     if isinstance(module, nn.Conv2d) and module.groups > 1:
         kind = "depthwise" if module.groups == module.in_channels else "grouped"
         return f"{kind} convolution (groups={module.groups})"
+    reason = _stale_configuration(module)
+    if reason:
+        return reason
     if any(getattr(module, hooks, None) for hooks in HOOKS):
         return "hooks are registered on it and would be lost"
     if "forward" in vars(module):
@@ -358,6 +388,32 @@ def _why_not(model, name, module, references) -> str | None:
         return "hooks are registered on its parameters and would be lost"
     if module.weight.dtype not in SUPPORTED_DTYPES:
         return f"unsupported dtype {module.weight.dtype}"
+    return None
+
+
+def _stale_configuration(module: nn.Module) -> str | None:
+    """How the configuration of a Conv2d or Linear, which its replacement is built from, fails to
+    describe what it computes: settings changed after construction (by a pruning tool, or by code that
+    turns strides into dilations) in a form its constructor never gives, or that its forward reads from
+    elsewhere (the weight's shape, the padding of a non-zero ``padding_mode``, computed when it was built)."""
+    if isinstance(module, nn.Conv2d):
+        for name in ("kernel_size", "stride", "dilation", *(() if isinstance(module.padding, str) else ("padding",))):
+            value = getattr(module, name)
+            if not (isinstance(value, (tuple, list)) and len(value) == 2):
+                return f"its {name} {value!r} is not a pair, as Conv2d makes it: set it as one"
+        expected = (module.out_channels, module.in_channels // module.groups, *module.kernel_size)
+    else:
+        expected = (module.out_features, module.in_features)
+    for tensor_name, tensor, shape in (("weight", module.weight, expected), ("bias", module.bias, expected[:1])):
+        if tensor is not None and tuple(tensor.shape) != shape:
+            return f"its {tensor_name} has shape {tuple(tensor.shape)} where its configuration says {shape}"
+    if isinstance(module, nn.Conv2d) and module.padding_mode != "zeros":
+        padded = tuple(module._reversed_padding_repeated_twice)
+        if padded != tuple(build_module(layer_spec(module), device="meta")._reversed_padding_repeated_twice):
+            return (
+                f"its padding {module.padding} was set after construction: padding_mode={module.padding_mode!r} "
+                f"pads by {padded}, as when it was built"
+            )
     return None
 
 
@@ -534,7 +590,11 @@ def _make_policy(options: dict, valid_extra: tuple[str, ...] = ("method",)) -> R
     return RankPolicy(**options)
 
 
-def _check_model(model) -> None:
+def _check_model(model) -> nn.Module:
+    """Raises TypeError for a model that cannot be decomposed; returns the module to decompose: the
+    model, or the one its ``torch.compile`` wrapper (``OptimizedModule``) runs, whose layers keep their
+    own names (not ``_orig_mod.<name>``) so that an info file replays on the model compiled or not.
+    Dynamo recompiles the wrapper when the layers change."""
     if isinstance(model, torch.jit.ScriptModule):  # its forward is compiled code that calls the old layers
         raise TypeError("a TorchScript module cannot be decomposed: decompose the Python model, then script it")
     if not isinstance(model, nn.Module):
@@ -548,6 +608,15 @@ def _check_model(model) -> None:
                 "layers' parameters and not the new ones: decompose the unwrapped model (model.module), then wrap "
                 "it (with Accelerate: before accelerator.prepare)"
             )
+    while _compiled(model):
+        model = model._orig_mod
+    return model
+
+
+def _compiled(module: nn.Module) -> bool:
+    """Whether ``module`` is a ``torch.compile`` wrapper, which runs its ``_orig_mod`` (told by name: no
+    import of torch._dynamo)."""
+    return type(module).__name__ == "OptimizedModule" and isinstance(module._modules.get("_orig_mod"), nn.Module)
 
 
 def _check_method(method: str) -> str:
@@ -621,8 +690,8 @@ def auto_decomposition(model: nn.Module, decompose_info_path=None, *, method: st
         the replaced layers.
     """
     method = _check_method(method)
-    _check_model(model)
-    changes = _decompose(model, _make_policy(policy), method, True, decompose_info_path, "auto_decomposition")
+    layers = _check_model(model)
+    changes = _decompose(layers, _make_policy(policy), method, True, decompose_info_path, "auto_decomposition")
     return model, changes
 
 
@@ -637,17 +706,17 @@ def decompose_network(model: nn.Module, decompose_info_path):
     Returns:
         ``(model, changes)`` as ``auto_decomposition``.
     """
-    _check_model(model)
+    layers = _check_model(model)
     logger.info("decompose_network start.")
-    replacements = read_info(decompose_info_path, model)
-    references = _references(model)
+    replacements = read_info(decompose_info_path, layers)
+    references = _references(layers)
     for replacement in replacements:
-        reason = _why_not(model, replacement.name, model.get_submodule(replacement.name), references)
+        reason = _why_not(layers, replacement.name, layers.get_submodule(replacement.name), references)
         if reason:
             raise DecomposeInfoError(f"{decompose_info_path}: layer {replacement.name!r} cannot be replaced: {reason}")
     if not replacements:
         logger.info("No layer meets decomposition conditions.")
-    changes = _swap(model, _build(model, replacements))
+    changes = _swap(layers, _build(layers, replacements))
     logger.info("decompose_network complete.")
     return model, changes
 
@@ -689,8 +758,7 @@ class Decompose:
             raise ValueError(f"{missing[0]} must be given, got None")
         policy = _make_policy({"exclude": excludes or (), "divisor": divisor, **options}, valid_extra=())
         if self.config_file is not None:
-            _check_model(self.model)
-            replacements = _save_plan(self.model, policy, self.method, self.config_file)
+            replacements = _save_plan(_check_model(self.model), policy, self.method, self.config_file)
             policy = _replay_policy(replacements)
         self.policy = policy
         return self
@@ -734,7 +802,7 @@ class Decompose:
                 f"{self.config_file}: no such config file; a from_*() method of Decompose(model, "
                 "config_file=...) saves it first"
             )
-        self.policy = _replay_policy(read_info(self.config_file, self.model))
+        self.policy = _replay_policy(read_info(self.config_file, _check_model(self.model)))
         return self
 
     def decompose_network(self, do_decompose_weight: bool = True, datasets=None, max_iter: int = -1) -> nn.Module:
@@ -766,7 +834,7 @@ class Decompose:
                 f"Decompose decomposes a copy of the model, and this one cannot be copied ({error}): decompose it "
                 "in place with lowrank.auto_decomposition"
             ) from None
-        _decompose(model, self.policy, self.method, do_decompose_weight, None, "decompose_network")
+        _decompose(_check_model(model), self.policy, self.method, do_decompose_weight, None, "decompose_network")
         return model
 
 

@@ -1,3 +1,4 @@
+import copy
 import functools
 import inspect
 import json
@@ -655,3 +656,131 @@ def test_decomposing_leaves_the_random_state_alone(net):
     after = torch.rand(3)
     torch.manual_seed(1)
     assert changes and torch.equal(torch.rand(3), after)  # the new modules are not initialised, only filled
+
+
+class HoldsParametersOutside(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.head, self.tail, self.kept = nn.Linear(64, 64), nn.Linear(64, 64), nn.Linear(64, 64)
+        self.weights = {"head": self.head.weight}  # not registered: it would keep the old weight
+        self.tail_parameters = [self.tail.weight, self.tail.bias]
+
+    def forward(self, x):
+        x = nn.functional.linear(self.kept(x), self.weights["head"])
+        return nn.functional.linear(x, *self.tail_parameters)
+
+
+def test_parameters_held_outside_the_module_keep_the_layer(lowrank_log, tmp_path):
+    model = HoldsParametersOutside()
+    _, changes = lowrank.auto_decomposition(model, rank=8)
+    assert list(changes) == ["kept"]
+    assert any("'head': its weight is also held as weights['head'], outside" in line for line in lowrank_log)
+    assert any("'tail': its weight is also held as tail_parameters[0]" in line for line in lowrank_log)
+    info = tmp_path / "info.json"
+    lowrank.auto_decomposition(nn.ModuleDict({"head": nn.Linear(64, 64)}), info, rank=8)
+    with pytest.raises(lowrank.DecomposeInfoError, match="layer 'head' cannot be replaced: its weight is also held"):
+        lowrank.decompose_network(HoldsParametersOutside(), info)
+
+
+def pruned_linear():  # the weight cut by a pruning tool that left out_features as it was
+    layer = nn.Linear(64, 64)
+    layer.weight, layer.bias = nn.Parameter(layer.weight[:48].detach()), nn.Parameter(layer.bias[:48].detach())
+    return layer
+
+
+def conv_with(**settings):  # set after construction, as code that turns strides into dilations does
+    layer = nn.Conv2d(32, 32, 3, padding=1, padding_mode=settings.pop("padding_mode", "zeros"))
+    for name, value in settings.items():
+        setattr(layer, name, value)
+    return layer
+
+
+@pytest.mark.parametrize(
+    "layer, x, reason",
+    [
+        (pruned_linear(), torch.randn(2, 64), "its weight has shape (48, 64) where its configuration says (64, 64)"),
+        (conv_with(stride=2), torch.randn(2, 32, 12, 12), "its stride 2 is not a pair"),
+        (
+            conv_with(padding_mode="reflect", padding=(2, 2), dilation=(2, 2)),
+            torch.randn(2, 32, 12, 12),
+            "its padding (2, 2) was set after construction: padding_mode='reflect' pads by (1, 1, 1, 1)",
+        ),
+    ],
+    ids=["pruned", "int stride", "stale reflect padding"],
+)
+def test_a_configuration_that_does_not_describe_the_layer_keeps_it(layer, x, reason, lowrank_log, tmp_path):
+    model = nn.Sequential(layer)
+    expected = model(x)
+    _, changes = lowrank.auto_decomposition(model, tmp_path / "info.json", rank=8)
+    assert not changes and model[0] is layer
+    assert torch.equal(model(x), expected)
+    assert any(reason in line for line in lowrank_log)
+
+
+def test_layers_of_a_fused_module_for_quantization_are_kept(lowrank_log):
+    # quantization converts a fused module from the weight of its first layer
+    fused = torch.ao.nn.intrinsic.ConvReLU2d(nn.Conv2d(32, 32, 3), nn.ReLU())
+    _, changes = lowrank.auto_decomposition(nn.Sequential(fused, nn.Conv2d(32, 32, 3)))
+    assert list(changes) == ["1"]
+    reason = "'0.0': it is part of ConvReLU2d, a fused module that quantization converts as a whole"
+    assert any(reason in line for line in lowrank_log)
+
+
+def test_fake_quantized_and_partly_parametrized_layers_are_named_clearly(lowrank_log):
+    qconfig = torch.ao.quantization.get_default_qat_qconfig("fbgemm")
+    scaled = nn.Linear(64, 64)
+    torch.nn.utils.parametrize.register_parametrization(scaled, "bias", nn.Identity())
+    model = nn.ModuleDict({"qat": torch.ao.nn.qat.Linear(64, 64, qconfig=qconfig), "scaled": scaled})
+    _, changes = lowrank.auto_decomposition(model)
+    assert not changes
+    reasons = "\n".join(lowrank_log)
+    assert "'qat': torch.ao.nn.qat.modules.linear.Linear is a subclass of torch.nn.Linear whose forward" in reasons
+    assert "'scaled': its bias is parametrized" in reasons
+
+
+def clip_weights(model, args):  # a user's forward pre-hook on the model
+    with torch.no_grad():
+        model[1].weight.clamp_(-1, 1)
+
+
+def test_hooks_of_an_owner_that_read_weights_keep_its_layers(lowrank_log):
+    model = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 64))
+    model.register_forward_pre_hook(clip_weights)
+    unread = nn.Sequential(nn.Linear(64, 64))
+    unread.register_forward_hook(lambda module, args, output: output * 2)
+    _, changes = lowrank.auto_decomposition(nn.ModuleDict({"clipped": model, "unread": unread}), rank=8)
+    assert list(changes) == ["unread.0"]
+    reason = "'clipped.1': Sequential reads its weights directly (in its hook clip_weights) instead of only calling"
+    assert any(reason in line for line in lowrank_log)
+    model(torch.randn(2, 64))
+
+
+def mlp():
+    return nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64))
+
+
+def test_a_compiled_model_is_decomposed_under_its_own_layer_names(tmp_path):
+    torch.manual_seed(0)
+    model, x = mlp(), torch.randn(2, 64)
+    plain = copy.deepcopy(model)
+    compiled = torch.compile(model, backend="eager")
+    compiled(x)
+    info = tmp_path / "info.json"
+    _, changes = lowrank.auto_decomposition(compiled, info, rank=8)
+    assert list(changes) == ["0", "2"]  # not "_orig_mod.0": the file replays on the model compiled or not
+    lowrank.auto_decomposition(plain, rank=8)
+    assert torch.equal(compiled(x), plain(x))  # recompiled: the new layers run
+    replayed = lowrank.decompose_network(mlp(), info)[0]
+    replayed.load_state_dict(plain.state_dict())
+    assert torch.equal(replayed(x), plain(x))
+    assert list(lowrank.decompose_network(torch.compile(mlp(), backend="eager"), info)[1]) == ["0", "2"]
+    structure = lowrank.Decompose(torch.compile(mlp(), backend="eager"), config_file=info).from_file()
+    assert isinstance(structure.decompose_network(do_decompose_weight=False)._orig_mod[2], nn.Sequential)
+
+
+def test_a_layer_compiled_on_its_own_is_kept(lowrank_log):
+    model = mlp()
+    model[2] = torch.compile(model[2], backend="eager")  # its forward calls the layer it was given
+    _, changes = lowrank.auto_decomposition(model, rank=8)
+    assert list(changes) == ["0"]
+    assert any("'2._orig_mod': it is compiled on its own (torch.compile)" in line for line in lowrank_log)
