@@ -4,6 +4,7 @@ runner's outputs), and their check before any work."""
 import argparse
 import math
 import sys
+import urllib.parse
 from pathlib import Path
 
 from lowrank.io import unwritable
@@ -121,6 +122,66 @@ def add_output_args(parser: argparse.ArgumentParser, output_dir: str):
     group.add_argument(
         "--resume", action="store_true", help="continue from the latest checkpoint in --output-dir (default: off)"
     )
+
+
+BACKENDS = ("gloo", "nccl")
+
+
+def add_distributed_args(parser: argparse.ArgumentParser):
+    """The AMCT sample's ``ddp_train.py`` flags for the process group: ``--backend`` and ``--init-method``,
+    which ``create_accelerator`` passes on to it, and ``--local-rank``, which ``torch.distributed.launch``
+    passes to the script (as ``--local-rank=N``)."""
+    group = parser.add_argument_group("distributed (multi-process runs)")
+    group.add_argument(
+        "--backend",
+        choices=BACKENDS,
+        default=None,  # None: what Accelerate picks, gloo on the CPU and nccl on GPUs
+        help="torch.distributed backend; nccl needs --use-gpu and GPUs (default: gloo on the CPU, nccl with --use-gpu)",
+    )
+    group.add_argument(
+        "--init-method",
+        "--init_method",
+        type=init_method,
+        default="env://",
+        help="how the processes meet: env:// (the launcher's MASTER_ADDR and MASTER_PORT), tcp://HOST:PORT (rank "
+        "0 listens there) or file:///PATH (on a filesystem every node shares); each process's rank and the "
+        "number of processes come from the launcher (default: env://)",
+    )
+    # Accepted, not used: LOCAL_RANK, which torch.distributed.launch, torchrun and accelerate launch all set,
+    # picks each process's GPU. Refusing a value that differs from it would break two runs that work:
+    # torch.distributed.launch --virtual-local-rank passes the real local rank while LOCAL_RANK is 0, and the
+    # AMCT sample's "local_rank (default: 0)" copied onto the command line as --local_rank 0 comes after the
+    # launcher's --local-rank=N and wins the parse on every rank.
+    group.add_argument(
+        "--local-rank",
+        "--local_rank",
+        type=non_negative_int,
+        default=None,
+        help="accepted for torch.distributed.launch, which passes it; each process's local rank (its GPU) is the "
+        "launcher's LOCAL_RANK environment variable, whatever this says (default: None)",
+    )
+
+
+def init_method(text: str) -> str:
+    """An argparse type: a torch.distributed init method without the rank and world size, which the
+    launcher gives each process."""
+    url = urllib.parse.urlsplit(text)
+    try:
+        port = url.port
+    except ValueError:  # not a number, or out of range
+        port = None
+    query = urllib.parse.parse_qs(url.query)
+    valid = (
+        (url.scheme == "env" and not (url.netloc or url.path or url.query))
+        or (url.scheme == "tcp" and url.hostname and port and url.path in ("", "/"))
+        or (url.scheme == "file" and url.path not in ("", "/"))
+    )
+    if not valid or "rank" in query or "world_size" in query:
+        raise argparse.ArgumentTypeError(
+            f"must be env://, tcp://HOST:PORT or file:///PATH, without rank or world_size (the launcher gives "
+            f"them), got {text!r}"
+        )
+    return text
 
 
 def check_mode_args(args, pretrained=None) -> str:

@@ -4,8 +4,9 @@
   (rank 0 decomposes behind the barrier, the others load its artifacts), ``offline`` (every rank
   replays the info file and loads the decomposed weights).
 - ``create_accelerator``: an Accelerator logging to TensorBoard, on the CPU unless asked for GPUs,
-  whose rank and world size agree with torch.distributed (also under DeepSpeed on the CPU), whose
-  gradient accumulation is the recipe's, and whose gradients DeepSpeed clips only when its config says so.
+  whose process group has the recipe's ``--backend`` and ``--init-method``, whose rank and world size
+  agree with torch.distributed (also under DeepSpeed on the CPU), whose gradient accumulation is the
+  recipe's, and whose gradients DeepSpeed clips only when its config says so.
 - ``train``: a step-based loop (a step is one optimizer step, gradient accumulation included) with
   the AMCT sample's log lines (``[Train] Step[20/200] Loss: ...``), TensorBoard scalars through
   Accelerate's tracker (flushed at every log), checkpoints named after their step, periodic
@@ -37,7 +38,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.state import PartialState
-from accelerate.utils import ProjectConfiguration
+from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration, get_int_from_env
 from filelock import FileLock, Timeout
 from tqdm import tqdm
 
@@ -64,9 +65,20 @@ def log(line: str) -> None:
         tqdm.write(line, file=sys.stdout)  # prints above the progress bar when there is one
 
 
-def create_accelerator(*, use_gpu: bool, output_dir, **kwargs) -> Accelerator:
+def _deepspeed() -> str:
+    """Whether this run is under DeepSpeed ("on" or "off"), as ``accelerate launch`` tells Accelerate."""
+    return "on" if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true" else "off"
+
+
+def create_accelerator(*, use_gpu: bool, output_dir, backend=None, init_method="env://", **kwargs) -> Accelerator:
     """An Accelerator logging to TensorBoard in ``output_dir``, on the CPU unless ``use_gpu`` (and
     there are GPUs).
+
+    A multi-process run's process group uses ``backend`` ("gloo" or "nccl"; None: Accelerate's choice,
+    gloo on the CPU and nccl on GPUs) and ``init_method`` (env://, tcp://HOST:PORT or file:///PATH, the
+    rank and world size taken from the launcher's RANK and WORLD_SIZE); a single process has none. Exits
+    with an error naming ``--backend`` for nccl without GPUs, and when the process group runs another
+    backend than the one asked for (DeepSpeed on the CPU picks its own: gloo, or ccl with oneCCL).
 
     Under ``accelerate launch --use_deepspeed`` on a machine without GPUs, Accelerate 1.15 reports one
     process of index 0 on every rank while DeepSpeed's process group holds them all: rank 0's role,
@@ -77,16 +89,49 @@ def create_accelerator(*, use_gpu: bool, output_dir, **kwargs) -> Accelerator:
     ``gradient_accumulation_steps`` (default 1), which Accelerate would use instead. Under DeepSpeed the
     gradients are not clipped unless the config sets ``gradient_clipping``, as without DeepSpeed.
     """
-    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    deepspeed = _deepspeed() == "on"
     if deepspeed and not use_gpu and torch.cuda.is_available():
         sys.exit("error: DeepSpeed runs on this machine's GPUs: pass --use-gpu, or launch without DeepSpeed")
     gpu = use_gpu and torch.cuda.is_available()  # --use-gpu on a machine without GPUs: the CPU, as in the seed
+    if backend == "nccl" and not gpu:
+        sys.exit(
+            "error: --backend nccl runs on GPUs: add --use-gpu, or use --backend gloo on the CPU"
+            if not use_gpu
+            else "error: --backend nccl needs GPUs and torch sees none on this machine: use --backend gloo (the CPU)"
+        )
+    if backend == "nccl" and not dist.is_nccl_available():
+        sys.exit("error: --backend nccl: this torch build has no NCCL: use --backend gloo")
+    cpu = not gpu and not deepspeed  # cpu=True would turn DeepSpeed off; on a CPU-only machine it runs there
+    # When Accelerate creates a process group (its own test): given to a single process, a backend
+    # makes it ask torch.distributed for a world size that does not exist.
+    world_size = get_int_from_env(["PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE", "WORLD_SIZE"], 1)
+    launched = int(os.environ.get("LOCAL_RANK", -1)) != -1 or (cpu and world_size > 1)
+    if launched and (backend is not None or init_method != "env://"):
+        if init_method.split(":", 1)[0] != "env" and not cpu:
+            # Accelerate gives init_process_group the rank and world size on the CPU only; tcp:// and
+            # file:// need them, in the URL where Accelerate leaves them out.
+            separator = "&" if "?" in init_method else "?"
+            rank, size = os.environ.get("RANK"), os.environ.get("WORLD_SIZE")
+            if rank is None or size is None:
+                sys.exit(f"error: --init-method {init_method} needs the launcher's RANK and WORLD_SIZE: use env://")
+            init_method = f"{init_method}{separator}rank={rank}&world_size={size}"
+        # DeepSpeed without GPUs: Accelerate expects no backend there (DeepSpeed picks its own) and would
+        # otherwise take another path through its state; the check below compares DeepSpeed's choice.
+        # Otherwise the backend Accelerate would pick by default, so that the timeout is torch's for it.
+        chosen = None if deepspeed and not gpu else backend or ("nccl" if gpu else "gloo")
+        handler = InitProcessGroupKwargs(backend=chosen, init_method=init_method)
+        kwargs["kwargs_handlers"] = [*kwargs.get("kwargs_handlers", []), handler]
     accelerator = Accelerator(
-        cpu=not gpu and not deepspeed,  # cpu=True would turn DeepSpeed off; on a CPU-only machine it runs there
+        cpu=cpu,
         log_with="tensorboard",
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir)),
         **kwargs,
     )
+    if backend is not None and dist.is_available() and dist.is_initialized() and dist.get_backend() != backend:
+        sys.exit(
+            f"error: --backend {backend}: the process group runs {dist.get_backend()} (under DeepSpeed, DeepSpeed "
+            "picks it): drop --backend"
+        )
     if dist.is_available() and dist.is_initialized() and accelerator.num_processes != dist.get_world_size():
         for state in (PartialState(), accelerator.state):
             state.num_processes, state.process_index = dist.get_world_size(), dist.get_rank()
@@ -118,6 +163,21 @@ def _check_gradient_accumulation(accelerator, requested: int) -> None:
         )
 
 
+def load_weights(model, state_dict: dict, path) -> None:
+    """Loads ``state_dict``, read from ``path``, into ``model``; one that does not fit (another
+    architecture, other class counts, a DDP-wrapped model's) raises a ValueError naming the file."""
+    try:
+        model.load_state_dict(state_dict)
+    except RuntimeError as error:
+        wrapped = (
+            " (every key starts with 'module.': saved from a DDP-wrapped model? Save model.module.state_dict(), "
+            "or strip the prefix with torch.nn.modules.utils.consume_prefix_in_state_dict_if_present)"
+            if state_dict and all(key.startswith("module.") for key in state_dict)
+            else ""
+        )
+        raise ValueError(f"{path} does not fit the model{wrapped}: {error}") from None
+
+
 def prepare_model(
     model, mode, *, pretrained_path=None, info_path=None, weights_path=None, policy=None, timeout=DEFAULT_TIMEOUT
 ):
@@ -126,10 +186,7 @@ def prepare_model(
     changes, reused = {}, False
 
     def load_pretrained(dense):
-        try:
-            dense.load_state_dict(load_state_dict(pretrained_path))
-        except RuntimeError as error:  # another architecture, or other class counts
-            raise ValueError(f"{pretrained_path} does not fit the model: {error}") from None
+        load_weights(dense, load_state_dict(pretrained_path), pretrained_path)
 
     # The weights are loaded or computed, never drawn, but each path draws a different amount (a replay
     # default-initialises, a decomposition does not): the random state is left as it was, so that what
@@ -245,6 +302,8 @@ MODEL_SETTINGS = {
     "ratio": "--ratio",
     "energy": "--energy",
     "vbmf": "--vbmf",
+    # DeepSpeed saves the model and its ZeRO shards its own way, which only DeepSpeed with as many processes reads.
+    "deepspeed": "DeepSpeed",
 }
 # For training, also which batches come next and the optimizer's state (the others, such as --steps,
 # may change; a recipe adds its own through checkpoint_to_resume's recipe_settings).
@@ -373,9 +432,11 @@ def _resume_decision(args, world_size: int, recipe_settings) -> tuple[str | None
         log(f"[Resume] no complete checkpoint in {folder}: starting afresh{hint}")
         return None, None
     settings = dict(MODEL_SETTINGS)
+    current = {**vars(args), "world_size": world_size, "deepspeed": _deepspeed()}
     if not evaluating:
         settings |= TRAINING_SETTINGS | {name: f"--{name.replace('_', '-')}" for name in recipe_settings}
-    current = {**vars(args), "world_size": world_size}
+    elif current["deepspeed"] == "on":
+        settings["world_size"] = TRAINING_SETTINGS["world_size"]
     changed = [
         f"{flag} {saved[key]} (now {current[key]})"
         for key, flag in settings.items()
@@ -445,7 +506,7 @@ def save_checkpoint(accelerator, output_dir, progress, args) -> Path:
             files = {
                 str(file.relative_to(partial)): file.stat().st_size for file in partial.rglob("*") if file.is_file()
             }
-            run = {**vars(args), "world_size": accelerator.num_processes, "files": files}
+            run = {**vars(args), "world_size": accelerator.num_processes, "deepspeed": _deepspeed(), "files": files}
             atomic_write(partial / "run.json", lambda file: json.dump(run, file, indent=2, default=str), binary=False)
         if path.exists():
             os.replace(path, replaced)

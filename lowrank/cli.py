@@ -54,7 +54,8 @@ def inspect_table(path) -> str:
             raise DecomposeInfoError(f"{path}: the record of {where} is incomplete or malformed: {error!r}") from None
         totals = [t + v for t, v in zip(totals, (p0, p1, m0, m1))]
     p0, p1, m0, m1 = totals
-    total = (f"total ({len(document['layers'])} layers)", "", "", f"{p0:,}", f"{p1:,}", _ratio(p0, p1))
+    count = len(document["layers"])
+    total = (f"total ({count} layer{'s' * (count != 1)})", "", "", f"{p0:,}", f"{p1:,}", _ratio(p0, p1))
     rows.append(total + (f"{m0:,}", f"{m1:,}", _ratio(m0, m1)) + ("",) * 3 * timed)
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
     lines = [

@@ -4,6 +4,7 @@ reader never sees a half-written file and a crash never leaves one behind."""
 
 import hashlib
 import os
+import re
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -77,17 +78,30 @@ def save_state_dict(state_dict: dict, path: str | os.PathLike) -> None:
 
 
 def load_state_dict(path: str | os.PathLike, map_location="cpu") -> dict:
-    """``torch.load`` with ``weights_only=True``; a missing, truncated or foreign file raises an error
-    that names it."""
+    """``torch.load`` with ``weights_only=True``; a missing, truncated or foreign file, a whole pickled
+    model and a training checkpoint that holds a state dict raise an error that names the file and
+    what it holds."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"weights file not found: {path}")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as error:
+        refused = re.search(r"Unsupported global: GLOBAL \S+", str(error))  # weights_only's refusal
+        if refused:
+            raise ValueError(
+                f"weights file {path} pickles Python objects, which are not loaded because unpickling runs code "
+                f"({refused[0]}): a whole model saved with torch.save(model)? Save its state_dict() instead"
+            ) from error
         raise ValueError(
-            f"cannot read weights file {path} (truncated or not a PyTorch state dict?): {error}"
+            f"cannot read weights file {path} (truncated or not a PyTorch state dict?): {type(error).__name__}: {error}"
         ) from error
     if not isinstance(state, dict):
         raise ValueError(f"weights file {path} holds a {type(state).__name__}, not a state dict")
+    nested = [key for key, value in state.items() if isinstance(value, dict)]
+    if nested:
+        raise ValueError(
+            f"weights file {path} holds a training checkpoint ({', '.join(map(repr, state))}), not a state dict: "
+            f"save its model's entry alone, e.g. torch.save(torch.load(path)[{nested[0]!r}], 'weights.pth')"
+        )
     return state

@@ -27,6 +27,7 @@ import lowrank
 from launch.args import add_policy_args, check_distinct, check_writable, policy_of
 from launch.barrier import Artifacts
 from launch.mnist import Net
+from launch.runner import load_weights
 from lowrank.io import atomic_write, load_state_dict, make_parent_dirs, save_state_dict
 
 
@@ -49,18 +50,26 @@ def get_args_parser():
 
 
 def main(args):
+    models = torchvision.models.list_models(module=torchvision.models)  # the classification ones
+    if args.model != "mnist" and args.model not in models:
+        sys.exit(
+            f"error: --model {args.model} is neither 'mnist' nor one of torchvision's classifiers: {', '.join(models)}"
+        )
     check_distinct(args, "decompose_info_path", "decomposed_weights_path")
     check_writable(args, ["decompose_info_path", "decomposed_weights_path"])
     # Their default action would end the process before the restore below (a time limit, scancel).
     for signum in (signal.SIGTERM, signal.SIGUSR1):
         signal.signal(signum, lambda signum, frame: sys.exit(128 + signum))
-    state_dict = load_state_dict(args.pretrained_path)
-    if args.model == "mnist":
-        model = Net()
-    else:  # as many classes as the pretrained classifier has
-        classes = next(tensor.shape[0] for name, tensor in reversed(state_dict.items()) if name.endswith("weight"))
-        model = torchvision.models.get_model(args.model, num_classes=classes)
-    model.load_state_dict(state_dict)
+    try:
+        state_dict = load_state_dict(args.pretrained_path)
+        if args.model == "mnist":
+            model = Net()
+        else:  # as many classes as the pretrained classifier (the last weight) has
+            weights = [tensor for name, tensor in state_dict.items() if name.endswith("weight")]
+            model = torchvision.models.get_model(args.model, num_classes=weights[-1].shape[0] if weights else 1000)
+        load_weights(model, state_dict, args.pretrained_path)
+    except (FileNotFoundError, ValueError) as error:  # they name the file and what is wrong with it
+        sys.exit(f"error: --pretrained-path: {error}")
     info_path = Path(args.decompose_info_path)
     make_parent_dirs(info_path)
     # The lock that online runs take on the same paths: two jobs never interleave their two files.

@@ -9,14 +9,22 @@ Train the baseline, then finetune a decomposed copy online (rank 0 decomposes, t
         --data-path ../shared/data --train-batch-size 128 --lr 0.001 --pretrained-path runs/baseline/baseline.pth \\
         --tensor-decompose --run-mode online --output-dir runs/online --save-path runs/online/decomposed_finetuned.pth
 
-The same runs under ``torchrun --nproc_per_node 2 recipes/mnist_train.py ...`` and plain
-``python recipes/mnist_train.py ...``. ``mnist_baseline.py``, ``mnist_online.py`` and
-``mnist_offline.py`` are this script with their mode implied.
+The same runs under ``torchrun --nproc_per_node 2 recipes/mnist_train.py ...``, plain
+``python recipes/mnist_train.py ...`` and the AMCT sample's own launcher (deprecated by torch, which
+warns), with its process-group flags ``--backend gloo|nccl`` (nccl with ``--use-gpu``),
+``--init-method``/``--init_method`` (default env://) and ``--local-rank``/``--local_rank`` (passed by
+that launcher and accepted; the launcher's LOCAL_RANK environment variable picks the GPU):
 
-Errors: a missing path for the chosen mode names its flag before any work; no MNIST under
-``--data-path`` and no internet fails within a minute; a failure on rank 0 while decomposing stops
-every rank with rank 0's message; on SIGTERM/SIGUSR1 a checkpoint is saved and the process exits
-with code 75 (rerun with ``--resume``).
+    python -m torch.distributed.launch --nproc_per_node=2 recipes/mnist_train.py --backend gloo \\
+        --data-path ../shared/data --train-batch-size 128 --save-path runs/baseline/baseline.pth
+
+``mnist_baseline.py``, ``mnist_online.py`` and ``mnist_offline.py`` are this script with their mode
+implied.
+
+Errors: a missing path for the chosen mode names its flag before any work, and so does ``--backend
+nccl`` without ``--use-gpu`` or without GPUs; no MNIST under ``--data-path`` and no internet fails
+within a minute; a failure on rank 0 while decomposing stops every rank with rank 0's message; on
+SIGTERM/SIGUSR1 a checkpoint is saved and the process exits with code 75 (rerun with ``--resume``).
 """
 
 import argparse
@@ -27,6 +35,7 @@ from accelerate.utils import set_seed
 
 from launch.args import (
     add_decomposition_args,
+    add_distributed_args,
     add_output_args,
     check_mode_args,
     non_negative_int,
@@ -75,6 +84,7 @@ def get_args_parser(run_mode=None, lr=0.01):
     parser.add_argument("--use-gpu", action="store_true", help="train on GPUs; CPU without it (default: off)")
     parser.add_argument("--seed", type=int, default=1, help="random seed (default: 1)")
     parser.add_argument("--log-steps", type=positive_int, default=20, help="steps between log lines (default: 20)")
+    add_distributed_args(parser)
     add_decomposition_args(parser, run_mode)
     add_output_args(parser, output_dir="runs/mnist")
     return parser
@@ -82,7 +92,9 @@ def get_args_parser(run_mode=None, lr=0.01):
 
 def main(args):
     mode = check_mode_args(args)
-    accelerator = create_accelerator(use_gpu=args.use_gpu, output_dir=args.output_dir)
+    accelerator = create_accelerator(
+        use_gpu=args.use_gpu, output_dir=args.output_dir, backend=args.backend, init_method=args.init_method
+    )
     if args.train_batch_size is None:
         args.train_batch_size = 256 if accelerator.num_processes == 1 else 32
     checkpoint = checkpoint_to_resume(args, accelerator.num_processes)

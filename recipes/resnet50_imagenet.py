@@ -5,7 +5,9 @@ smoothing, mixed precision and channels_last on GPUs, gradient accumulation, top
 
 ``--data-path`` holds ``train/`` and ``val/`` class folders (ImageFolder); the number of classes
 comes from them. Pretrained weights come from a local state dict (``--pretrained-path``) or, where
-there is internet, torchvision's weights by name (``--weights IMAGENET1K_V2``).
+there is internet, torchvision's weights by name (``--weights IMAGENET1K_V2``). The process-group
+flags are the MNIST recipes' (``--backend``, ``--init-method``, and ``--local-rank``, which
+``python -m torch.distributed.launch`` passes).
 
 One GPU, online (decompose, then finetune at a tenth of the learning rate):
 
@@ -54,6 +56,7 @@ from torchvision import datasets, transforms
 
 from launch.args import (
     add_decomposition_args,
+    add_distributed_args,
     add_output_args,
     check_mode_args,
     non_negative_float,
@@ -111,7 +114,11 @@ def get_args_parser():
     )
     parser.add_argument("--epochs", type=positive_int, default=90, help="training epochs (default: 90)")
     parser.add_argument(
-        "--steps", type=non_negative_int, default=None, help="cap on optimizer steps (default: None, no cap)"
+        "--steps",
+        type=non_negative_int,
+        default=None,
+        help="cap on optimizer steps; with --epochs it sets the cosine schedule's length, so a --resume "
+        "keeps it (default: None, no cap)",
     )
     parser.add_argument(
         "--lr",
@@ -155,6 +162,7 @@ def get_args_parser():
         default=None,
         help="torchvision weights of resnet50 by name, e.g. IMAGENET1K_V2; needs internet (default: None)",
     )
+    add_distributed_args(parser)
     add_decomposition_args(parser, method="tucker2", ratio=0.5)  # msModelSlim's sample: from_ratio(0.5)
     add_output_args(parser, output_dir="runs/resnet50")
     return parser
@@ -223,6 +231,8 @@ def main(args):
         output_dir=args.output_dir,
         mixed_precision=args.mixed_precision,
         gradient_accumulation_steps=args.gradient_accumulation_steps,
+        backend=args.backend,
+        init_method=args.init_method,
     )
     # DeepSpeed's fp16/bf16 casts every parameter, BatchNorm's too, but not the BatchNorm running
     # statistics (float32), a mix torch's batch_norm refuses at the first forward pass.
@@ -232,7 +242,9 @@ def main(args):
             "does not run under DeepSpeed, which casts BatchNorm's weights but not its running statistics: "
             "pass --mixed-precision no, or launch without DeepSpeed (Accelerate's autocast)"
         )
-    checkpoint = checkpoint_to_resume(args, accelerator.num_processes)
+    # The learning-rate curve depends on these: a scheduler's checkpoint holds its step, not its curve.
+    schedule = ("epochs", "steps", "lr_warmup_epochs", "label_smoothing")
+    checkpoint = checkpoint_to_resume(args, accelerator.num_processes, recipe_settings=schedule)
     set_seed(args.seed)
     accelerator.init_trackers(f"resnet50_{mode}", config={k: v for k, v in vars(args).items() if v is not None})
 

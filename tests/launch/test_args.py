@@ -5,6 +5,7 @@ import pytest
 
 from launch.args import (
     add_decomposition_args,
+    add_distributed_args,
     add_output_args,
     check_mode_args,
     non_negative_int,
@@ -137,3 +138,50 @@ def test_the_two_artifacts_cannot_be_one_file(tmp_path):
     assert str(stopped.value.code) == (
         f"error: --decompose-info-path and --decomposed-weights-path are the same file {same}: give each its own"
     )
+
+
+def parse_distributed(*argv):
+    parser = argparse.ArgumentParser()
+    add_distributed_args(parser)
+    return parser.parse_args(argv)
+
+
+def test_the_amct_distributed_flags_are_accepted():
+    """The AMCT sample's ddp_train.py flags, under both spellings; torch.distributed.launch passes
+    --local-rank=N before the script's own flags."""
+    defaults = parse_distributed()
+    assert (defaults.backend, defaults.init_method, defaults.local_rank) == (None, "env://", None)
+    args = parse_distributed("--local-rank=1", "--backend", "nccl", "--init_method", "tcp://10.0.0.1:23456")
+    assert (args.backend, args.init_method, args.local_rank) == ("nccl", "tcp://10.0.0.1:23456", 1)
+    assert parse_distributed("--local_rank", "3", "--init-method", "file:///shared/pg").local_rank == 3
+    # The sample's "--local_rank 0" after the launcher's --local-rank=1: accepted, LOCAL_RANK decides.
+    assert parse_distributed("--local-rank=1", "--local_rank", "0").local_rank == 0
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--backend", "mpi"], "argument --backend: invalid choice: 'mpi'"),
+        (["--local-rank=-1"], "argument --local-rank/--local_rank: must be an integer >= 0, got '-1'"),
+        (["--init-method", "tcp://10.0.0.1"], "argument --init-method/--init_method: must be env://, tcp://HOST:PORT"),
+        (["--init_method", "tcp://host:port"], "got 'tcp://host:port'"),
+        (["--init-method", "env://host"], "got 'env://host'"),
+        (["--init-method", "file://"], "got 'file://'"),
+        (["--init-method", "localhost:29500"], "got 'localhost:29500'"),
+        (["--init-method", "tcp://10.0.0.1:23456?rank=0&world_size=2"], "without rank or world_size"),
+    ],
+)
+def test_bad_distributed_flags_are_named(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        parse_distributed(*argv)
+    assert message in capsys.readouterr().err
+
+
+def test_the_distributed_flags_show_their_default():
+    parser = argparse.ArgumentParser()
+    add_distributed_args(parser)
+    helps = {action.dest: action.help for action in parser._actions if action.dest != "help"}
+    assert set(helps) == {"backend", "init_method", "local_rank"}
+    assert helps["backend"].endswith("(default: gloo on the CPU, nccl with --use-gpu)")
+    assert helps["init_method"].endswith("(default: env://)")
+    assert "LOCAL_RANK" in helps["local_rank"] and helps["local_rank"].endswith("(default: None)")

@@ -113,6 +113,24 @@ def test_a_resume_keeps_the_recipes_settings_and_an_evaluation_only_the_models(t
         checkpoint_to_resume(run_args(tmp_path, ratio=0.5, lr=0.5, test_only=True), world_size=2)
 
 
+def test_a_deepspeed_checkpoint_resumes_under_deepspeed_with_as_many_processes(trainer, tmp_path, monkeypatch):
+    accelerator, _, progress = trainer
+    progress.step = 5
+    saved = save_checkpoint(accelerator, tmp_path, progress, run_args(tmp_path))
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")  # as accelerate launch --use_deepspeed sets it
+    for evaluating in (False, True):
+        with pytest.raises(SystemExit, match=r"saved with other settings: DeepSpeed off \(now on\)\."):
+            checkpoint_to_resume(run_args(tmp_path, test_only=evaluating), world_size=1)
+    saved = save_checkpoint(accelerator, tmp_path, progress, run_args(tmp_path))
+    # Its ZeRO shards are per process: an evaluation too needs as many.
+    with pytest.raises(SystemExit, match=r"the number of processes 1 \(now 2\)"):
+        checkpoint_to_resume(run_args(tmp_path, test_only=True), world_size=2)
+    assert checkpoint_to_resume(run_args(tmp_path, test_only=True), world_size=1) == saved
+    monkeypatch.delenv("ACCELERATE_USE_DEEPSPEED")
+    with pytest.raises(SystemExit, match=r"DeepSpeed on \(now off\)"):
+        checkpoint_to_resume(run_args(tmp_path), world_size=1)
+
+
 def test_an_evaluation_leaves_the_checkpoints_of_a_running_job_alone(trainer, tmp_path):
     accelerator, _, progress = trainer
     progress.step = 2

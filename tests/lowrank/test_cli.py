@@ -18,7 +18,7 @@ def test_inspect_prints_a_table_with_totals_and_skips(net, tmp_path, capsys):
     assert "layer" in out and "method" in out and "MACs/pos" in out
     row = next(line for line in out.splitlines() if line.startswith("conv2 "))
     assert row.split()[:5] == ["conv2", "spatial", str(rank), "147,456", f"{768 * rank:,}"]
-    assert "total (1 layers)" in out
+    assert "total (1 layer)" in out
     assert "skipped 'conv1'" in out and "skipped 'fc'" in out
 
 

@@ -71,6 +71,16 @@ def test_weights_load_safely(tmp_path):
         load_state_dict(tmp_path / "missing.pth")
 
 
+def test_weights_files_that_are_not_state_dicts_are_named(tmp_path):
+    path = tmp_path / "weights.pth"
+    torch.save(torch.nn.Linear(2, 2), path)  # the whole model: unpickling it would run code
+    with pytest.raises(ValueError, match=r"pickles Python objects.*GLOBAL torch.nn.modules.linear.Linear.*state_dict"):
+        load_state_dict(path)
+    torch.save({"model": torch.nn.Linear(2, 2).state_dict(), "epoch": 3}, path)
+    with pytest.raises(ValueError, match=r"holds a training checkpoint \('model', 'epoch'\).*\['model'\]"):
+        load_state_dict(path)
+
+
 def at_rank(layer, rank):
     """A spatial record edited by hand to another rank, consistently."""
     first, last = layer["modules"]

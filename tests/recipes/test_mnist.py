@@ -3,7 +3,9 @@
 import importlib.util
 import json
 import os
+import runpy
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -14,6 +16,7 @@ from filelock import FileLock
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from launch.barrier import Artifacts
+from launch.mnist import Net
 from tests.conftest import DATA, ENV, RECIPES, ROOT, accelerate_launch, free_port, needs_data, run, torchrun
 
 FEW = [
@@ -59,6 +62,60 @@ def test_missing_paths_are_named_before_any_work(recipe, args, message):
     result = run([sys.executable, str(RECIPES / recipe), *args], check=False, timeout=120)
     assert result.returncode != 0 and message in result.stderr
     assert time.monotonic() - started < 60
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without GPUs")
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        ([], "error: --backend nccl runs on GPUs: add --use-gpu, or use --backend gloo on the CPU"),
+        (["--use-gpu"], "error: --backend nccl needs GPUs and torch sees none on this machine: use --backend gloo"),
+    ],
+)
+def test_nccl_without_gpus_is_refused(flags, message, tmp_path):
+    command = [sys.executable, str(RECIPES / "mnist_train.py"), "--backend", "nccl", *flags, "--output-dir", tmp_path]
+    result = run(command, check=False, timeout=120)
+    assert result.returncode != 0 and message in result.stderr
+    assert "[Train]" not in result.stdout
+
+
+def amct_launch(*args, nproc=2):
+    """The AMCT sample's command line: ``python -m torch.distributed.launch``, which passes
+    ``--local-rank=N`` to the script (and warns that it is deprecated); a port of its own per test."""
+    launch = [sys.executable, "-m", "torch.distributed.launch", "--nproc_per_node", str(nproc)]
+    return [*launch, "--master_port", str(free_port()), *map(str, args)]
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+@needs_data
+def test_the_amct_launcher_and_its_flags(tmp_path):
+    """The sample's distributed flags, as its users write them: --backend, --init_method (here a tcp://
+    rendezvous of its own) and --local_rank 0 after the launcher's --local-rank=N, on every rank."""
+    out = tmp_path / "amct"
+    init = f"tcp://127.0.0.1:{free_port()}"
+    flags = ["--backend", "gloo", "--init_method", init, "--local_rank", "0", *FEW, "--steps", "2", "--log-steps", "1"]
+    result = run(amct_launch(RECIPES / "mnist_train.py", *flags, "--output-dir", out), timeout=300)
+    assert "torch.distributed.launch is deprecated" in result.stderr
+    assert result.stdout.count("[Train] Step[2/2] Loss:") == 1 and result.stdout.count("[Test] Loss:") == 1
+    assert "/10000)" in result.stdout  # the whole test set, over both processes
+    run_json = json.loads((out / "checkpoints" / "step_2" / "run.json").read_text())
+    assert run_json["world_size"] == 2
+    assert (run_json["backend"], run_json["init_method"]) == ("gloo", init)
+
+
+@pytest.mark.integration
+@needs_data
+def test_the_init_method_is_the_process_groups(tmp_path):
+    """--init-method reaches init_process_group: rank 0 cannot listen on a port another socket holds."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        init = f"tcp://127.0.0.1:{taken.getsockname()[1]}"
+        command = amct_launch(RECIPES / "mnist_train.py", *FEW, "--init-method", init, "--output-dir", tmp_path)
+        result = run(command, check=False, timeout=300)
+    assert result.returncode != 0 and "EADDRINUSE" in result.stderr
+    assert "[Train]" not in result.stdout
 
 
 @needs_data
@@ -186,6 +243,34 @@ main(main.__globals__["get_args_parser"]().parse_args(sys.argv[1:]))
         if when == "before":
             assert info.read_text() == "earlier" and not weights.exists()
     assert json.loads(info.read_text())["layers"] and weights.is_file()
+
+
+@pytest.mark.parametrize(
+    "model,saved,message",
+    [
+        ("resnet5", "state_dict", "--model resnet5 is neither 'mnist' nor one of torchvision's classifiers: alexnet,"),
+        ("mnist", "whole_model", "pickles Python objects, which are not loaded because unpickling runs code"),
+        ("mnist", "checkpoint", "holds a training checkpoint ('model', 'epoch'), not a state dict"),
+        ("resnet18", "state_dict", "does not fit the model: Error(s) in loading state_dict for ResNet"),
+        ("mnist", "ddp", "every key starts with 'module.': saved from a DDP-wrapped model?"),
+    ],
+)
+def test_decompose_model_names_bad_inputs(model, saved, message, tmp_path, capsys):
+    recipe = runpy.run_path(str(RECIPES / "decompose_model.py"))
+    net = Net()
+    weights = {
+        "state_dict": net.state_dict(),
+        "whole_model": net,
+        "checkpoint": {"model": net.state_dict(), "epoch": 3},
+        "ddp": {f"module.{name}": tensor for name, tensor in net.state_dict().items()},
+    }[saved]
+    torch.save(weights, tmp_path / "pretrained.pth")
+    paths = ["--decompose-info-path", tmp_path / "info.json", "--decomposed-weights-path", tmp_path / "weights.pth"]
+    args = ["--model", model, "--pretrained-path", tmp_path / "pretrained.pth", *paths]
+    with pytest.raises(SystemExit) as error:
+        recipe["main"](recipe["get_args_parser"]().parse_args(list(map(str, args))))
+    assert message in str(error.value) and str(error.value).startswith("error: --")
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["pretrained.pth"]  # nothing written
 
 
 @pytest.mark.integration

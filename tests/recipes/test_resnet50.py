@@ -6,6 +6,7 @@ import json
 import re
 import runpy
 import shlex
+import shutil
 import sys
 
 import pytest
@@ -67,11 +68,15 @@ def test_online_decomposes_on_rank_zero_and_resumes(imagenet, tmp_path):
     assert results["params"] < 0.7 * 23_512_130  # resnet50 with 2 classes, dense
     assert (out / "checkpoints" / "step_1").is_dir() and (out / "checkpoints" / "step_2").is_dir()
 
-    resumed = run(accelerate_launch(*args, "--steps", "3", "--resume", port=free_port()))
+    # --steps sets the cosine schedule's length: resuming with another is refused, before any work.
+    other = run([sys.executable, *map(str, args), "--steps", "3", "--resume"], check=False, timeout=300)
+    assert other.returncode != 0 and "--steps 2 (now 3)" in other.stderr
+    shutil.rmtree(out / "checkpoints" / "step_2")
+    resumed = run(accelerate_launch(*args, "--steps", "2", "--resume", port=free_port()))
     text = resumed.stdout + resumed.stderr
-    assert f"[Resume] from {out / 'checkpoints' / 'step_2'} at step 2" in text
+    assert f"[Resume] from {out / 'checkpoints' / 'step_1'} at step 1" in text
     assert "auto_decomposition start." not in text  # reused from the first run
-    assert "[Train] Step[3/3]" in text and "[Train] Step[1/3]" not in text
+    assert "[Train] Step[2/2]" in text and "[Train] Step[1/2]" not in text
 
 
 def test_offline_loads_on_every_rank(imagenet, tmp_path):
