@@ -147,11 +147,8 @@ def add_distributed_args(parser: argparse.ArgumentParser):
         "0 listens there) or file:///PATH (on a filesystem every node shares); each process's rank and the "
         "number of processes come from the launcher (default: env://)",
     )
-    # Accepted, not used: LOCAL_RANK, which torch.distributed.launch, torchrun and accelerate launch all set,
-    # picks each process's GPU. Refusing a value that differs from it would break two runs that work:
-    # torch.distributed.launch --virtual-local-rank passes the real local rank while LOCAL_RANK is 0, and the
-    # AMCT sample's "local_rank (default: 0)" copied onto the command line as --local_rank 0 comes after the
-    # launcher's --local-rank=N and wins the parse on every rank.
+    # Accepted, not checked against LOCAL_RANK: torch.distributed.launch --virtual-local-rank passes another
+    # value, and the sample's "--local_rank 0" typed after the launcher's --local-rank=N wins the parse.
     group.add_argument(
         "--local-rank",
         "--local_rank",
@@ -170,11 +167,12 @@ def init_method(text: str) -> str:
         port = url.port
     except ValueError:  # not a number, or out of range
         port = None
-    query = urllib.parse.parse_qs(url.query)
-    valid = (
+    query = urllib.parse.parse_qs(url.query, keep_blank_values=True)
+    valid = not url.fragment and (
         (url.scheme == "env" and not (url.netloc or url.path or url.query))
         or (url.scheme == "tcp" and url.hostname and port and url.path in ("", "/"))
-        or (url.scheme == "file" and url.path not in ("", "/"))
+        # torch reads the path alone: file://shared/x would be /x
+        or (url.scheme == "file" and url.netloc in ("", "localhost") and url.path not in ("", "/"))
     )
     if not valid or "rank" in query or "world_size" in query:
         raise argparse.ArgumentTypeError(

@@ -30,6 +30,7 @@ import shutil
 import signal
 import sys
 import time
+import urllib.parse
 from pathlib import Path
 
 import psutil
@@ -44,7 +45,7 @@ from tqdm import tqdm
 
 import lowrank
 from lowrank.cli import inspect_table
-from lowrank.io import atomic_write, load_state_dict, make_parent_dirs, save_state_dict
+from lowrank.io import atomic_write, load_state_dict, load_weights, make_parent_dirs, save_state_dict
 
 from .barrier import (
     DEFAULT_TIMEOUT,
@@ -107,7 +108,16 @@ def create_accelerator(*, use_gpu: bool, output_dir, backend=None, init_method="
     world_size = get_int_from_env(["PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE", "WORLD_SIZE"], 1)
     launched = int(os.environ.get("LOCAL_RANK", -1)) != -1 or (cpu and world_size > 1)
     if launched and (backend is not None or init_method != "env://"):
-        if init_method.split(":", 1)[0] != "env" and not cpu:
+        url = urllib.parse.urlsplit(init_method)
+        if url.scheme == "tcp" and (url.hostname, str(url.port)) == (
+            os.environ.get("MASTER_ADDR"),
+            os.environ.get("MASTER_PORT"),
+        ):
+            sys.exit(
+                f"error: --init-method {init_method}: the launcher already listens there (its MASTER_ADDR and "
+                "MASTER_PORT, from --master_addr/--master_port): give another port, or use env://"
+            )
+        if url.scheme != "env" and not cpu:
             # Accelerate gives init_process_group the rank and world size on the CPU only; tcp:// and
             # file:// need them, in the URL where Accelerate leaves them out.
             separator = "&" if "?" in init_method else "?"
@@ -115,9 +125,8 @@ def create_accelerator(*, use_gpu: bool, output_dir, backend=None, init_method="
             if rank is None or size is None:
                 sys.exit(f"error: --init-method {init_method} needs the launcher's RANK and WORLD_SIZE: use env://")
             init_method = f"{init_method}{separator}rank={rank}&world_size={size}"
-        # DeepSpeed without GPUs: Accelerate expects no backend there (DeepSpeed picks its own) and would
-        # otherwise take another path through its state; the check below compares DeepSpeed's choice.
-        # Otherwise the backend Accelerate would pick by default, so that the timeout is torch's for it.
+        # DeepSpeed without GPUs picks its own backend (gloo, or ccl with oneCCL; the check after Accelerator()
+        # compares it with --backend); otherwise the one Accelerate would pick by default.
         chosen = None if deepspeed and not gpu else backend or ("nccl" if gpu else "gloo")
         handler = InitProcessGroupKwargs(backend=chosen, init_method=init_method)
         kwargs["kwargs_handlers"] = [*kwargs.get("kwargs_handlers", []), handler]
@@ -161,21 +170,6 @@ def _check_gradient_accumulation(accelerator, requested: int) -> None:
             'gradient_accumulation_steps from the Accelerate config file (set it to "auto" in a DeepSpeed config '
             "file), and drop accelerate launch --gradient_accumulation_steps and ACCELERATE_GRADIENT_ACCUMULATION_STEPS"
         )
-
-
-def load_weights(model, state_dict: dict, path) -> None:
-    """Loads ``state_dict``, read from ``path``, into ``model``; one that does not fit (another
-    architecture, other class counts, a DDP-wrapped model's) raises a ValueError naming the file."""
-    try:
-        model.load_state_dict(state_dict)
-    except RuntimeError as error:
-        wrapped = (
-            " (every key starts with 'module.': saved from a DDP-wrapped model? Save model.module.state_dict(), "
-            "or strip the prefix with torch.nn.modules.utils.consume_prefix_in_state_dict_if_present)"
-            if state_dict and all(key.startswith("module.") for key in state_dict)
-            else ""
-        )
-        raise ValueError(f"{path} does not fit the model{wrapped}: {error}") from None
 
 
 def prepare_model(
@@ -303,7 +297,7 @@ MODEL_SETTINGS = {
     "energy": "--energy",
     "vbmf": "--vbmf",
     # DeepSpeed saves the model and its ZeRO shards its own way, which only DeepSpeed with as many processes reads.
-    "deepspeed": "DeepSpeed",
+    "deepspeed": "the launcher's DeepSpeed",
 }
 # For training, also which batches come next and the optimizer's state (the others, such as --steps,
 # may change; a recipe adds its own through checkpoint_to_resume's recipe_settings).

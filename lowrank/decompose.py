@@ -254,8 +254,10 @@ def _instance_uses(module: nn.Module) -> set[tuple[str, str]]:
     uses = _function_uses(function, in_forward=True) if inspect.isfunction(function) else set()
     for hook in [*module._forward_pre_hooks.values(), *module._forward_hooks.values()]:
         function = getattr(hook, "__func__", getattr(hook, "func", hook))  # a bound method or a partial
+        if not inspect.isfunction(function) and callable(function):  # an object with __call__
+            function = getattr(type(function).__call__, "__func__", type(function).__call__)
         if inspect.isfunction(function):
-            uses |= {(path, f"{use} (in its hook {function.__name__})") for path, use in _bytecode_uses(function)}
+            uses |= {(path, f"{use} (in its hook {function.__qualname__})") for path, use in _bytecode_uses(function)}
     return uses
 
 
@@ -411,8 +413,8 @@ def _stale_configuration(module: nn.Module) -> str | None:
         padded = tuple(module._reversed_padding_repeated_twice)
         if padded != tuple(build_module(layer_spec(module), device="meta")._reversed_padding_repeated_twice):
             return (
-                f"its padding {module.padding} was set after construction: padding_mode={module.padding_mode!r} "
-                f"pads by {padded}, as when it was built"
+                f"its padding, kernel, stride or dilation changed after construction: padding_mode="
+                f"{module.padding_mode!r} still pads by {padded}, as computed when it was built"
             )
     return None
 

@@ -9,6 +9,7 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+import safetensors.torch
 import torch
 
 FILE_MODE = 0o640
@@ -78,30 +79,59 @@ def save_state_dict(state_dict: dict, path: str | os.PathLike) -> None:
 
 
 def load_state_dict(path: str | os.PathLike, map_location="cpu") -> dict:
-    """``torch.load`` with ``weights_only=True``; a missing, truncated or foreign file, a whole pickled
-    model and a training checkpoint that holds a state dict raise an error that names the file and
-    what it holds."""
+    """A state dict from a safetensors file or through ``torch.load`` with ``weights_only=True``;
+    a missing, truncated or foreign file, one that pickles Python objects (a whole model) and a
+    training checkpoint that holds a state dict raise an error that names the file and what it holds."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"weights file not found: {path}")
     try:
+        with open(path, "rb") as file:
+            if file.read(9)[8:] == b"{":  # safetensors: the header's length in 8 bytes, then the JSON header
+                return safetensors.torch.load_file(path, device=str(map_location))
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as error:
-        refused = re.search(r"Unsupported global: GLOBAL \S+", str(error))  # weights_only's refusal
+        # weights_only's refusal: what it found, amid advice to load with weights_only=False
+        found = re.search(r"WeightsUnpickler error:\s*(.*?)\s*(Check the documentation|$)", str(error), re.S)
+        detail = found[1] if found else str(error)
+        refused = re.search(r"Unsupported global: GLOBAL (\S+)", detail)
         if refused:
             raise ValueError(
-                f"weights file {path} pickles Python objects, which are not loaded because unpickling runs code "
-                f"({refused[0]}): a whole model saved with torch.save(model)? Save its state_dict() instead"
+                f"weights file {path} pickles Python objects ({refused[1]}), which are not loaded because "
+                "unpickling runs code: a whole model saved with torch.save(model), or a checkpoint that also holds "
+                "other objects? Save the model's state_dict() alone"
             ) from error
         raise ValueError(
-            f"cannot read weights file {path} (truncated or not a PyTorch state dict?): {type(error).__name__}: {error}"
+            f"cannot read weights file {path} (truncated or not a PyTorch state dict?): {type(error).__name__}: "
+            f"{detail}"
         ) from error
     if not isinstance(state, dict):
         raise ValueError(f"weights file {path} holds a {type(state).__name__}, not a state dict")
+    # A state dict holds tensors (and perhaps a module's dict of extra state); a checkpoint, only its parts.
     nested = [key for key, value in state.items() if isinstance(value, dict)]
-    if nested:
+    if nested and not any(isinstance(value, torch.Tensor) for value in state.values()):
+        keys = ", ".join(map(repr, list(state)[:5])) + (", ..." if len(state) > 5 else "")
         raise ValueError(
-            f"weights file {path} holds a training checkpoint ({', '.join(map(repr, state))}), not a state dict: "
-            f"save its model's entry alone, e.g. torch.save(torch.load(path)[{nested[0]!r}], 'weights.pth')"
+            f"weights file {path} holds a training checkpoint ({keys}), not a state dict: save its model's entry "
+            f"alone, e.g. torch.save(torch.load(path)[{nested[0]!r}], 'weights.pth')"
         )
     return state
+
+
+def load_weights(model, state_dict: dict, path) -> None:
+    """Loads ``state_dict``, read from ``path``, into ``model``; one that does not fit (another
+    architecture, other class counts, a wrapped model's) raises a ValueError naming the file."""
+    try:
+        model.load_state_dict(state_dict)
+    except RuntimeError as error:
+        prefix = next((p for p in WRAPPERS if state_dict and all(key.startswith(p) for key in state_dict)), None)
+        wrapped = (
+            f" (every key starts with {prefix!r}: saved from a {WRAPPERS[prefix]}? Save the unwrapped model's "
+            "state_dict(), or strip the prefix with torch.nn.modules.utils.consume_prefix_in_state_dict_if_present)"
+            if prefix
+            else ""
+        )
+        raise ValueError(f"{path} does not fit the model{wrapped}: {error}") from None
+
+
+WRAPPERS = {"module.": "model wrapped in DistributedDataParallel", "_orig_mod.": "torch.compile'd model"}

@@ -27,8 +27,7 @@ import lowrank
 from launch.args import add_policy_args, check_distinct, check_writable, policy_of
 from launch.barrier import Artifacts
 from launch.mnist import Net
-from launch.runner import load_weights
-from lowrank.io import atomic_write, load_state_dict, make_parent_dirs, save_state_dict
+from lowrank.io import atomic_write, load_state_dict, load_weights, make_parent_dirs, save_state_dict
 
 
 def get_args_parser():
@@ -69,7 +68,7 @@ def main(args):
             model = torchvision.models.get_model(args.model, num_classes=weights[-1].shape[0] if weights else 1000)
         load_weights(model, state_dict, args.pretrained_path)
     except (FileNotFoundError, ValueError) as error:  # they name the file and what is wrong with it
-        sys.exit(f"error: --pretrained-path: {error}")
+        sys.exit(f"error: --pretrained-path (for --model {args.model}): {error}")
     info_path = Path(args.decompose_info_path)
     make_parent_dirs(info_path)
     # The lock that online runs take on the same paths: two jobs never interleave their two files.

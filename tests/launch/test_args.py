@@ -154,6 +154,7 @@ def test_the_amct_distributed_flags_are_accepted():
     args = parse_distributed("--local-rank=1", "--backend", "nccl", "--init_method", "tcp://10.0.0.1:23456")
     assert (args.backend, args.init_method, args.local_rank) == ("nccl", "tcp://10.0.0.1:23456", 1)
     assert parse_distributed("--local_rank", "3", "--init-method", "file:///shared/pg").local_rank == 3
+    assert parse_distributed("--init-method", "file://localhost/shared/pg").init_method == "file://localhost/shared/pg"
     # The sample's "--local_rank 0" after the launcher's --local-rank=1: accepted, LOCAL_RANK decides.
     assert parse_distributed("--local-rank=1", "--local_rank", "0").local_rank == 0
 
@@ -169,6 +170,9 @@ def test_the_amct_distributed_flags_are_accepted():
         (["--init-method", "file://"], "got 'file://'"),
         (["--init-method", "localhost:29500"], "got 'localhost:29500'"),
         (["--init-method", "tcp://10.0.0.1:23456?rank=0&world_size=2"], "without rank or world_size"),
+        (["--init-method", "tcp://10.0.0.1:23456?rank"], "without rank or world_size"),
+        (["--init-method", "tcp://10.0.0.1:23456#x"], "got 'tcp://10.0.0.1:23456#x'"),
+        (["--init-method", "file://shared/pg"], "got 'file://shared/pg'"),  # torch would read /pg
     ],
 )
 def test_bad_distributed_flags_are_named(argv, message, capsys):

@@ -119,7 +119,7 @@ def test_a_deepspeed_checkpoint_resumes_under_deepspeed_with_as_many_processes(t
     saved = save_checkpoint(accelerator, tmp_path, progress, run_args(tmp_path))
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")  # as accelerate launch --use_deepspeed sets it
     for evaluating in (False, True):
-        with pytest.raises(SystemExit, match=r"saved with other settings: DeepSpeed off \(now on\)\."):
+        with pytest.raises(SystemExit, match=r"saved with other settings: the launcher's DeepSpeed off \(now on\)\."):
             checkpoint_to_resume(run_args(tmp_path, test_only=evaluating), world_size=1)
     saved = save_checkpoint(accelerator, tmp_path, progress, run_args(tmp_path))
     # Its ZeRO shards are per process: an evaluation too needs as many.
@@ -340,6 +340,15 @@ def test_a_launcher_overriding_the_gradient_accumulation_is_refused(tmp_path, mo
         r"recipe's 2 \(--gradient-accumulation-steps",
     ):
         runner.create_accelerator(use_gpu=False, output_dir=tmp_path, gradient_accumulation_steps=2)
+
+
+def test_an_init_method_on_the_launchers_own_port_is_refused(tmp_path, monkeypatch):
+    # What torchrun exports; its agent's store listens on MASTER_ADDR:MASTER_PORT.
+    launcher = {"LOCAL_RANK": "0", "RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29511"}
+    for name, value in launcher.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(SystemExit, match=r"--init-method tcp://127.0.0.1:29511: the launcher already listens there"):
+        runner.create_accelerator(use_gpu=False, output_dir=tmp_path, init_method="tcp://127.0.0.1:29511")
 
 
 def test_a_checkpoint_of_another_model_is_named(trainer, tmp_path):

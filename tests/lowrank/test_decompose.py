@@ -703,7 +703,8 @@ def conv_with(**settings):  # set after construction, as code that turns strides
         (
             conv_with(padding_mode="reflect", padding=(2, 2), dilation=(2, 2)),
             torch.randn(2, 32, 12, 12),
-            "its padding (2, 2) was set after construction: padding_mode='reflect' pads by (1, 1, 1, 1)",
+            "its padding, kernel, stride or dilation changed after construction: padding_mode='reflect' still pads by "
+            "(1, 1, 1, 1)",
         ),
     ],
     ids=["pruned", "int stride", "stale reflect padding"],
@@ -743,16 +744,27 @@ def clip_weights(model, args):  # a user's forward pre-hook on the model
         model[1].weight.clamp_(-1, 1)
 
 
+class ClipWeights:  # a hook with settings: an object with __call__
+    def __call__(self, model, args):
+        with torch.no_grad():
+            model[0].weight.clamp_(-1, 1)
+
+
 def test_hooks_of_an_owner_that_read_weights_keep_its_layers(lowrank_log):
     model = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 64))
     model.register_forward_pre_hook(clip_weights)
+    by_object = nn.Sequential(nn.Linear(64, 64))
+    by_object.register_forward_pre_hook(ClipWeights())
     unread = nn.Sequential(nn.Linear(64, 64))
     unread.register_forward_hook(lambda module, args, output: output * 2)
-    _, changes = lowrank.auto_decomposition(nn.ModuleDict({"clipped": model, "unread": unread}), rank=8)
+    owners = nn.ModuleDict({"clipped": model, "by_object": by_object, "unread": unread})
+    _, changes = lowrank.auto_decomposition(owners, rank=8)
     assert list(changes) == ["unread.0"]
     reason = "'clipped.1': Sequential reads its weights directly (in its hook clip_weights) instead of only calling"
     assert any(reason in line for line in lowrank_log)
-    model(torch.randn(2, 64))
+    reason = "'by_object.0': Sequential reads its weights directly (in its hook ClipWeights.__call__)"
+    assert any(reason in line for line in lowrank_log)
+    model(torch.randn(2, 64)), by_object(torch.randn(2, 64))  # the hooks run on the layers they read
 
 
 def mlp():

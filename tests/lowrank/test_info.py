@@ -3,6 +3,7 @@ import os
 import stat
 
 import pytest
+import safetensors.torch
 import torch
 from torch import nn
 
@@ -74,11 +75,29 @@ def test_weights_load_safely(tmp_path):
 def test_weights_files_that_are_not_state_dicts_are_named(tmp_path):
     path = tmp_path / "weights.pth"
     torch.save(torch.nn.Linear(2, 2), path)  # the whole model: unpickling it would run code
-    with pytest.raises(ValueError, match=r"pickles Python objects.*GLOBAL torch.nn.modules.linear.Linear.*state_dict"):
+    with pytest.raises(ValueError, match=r"pickles Python objects \(torch.nn.modules.linear.Linear\).*state_dict"):
         load_state_dict(path)
     torch.save({"model": torch.nn.Linear(2, 2).state_dict(), "epoch": 3}, path)
     with pytest.raises(ValueError, match=r"holds a training checkpoint \('model', 'epoch'\).*\['model'\]"):
         load_state_dict(path)
+    path.write_bytes(b"not a checkpoint")  # torch's advice to load it with weights_only=False is left out
+    with pytest.raises(ValueError, match=r"not a PyTorch state dict\?\): UnpicklingError: Unsupported operand \d+$"):
+        load_state_dict(path)
+
+
+def test_weights_load_from_state_dicts_of_every_kind(tmp_path):
+    class ExtraState(torch.nn.Linear):
+        def get_extra_state(self):
+            return {"calibrated": True}
+
+        def set_extra_state(self, state):
+            pass
+
+    path = tmp_path / "weights.pth"
+    save_state_dict(ExtraState(2, 2).state_dict(), path)  # a dict among its tensors: not a checkpoint
+    assert load_state_dict(path)["_extra_state"] == {"calibrated": True}
+    safetensors.torch.save_file({"weight": torch.ones(2, 2)}, path)  # a safetensors file, whatever its name
+    assert torch.equal(load_state_dict(path)["weight"], torch.ones(2, 2))
 
 
 def at_rank(layer, rank):

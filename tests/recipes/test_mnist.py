@@ -249,10 +249,10 @@ main(main.__globals__["get_args_parser"]().parse_args(sys.argv[1:]))
     "model,saved,message",
     [
         ("resnet5", "state_dict", "--model resnet5 is neither 'mnist' nor one of torchvision's classifiers: alexnet,"),
-        ("mnist", "whole_model", "pickles Python objects, which are not loaded because unpickling runs code"),
+        ("mnist", "whole_model", "pickles Python objects (launch.mnist.Net), which are not loaded because unpickling"),
         ("mnist", "checkpoint", "holds a training checkpoint ('model', 'epoch'), not a state dict"),
         ("resnet18", "state_dict", "does not fit the model: Error(s) in loading state_dict for ResNet"),
-        ("mnist", "ddp", "every key starts with 'module.': saved from a DDP-wrapped model?"),
+        ("mnist", "ddp", "every key starts with 'module.': saved from a model wrapped in DistributedDataParallel?"),
     ],
 )
 def test_decompose_model_names_bad_inputs(model, saved, message, tmp_path, capsys):
@@ -270,6 +270,7 @@ def test_decompose_model_names_bad_inputs(model, saved, message, tmp_path, capsy
     with pytest.raises(SystemExit) as error:
         recipe["main"](recipe["get_args_parser"]().parse_args(list(map(str, args))))
     assert message in str(error.value) and str(error.value).startswith("error: --")
+    assert model == "resnet5" or f"(for --model {model}): " in str(error.value)
     assert sorted(path.name for path in tmp_path.iterdir()) == ["pretrained.pth"]  # nothing written
 
 
