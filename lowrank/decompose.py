@@ -610,6 +610,11 @@ def _check_model(model) -> nn.Module:
                 "layers' parameters and not the new ones: decompose the unwrapped model (model.module), then wrap "
                 "it (with Accelerate: before accelerator.prepare)"
             )
+    return _uncompiled(model)
+
+
+def _uncompiled(model: nn.Module) -> nn.Module:
+    """The module that ``model``'s ``torch.compile`` wrappers run, or ``model``."""
     while _compiled(model):
         model = model._orig_mod
     return model
@@ -836,7 +841,7 @@ class Decompose:
                 f"Decompose decomposes a copy of the model, and this one cannot be copied ({error}): decompose it "
                 "in place with lowrank.auto_decomposition"
             ) from None
-        _decompose(_check_model(model), self.policy, self.method, do_decompose_weight, None, "decompose_network")
+        _decompose(_uncompiled(model), self.policy, self.method, do_decompose_weight, None, "decompose_network")
         return model
 
 

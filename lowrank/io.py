@@ -118,6 +118,10 @@ def load_state_dict(path: str | os.PathLike, map_location="cpu") -> dict:
     return state
 
 
+# The key prefixes of a wrapped model's state dict, and the wrapper that adds them.
+WRAPPERS = {"module.": "model wrapped in DistributedDataParallel", "_orig_mod.": "torch.compile'd model"}
+
+
 def load_weights(model, state_dict: dict, path) -> None:
     """Loads ``state_dict``, read from ``path``, into ``model``; one that does not fit (another
     architecture, other class counts, a wrapped model's) raises a ValueError naming the file."""
@@ -132,6 +136,3 @@ def load_weights(model, state_dict: dict, path) -> None:
             else ""
         )
         raise ValueError(f"{path} does not fit the model{wrapped}: {error}") from None
-
-
-WRAPPERS = {"module.": "model wrapped in DistributedDataParallel", "_orig_mod.": "torch.compile'd model"}
