@@ -210,11 +210,11 @@ def check_mode_args(args, pretrained=None) -> str:
         args.decomposed_weights_path = args.decomposed_weights_path or str(
             Path(args.output_dir) / "decomposed_weights.pth"
         )
-    if mode != "baseline":
-        check_distinct(args, "decompose_info_path", "decomposed_weights_path")
     folders = ["output_dir"]
     files = ["save_path", *(["decompose_info_path", "decomposed_weights_path"] if mode == "online" else [])]
     check_writable(args, files, folders)
+    # One written over another would be lost: the pretrained weights, step 1's files, the trained weights.
+    check_distinct(args, "pretrained_path", "decompose_info_path", "decomposed_weights_path", "save_path")
     problem = unwritable(Path(args.output_dir, "checkpoints"), is_folder=True)
     if problem:
         sys.exit(f"error: --output-dir: {problem}")
@@ -222,14 +222,20 @@ def check_mode_args(args, pretrained=None) -> str:
 
 
 def check_distinct(args, *flags) -> None:
-    """Exits with an error when two of the path ``flags`` (attribute names of ``args``) name the same
-    file: one would overwrite the other."""
+    """Exits with an error when two of the path ``flags`` (attribute names of ``args``; unset ones are
+    skipped) name the same file, where one would overwrite the other, or one lies inside the other,
+    which would have to be a folder."""
     paths = {}
     for flag in flags:
+        if not getattr(args, flag, None):
+            continue
         path = Path(getattr(args, flag)).resolve()
-        if path in paths:
-            first, second = (f"--{name.replace('_', '-')}" for name in (paths[path], flag))
-            sys.exit(f"error: {first} and {second} are the same file {path}: give each its own")
+        for other, other_flag in paths.items():
+            first, second = (f"--{name.replace('_', '-')}" for name in (other_flag, flag))
+            if path == other:
+                sys.exit(f"error: {first} and {second} are the same file {path}: give each its own")
+            if path in other.parents or other in path.parents:
+                sys.exit(f"error: {first} {other} and {second} {path}: one lies inside the other: give each its own")
         paths[path] = flag
 
 

@@ -135,7 +135,7 @@ class Artifacts:
     def read_marker(self) -> dict | None:
         try:
             marker = json.loads(self.marker_path.read_text())
-        except (FileNotFoundError, json.JSONDecodeError):
+        except (FileNotFoundError, ValueError):  # ValueError: not JSON, or not even text
             return None
         return marker if isinstance(marker, dict) else None  # not one of ours: as good as none
 
@@ -183,7 +183,7 @@ def _decompose_on_rank_zero(model, artifacts, load_pretrained, pretrained_path, 
         held = artifacts.lock(timeout)
     except Timeout:
         raise BarrierError(
-            f"rank 0: another job has held {artifacts.lock_path} for {timeout:.0f} s: it decomposes into the same "
+            f"another job has held {artifacts.lock_path} for {timeout:.0f} s: it decomposes into the same "
             "artifact paths; give this job its own (--output-dir or the artifact path flags)"
         ) from None
     with held:
@@ -204,7 +204,10 @@ def _decompose_on_rank_zero(model, artifacts, load_pretrained, pretrained_path, 
                 checksums = artifacts.checksums()
             artifacts.write_marker(status="done", token=token, fingerprint=wanted, checksums=checksums, reused=reused)
         except BaseException as error:
-            artifacts.write_marker(status="failed", token=token, message=f"{type(error).__name__}: {error}")
+            message = f"{type(error).__name__}: {error}"
+            if not isinstance(error, Exception):  # SystemExit (the runner's preemption exit), KeyboardInterrupt
+                message = f"it was stopped ({message}) by a signal (a time limit, a preemption) or Ctrl-C: see its log"
+            artifacts.write_marker(status="failed", token=token, message=message)
             raise
         check_identical_parameters(model)
     return model, changes, reused
@@ -235,8 +238,8 @@ def _wait_for_marker(artifacts, token, timeout) -> dict:
                 next_liveness_check = time.monotonic() + LIVENESS_INTERVAL
         if time.monotonic() > deadline:
             raise BarrierError(
-                f"rank {global_rank()}: rank 0 did not finish the decomposition within {timeout:.0f} s "
-                f"(no marker for this run at {artifacts.marker_path}): rank 0 may have died, or be waiting for "
+                f"rank 0 did not finish the decomposition within {timeout:.0f} s "
+                f"(no result for this run at {artifacts.marker_path}): rank 0 may have died, or be waiting for "
                 "another job that uses the same artifact paths. If the job spans several nodes, the "
                 "artifact folder must be on a filesystem they all share; a larger model may need a longer "
                 "timeout."
@@ -259,18 +262,27 @@ def _check_rank_zero_alive(artifacts, token) -> None:
         return  # held: rank 0 is at work
     if marker and marker.get("token") == token and marker.get("status") == "running":
         raise BarrierError(
-            f"rank {global_rank()}: rank 0 stopped while decomposing (it no longer holds {artifacts.lock_path} "
+            f"rank 0 stopped while decomposing (it no longer holds {artifacts.lock_path} "
             "and left no result): it was killed or ran out of memory; see its log"
         )
 
 
 def load_decomposed(model: nn.Module, info_path, weights_path) -> tuple[nn.Module, dict]:
-    """Structure-only decomposition from the info file, then the decomposed weights."""
-    model, changes = lowrank.decompose_network(model, info_path)
+    """Structure-only decomposition from the info file, then the decomposed weights; a file that cannot
+    be read or does not fit raises a BarrierError naming it and its flag."""
+    try:
+        model, changes = lowrank.decompose_network(model, info_path)
+    except lowrank.DecomposeInfoError as error:
+        raise BarrierError(f"--decompose-info-path: {error}") from None
     try:
         model.load_state_dict(load_state_dict(weights_path))
+    except (FileNotFoundError, ValueError) as error:  # lowrank.io's: they name the file and what it holds
+        raise BarrierError(f"--decomposed-weights-path: {error}") from None
     except RuntimeError as error:
-        raise BarrierError(f"{weights_path} does not fit the structure of {info_path}: {error}") from None
+        raise BarrierError(
+            f"--decomposed-weights-path {weights_path} does not fit the structure of --decompose-info-path "
+            f"{info_path}: {error}"
+        ) from None
     return model, changes
 
 

@@ -60,7 +60,10 @@ class Net(nn.Module):
 
 
 def _complete(path: Path) -> bool:
-    return path.is_file() and path.stat().st_size == MNIST_SIZES[path.name.removesuffix(".gz")]
+    """Whether ``path`` is the MNIST file of its name: a copy of the right size may still be garbage,
+    which torchvision reads without a check (an assertion, or labels out of range mid-training)."""
+    name = path.name
+    return path.is_file() and path.stat().st_size == MNIST_SIZES[name] and file_digest(path, "md5") == MNIST_FILES[name]
 
 
 def _unpack(source: Path, target: Path) -> None:
@@ -91,10 +94,12 @@ def local_root(data_path) -> Path | None:
     for name, source in sources.items():
         if not source.is_file() and (raw / name).is_file():
             size = (raw / name).stat().st_size
-            raise RuntimeError(
-                f"{raw / name} is incomplete ({size} bytes, the MNIST file has {MNIST_SIZES[name]}) and there is "
-                f"no {source.name} to unpack: copy it again"
+            damage = (
+                f"incomplete ({size} bytes, the MNIST file has {MNIST_SIZES[name]})"
+                if size != MNIST_SIZES[name]
+                else "corrupt (its content does not match the MNIST file)"
             )
+            raise RuntimeError(f"{raw / name} is {damage} and there is no {source.name} to unpack: copy it again")
     if not all(source.is_file() for source in sources.values()):
         return None
     for root in (Path(data_path), Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "lowrank" / "mnist"):
@@ -114,6 +119,7 @@ def load_mnist(data_path, train: bool) -> datasets.MNIST:
     """The MNIST train or test set, from a local copy under ``data_path`` or downloaded there."""
     transform = transforms.ToTensor()  # no normalisation, as in the AMCT sample
     root = local_root(data_path)
+    raw = Path(data_path) / "MNIST" / "raw"
     if root is not None:
         return datasets.MNIST(root, train=train, transform=transform, download=False)
     previous = socket.getdefaulttimeout()
@@ -121,9 +127,9 @@ def load_mnist(data_path, train: bool) -> datasets.MNIST:
     try:
         return datasets.MNIST(data_path, train=train, transform=transform, download=True)
     except Exception as error:
+        missing = [name for name in MNIST_FILES if not (raw / name).is_file() and not (raw / f"{name}.gz").is_file()]
         raise RuntimeError(
-            f"MNIST is not under {Path(data_path) / 'MNIST' / 'raw'} "
-            f"(the files {', '.join(MNIST_FILES)}, plain or .gz) "
+            f"MNIST is not under {raw} (missing: {', '.join(missing)}; plain or .gz) "
             f"and could not be downloaded ({type(error).__name__}: {error}). On a machine without internet, copy "
             "them there and pass that folder's parent as --data-path."
         ) from None

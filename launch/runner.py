@@ -50,6 +50,7 @@ from lowrank.io import atomic_write, load_state_dict, load_weights, make_parent_
 from .barrier import (
     DEFAULT_TIMEOUT,
     Artifacts,
+    BarrierError,
     check_identical_parameters,
     decompose_once,
     global_rank,
@@ -180,12 +181,17 @@ def prepare_model(
     changes, reused = {}, False
 
     def load_pretrained(dense):
-        load_weights(dense, load_state_dict(pretrained_path), pretrained_path)
+        try:
+            load_weights(dense, load_state_dict(pretrained_path), pretrained_path)
+        except (FileNotFoundError, ValueError) as error:  # they name the file and what is wrong with it
+            raise ValueError(f"--pretrained-path: {error}") from None
 
     # The weights are loaded or computed, never drawn, but each path draws a different amount (a replay
     # default-initialises, a decomposition does not): the random state is left as it was, so that what
     # follows (batch order, dropout) is the same whichever path a rank or a rerun took.
-    with torch.random.fork_rng(devices=[]):
+    # Bad input files and rank 0's failures end the process with their message (which names the file),
+    # not a traceback.
+    with torch.random.fork_rng(devices=[]), _exit_on(ValueError, BarrierError):
         if mode == "baseline":
             if pretrained_path:
                 load_pretrained(model)
@@ -203,6 +209,15 @@ def prepare_model(
         else:
             raise ValueError(f"unknown mode {mode!r}; valid modes: {', '.join(MODES)}")
     return model, changes, time.perf_counter() - start, reused
+
+
+@contextlib.contextmanager
+def _exit_on(*errors):
+    """Turns ``errors`` into an error exit with their message, after the rank it comes from."""
+    try:
+        yield
+    except errors as error:
+        sys.exit(f"error: rank {global_rank()}: {error}")
 
 
 class Progress:
@@ -276,6 +291,27 @@ def from_rank_zero(value):
         dist.broadcast_object_list(box, src=0)
         return box[0]
     return value
+
+
+def rank_zero_first(load, flag: str):
+    """``load()`` on global rank 0, then on the other ranks (rank 0 prepares what they read: a dataset
+    it unpacks or downloads). A RuntimeError (no data, or damaged) ends the process with an error naming
+    ``flag``; on rank 0 it stops every rank with its message (with ``main_process_first`` the others
+    would fail in their barrier with gloo's traceback)."""
+
+    def attempt():
+        try:
+            return None, load()
+        except RuntimeError as error:
+            return str(error), None
+
+    error, loaded = attempt() if global_rank() == 0 else (None, None)
+    error = from_rank_zero(error)
+    if not error and global_rank() != 0:
+        error, loaded = attempt()
+    if error:
+        sys.exit(f"error: {flag}: {error}")
+    return loaded
 
 
 def share_rank_zero_buffers(model) -> None:
@@ -491,11 +527,11 @@ def save_checkpoint(accelerator, output_dir, progress, args) -> Path:
         for leftover in (partial, replaced):  # from a process killed while saving
             shutil.rmtree(leftover, ignore_errors=True)
     accelerator.wait_for_everyone()
-    with _naming_a_failed_save(path, partial, output_dir):
+    with _naming_a_failed_save(f"the checkpoint {path}", output_dir, "the earlier checkpoints are intact", partial):
         accelerator.save_state(partial)  # under DeepSpeed every rank writes its shards
     accelerator.wait_for_everyone()
     if global_rank() == 0:
-        with _naming_a_failed_save(path, partial, output_dir):
+        with _naming_a_failed_save(f"the checkpoint {path}", output_dir, "the earlier checkpoints are intact", partial):
             # The sizes let a resume tell a checkpoint truncated later (a full disk, a cut copy) and skip it.
             files = {
                 str(file.relative_to(partial)): file.stat().st_size for file in partial.rglob("*") if file.is_file()
@@ -511,18 +547,20 @@ def save_checkpoint(accelerator, output_dir, progress, args) -> Path:
 
 
 @contextlib.contextmanager
-def _naming_a_failed_save(path: Path, partial: Path, output_dir):
-    """Turns a failed write into an error naming the checkpoint and the free space (torch.save says
-    "iostream error", safetensors "I/O error" on a full disk); rank 0 removes the partial folder."""
+def _naming_a_failed_save(what: str, folder, consequence: str, partial: Path | None = None):
+    """Turns a failed write into an error naming ``what``, the free space in ``folder`` (torch.save says
+    "iostream error" or "unexpected pos", safetensors "I/O error" on a full disk) and ``consequence``;
+    rank 0 removes the ``partial`` folder."""
     try:
         yield
     except Exception as error:
-        if global_rank() == 0:
+        if partial is not None and global_rank() == 0:
             shutil.rmtree(partial, ignore_errors=True)
-        free = shutil.disk_usage(output_dir).free / 2**30
+        existing = next(path for path in (Path(folder).absolute(), *Path(folder).absolute().parents) if path.exists())
+        free = shutil.disk_usage(existing).free / 2**30
         sys.exit(
-            f"error: rank {global_rank()}: could not save the checkpoint {path}: {type(error).__name__}: {error} "
-            f"({free:.2f} GiB free on its disk); the earlier checkpoints are intact"
+            f"error: rank {global_rank()}: could not save {what}: {type(error).__name__}: {error} "
+            f"({free:.2f} GiB free on its disk); {consequence}"
         )
 
 
@@ -590,8 +628,10 @@ def train(
     first_step = progress.step
     samples, started = 0, time.perf_counter()
     bar = tqdm(total=steps, initial=progress.step, unit="step", disable=global_rank() != 0 or not sys.stdout.isatty())
-    # From the process's creation, imports included: the launch overhead users wait for.
-    log(f"[Train] first step at {time.time() - psutil.Process().create_time():.2f} s after start")
+    if progress.step >= steps:  # resumed from a checkpoint of a longer run
+        log(f"[Train] already at step {progress.step} of {steps}: nothing to train")
+    else:  # from the process's creation, imports included: the launch overhead users wait for
+        log(f"[Train] first step at {time.time() - psutil.Process().create_time():.2f} s after start")
     with preemption.recorded():  # signals wait for the next step boundary
         for data, target in batches(accelerator, loader, progress.batch):
             if progress.step >= steps:
@@ -687,11 +727,14 @@ def finish(accelerator, model, progress, args, results: dict) -> None:
     state_dict = accelerator.get_state_dict(model)  # on every rank: under DeepSpeed ZeRO-3 it gathers the shards
     if global_rank() == 0:
         results = {**results, "steps": progress.step}
-        atomic_write(
-            Path(args.output_dir) / "results.json", lambda file: json.dump(results, file, indent=2), binary=False
-        )
+        rerun = "the last checkpoint holds the trained weights: free some space and rerun with --resume"
+        with _naming_a_failed_save(f"the results in {args.output_dir}", args.output_dir, rerun):
+            atomic_write(
+                Path(args.output_dir) / "results.json", lambda file: json.dump(results, file, indent=2), binary=False
+            )
         if args.save_path:
-            save_state_dict(state_dict, args.save_path)
+            with _naming_a_failed_save(f"--save-path {args.save_path}", Path(args.save_path).parent, rerun):
+                save_state_dict(state_dict, args.save_path)
             log(f"Weights saved to {args.save_path}")
     end_run(accelerator)
 

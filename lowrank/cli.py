@@ -45,7 +45,7 @@ def inspect_table(path) -> str:
             if not all(isinstance(text, str) for text in (layer["name"], layer["method"])):
                 raise TypeError("name and method must be strings")
             ranks = "x".join(str(rank) for rank in layer["ranks"])
-            row = (layer["name"], layer["method"], ranks, f"{p0:,}", f"{p1:,}", _ratio(p0, p1))
+            row = (layer["name"] or "(the model)", layer["method"], ranks, f"{p0:,}", f"{p1:,}", _ratio(p0, p1))
             row += (f"{m0:,}", f"{m1:,}", _ratio(m0, m1))
             rows.append(row + (_latency_cells(layer["latency"]) if "latency" in layer else ("-",) * 3) * timed)
         except (AttributeError, KeyError, TypeError, ValueError, OverflowError) as error:

@@ -331,24 +331,11 @@ def _scan(model: nn.Module) -> tuple[dict[str, nn.Module], dict[str, str]]:
 
 def _why_not(model, name, module, references) -> str | None:
     names_of, owners, held = references
-    if not name:
-        return "the model itself is the layer; wrap it in a container such as nn.Sequential"
     if not isinstance(module, (nn.Conv2d, nn.Linear)):
         return f"{type(module).__name__} is not supported (Conv2d and Linear are)"
-    parent = model.get_submodule(name.rpartition(".")[0])
-    if _compiled(parent):  # the wrapper's forward is bound to the module it was given
-        return (
-            "it is compiled on its own (torch.compile), whose wrapper would keep calling the old layer: decompose "
-            "before compiling"
-        )
-    if isinstance(parent, _FusedModule):  # e.g. ConvReLU2d, which quantization converts from its [0].weight
-        return f"it is part of {type(parent).__name__}, a fused module that quantization converts as a whole"
-    parts = name.split(".")
-    for depth in range(len(parts)):
-        owner = model.get_submodule(".".join(parts[:depth]))
-        use = _direct_use(owner, ".".join(parts[depth:]))
-        if use:
-            return f"{type(owner).__name__} {use} instead of only calling it"
+    reason = _why_not_in_owners(model, name) if name else None  # the model itself (name '') has no owners
+    if reason:
+        return reason
     if isinstance(module.weight, nn.parameter.UninitializedParameter):
         return "its weights are not initialised yet (lazy module)"
     if parametrize.is_parametrized(module):
@@ -390,6 +377,25 @@ def _why_not(model, name, module, references) -> str | None:
         return "hooks are registered on its parameters and would be lost"
     if module.weight.dtype not in SUPPORTED_DTYPES:
         return f"unsupported dtype {module.weight.dtype}"
+    return None
+
+
+def _why_not_in_owners(model, name) -> str | None:
+    """Why the modules holding the layer ``name`` keep it from being replaced, if they do."""
+    parent = model.get_submodule(name.rpartition(".")[0])
+    if _compiled(parent):  # the wrapper's forward is bound to the module it was given
+        return (
+            "it is compiled on its own (torch.compile), whose wrapper would keep calling the old layer: decompose "
+            "before compiling"
+        )
+    if isinstance(parent, _FusedModule):  # e.g. ConvReLU2d, which quantization converts from its [0].weight
+        return f"it is part of {type(parent).__name__}, a fused module that quantization converts as a whole"
+    parts = name.split(".")
+    for depth in range(len(parts)):
+        owner = model.get_submodule(".".join(parts[:depth]))
+        use = _direct_use(owner, ".".join(parts[depth:]))
+        if use:
+            return f"{type(owner).__name__} {use} instead of only calling it"
     return None
 
 
@@ -569,15 +575,19 @@ def _build(model: nn.Module, replacements: list[Replacement]) -> list[tuple[Repl
     return built
 
 
-def _swap(model: nn.Module, built: list[tuple[Replacement, nn.Sequential]]) -> dict[str, list[str]]:
-    """Puts the built modules in place of their layers; returns the changes."""
+def _swap(model: nn.Module, built: list[tuple[Replacement, nn.Sequential]]) -> tuple[nn.Module, dict[str, list[str]]]:
+    """Puts the built modules in place of their layers; returns the model and the changes. A model that
+    is itself the layer (name '') is left as it is and its replacement returned, as AMCT does."""
     changes = {}
     for replacement, new in built:
-        parent_name, _, child_name = replacement.name.rpartition(".")
-        setattr(model.get_submodule(parent_name), child_name, new)
+        if replacement.name:
+            parent_name, _, child_name = replacement.name.rpartition(".")
+            setattr(model.get_submodule(parent_name), child_name, new)
+        else:
+            model = new
         changes[replacement.name] = replacement.new_names
         logger.info("Decompose: %r -> %s", replacement.name, replacement.new_names)
-    return changes
+    return model, changes
 
 
 def _make_policy(options: dict, valid_extra: tuple[str, ...] = ("method",)) -> RankPolicy:
@@ -632,8 +642,15 @@ def _check_method(method: str) -> str:
     return method
 
 
+def _check_path(path, argument: str) -> None:
+    """Raises TypeError naming ``argument`` when ``path`` is not a path (pathlib's own error names neither)."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"{argument} must be a path (str or os.PathLike), got {path!r}")
+
+
 def _check_info_path(path, argument: str) -> None:
     """Raises ValueError naming ``argument`` when the info file ``path`` cannot be written: before any work."""
+    _check_path(path, argument)
     problem = unwritable(path)
     if problem:
         raise ValueError(f"{argument}: {problem}")
@@ -648,7 +665,7 @@ def _write_info(path, model, replacements, skipped, policy: RankPolicy, method: 
     logger.info("Decomposition information file is saved to: %s", os.path.realpath(path))
 
 
-def _decompose(model, policy, method, with_weights, info_path, what) -> dict[str, list[str]]:
+def _decompose(model, policy, method, with_weights, info_path, what) -> tuple[nn.Module, dict[str, list[str]]]:
     if info_path is not None:
         _check_info_path(info_path, "decompose_info_path")
     logger.info("%s start.", what)
@@ -660,7 +677,7 @@ def _decompose(model, policy, method, with_weights, info_path, what) -> dict[str
     built = _build(model, replacements)
     if info_path is not None:
         _write_info(info_path, model, replacements, skipped, policy, method, measurements)
-    changes = _swap(model, built)
+    model, changes = _swap(model, built)
     logger.info(
         "%d layer(s) decomposed, parameters %d -> %d, in %.2f s.",
         len(changes),
@@ -669,7 +686,7 @@ def _decompose(model, policy, method, with_weights, info_path, what) -> dict[str
         time.perf_counter() - start,
     )
     logger.info("%s complete.", what)
-    return changes
+    return model, changes
 
 
 def auto_decomposition(model: nn.Module, decompose_info_path=None, *, method: str = "spatial", **policy):
@@ -694,12 +711,15 @@ def auto_decomposition(model: nn.Module, decompose_info_path=None, *, method: st
 
     Returns:
         ``(model, changes)``: the same model, and ``{"conv2": ["conv2.0", "conv2.1"], ...}`` for
-        the replaced layers.
+        the replaced layers. A ``Conv2d`` or ``Linear`` given as the model itself is left as it is and
+        its replacement returned (``changes`` ``{"": ["0", "1"]}``), as in AMCT.
     """
     method = _check_method(method)
     layers = _check_model(model)
-    changes = _decompose(layers, _make_policy(policy), method, True, decompose_info_path, "auto_decomposition")
-    return model, changes
+    decomposed, changes = _decompose(
+        layers, _make_policy(policy), method, True, decompose_info_path, "auto_decomposition"
+    )
+    return model if decomposed is layers else decomposed, changes
 
 
 def decompose_network(model: nn.Module, decompose_info_path):
@@ -714,6 +734,7 @@ def decompose_network(model: nn.Module, decompose_info_path):
         ``(model, changes)`` as ``auto_decomposition``.
     """
     layers = _check_model(model)
+    _check_path(decompose_info_path, "decompose_info_path")
     logger.info("decompose_network start.")
     replacements = read_info(decompose_info_path, layers)
     references = _references(layers)
@@ -723,9 +744,9 @@ def decompose_network(model: nn.Module, decompose_info_path):
             raise DecomposeInfoError(f"{decompose_info_path}: layer {replacement.name!r} cannot be replaced: {reason}")
     if not replacements:
         logger.info("No layer meets decomposition conditions.")
-    changes = _swap(layers, _build(layers, replacements))
+    decomposed, changes = _swap(layers, _build(layers, replacements))
     logger.info("decompose_network complete.")
-    return model, changes
+    return model if decomposed is layers else decomposed, changes
 
 
 class Decompose:
@@ -746,6 +767,9 @@ class Decompose:
     """
 
     def __init__(self, model: nn.Module, config_file=None, method: str = "tucker2"):
+        _check_model(model)
+        if config_file is not None:
+            _check_path(config_file, "config_file")
         self.model = model
         self.config_file = config_file
         self.method = _check_method(method)
@@ -817,6 +841,8 @@ class Decompose:
         built (default-initialised), for processes that then load the weights saved by the one that
         decomposed them. ``datasets`` and ``max_iter`` are msModelSlim's data-aware decomposition,
         which this library does not do: ranks and weights come from the weights alone."""
+        if not isinstance(do_decompose_weight, bool):  # "False" or None would silently pick one of the two
+            raise TypeError(f"do_decompose_weight must be True or False, got {do_decompose_weight!r}")
         if datasets is not None or max_iter != -1:
             raise ValueError(
                 "data-aware decomposition (datasets=, max_iter=) is not supported: ranks and weights come from the "
@@ -841,8 +867,9 @@ class Decompose:
                 f"Decompose decomposes a copy of the model, and this one cannot be copied ({error}): decompose it "
                 "in place with lowrank.auto_decomposition"
             ) from None
-        _decompose(_uncompiled(model), self.policy, self.method, do_decompose_weight, None, "decompose_network")
-        return model
+        layers = _uncompiled(model)
+        decomposed, _ = _decompose(layers, self.policy, self.method, do_decompose_weight, None, "decompose_network")
+        return model if decomposed is layers else decomposed
 
 
 def _save_plan(model, policy, method, path) -> list[Replacement]:

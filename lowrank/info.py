@@ -35,6 +35,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.nn.modules.lazy import LazyModuleMixin
 
 from .io import atomic_write
 from .methods import METHODS, MODULE_TYPES, Cost, build_module, dense_cost, layer_args, output_shape_changes, specs_cost
@@ -64,7 +65,7 @@ class Replacement:
 
     @property
     def new_names(self) -> list[str]:
-        return [f"{self.name}.{index}" for index in range(len(self.specs))]
+        return [f"{self.name}.{index}" if self.name else str(index) for index in range(len(self.specs))]
 
     def to_json(self, layer: nn.Module) -> dict:
         modules = []
@@ -168,14 +169,21 @@ def read_info(path: str | os.PathLike, model: nn.Module) -> list[Replacement]:
 
 
 def _model_layer(path, model, name, expected_type):
-    if name == "":
-        raise DecomposeInfoError(f"{path}: a record names the model itself (''); only its submodules can be replaced")
     try:
         layer = model.get_submodule(name)
     except AttributeError:
-        raise DecomposeInfoError(f"{path}: layer {name!r} is not in the model") from None
+        prefix, _, rest = name.partition(".")
+        hint = (
+            f" (the name starts with {prefix + '.'!r}, as in a model wrapped in DataParallel, DDP or torch.compile: "
+            "remove that prefix from the file's layer names)"
+            if prefix in ("module", "_orig_mod") and rest
+            else ""
+        )
+        raise DecomposeInfoError(f"{path}: layer {name!r} is not in the model{hint}") from None
     if type(layer).__name__ != expected_type:
         hint = " (is the model already decomposed?)" if isinstance(layer, nn.Sequential) else ""
+        if isinstance(layer, LazyModuleMixin):  # it becomes its cls_to_become when it first runs
+            hint = " (a lazy module: run the model once on an example input to initialise it first)"
         raise DecomposeInfoError(
             f"{path}: layer {name!r} is {type(layer).__name__} in the model but {expected_type} in the file{hint}"
         )

@@ -1,4 +1,4 @@
-"""Compares the results of MNIST runs (the ``results.json`` each recipe writes in its --output-dir).
+"""Compares the results of runs (the ``results.json`` each recipe writes in its --output-dir).
 
     python recipes/compare_runs.py runs/baseline runs/online runs/offline
 
@@ -9,6 +9,9 @@ import argparse
 import json
 import sys
 from pathlib import Path
+
+# The entries of results.json that the table shows.
+KEYS = ("mode", "accuracy", "loss", "params", "flops")
 
 
 def get_args_parser():
@@ -23,7 +26,15 @@ def main(args):
         path = Path(run) / "results.json"
         if not path.is_file():
             sys.exit(f"error: {path} does not exist (did the run finish?)")
-        rows.append((run, json.loads(path.read_text())))
+        try:
+            results = json.loads(path.read_text())
+        except (OSError, ValueError) as error:  # ValueError: not JSON, or not UTF-8
+            sys.exit(f"error: {path} cannot be read: {error}")
+        # Checked for every run before the table's first line: a bad one would cut the table short.
+        missing = [key for key in KEYS if not isinstance(results, dict) or key not in results]
+        if missing:
+            sys.exit(f"error: {path} is not the results of a run: it has no {', '.join(missing)}")
+        rows.append((run, results))
     reference = rows[0][1]
     header = ("run", "mode", "accuracy", "test loss", "params", "FLOPs", "smaller", "cheaper")
     print("{:<24} {:<9} {:>9} {:>10} {:>11} {:>13} {:>8} {:>8}".format(*header))

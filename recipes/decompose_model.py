@@ -54,7 +54,7 @@ def main(args):
         sys.exit(
             f"error: --model {args.model} is neither 'mnist' nor one of torchvision's classifiers: {', '.join(models)}"
         )
-    check_distinct(args, "decompose_info_path", "decomposed_weights_path")
+    check_distinct(args, "pretrained_path", "decompose_info_path", "decomposed_weights_path")
     check_writable(args, ["decompose_info_path", "decomposed_weights_path"])
     # Their default action would end the process before the restore below (a time limit, scancel).
     for signum in (signal.SIGTERM, signal.SIGUSR1):
@@ -63,9 +63,13 @@ def main(args):
         state_dict = load_state_dict(args.pretrained_path)
         if args.model == "mnist":
             model = Net()
-        else:  # as many classes as the pretrained classifier (the last weight) has
-            weights = [tensor for name, tensor in state_dict.items() if name.endswith("weight")]
-            model = torchvision.models.get_model(args.model, num_classes=weights[-1].shape[0] if weights else 1000)
+        else:  # as many classes as the pretrained classifier has: the model's last weight, found by its name
+            # (a safetensors file sorts its keys)
+            model = torchvision.models.get_model(args.model)
+            classifier = [(name, tensor) for name, tensor in model.state_dict().items() if name.endswith("weight")][-1]
+            pretrained = state_dict.get(classifier[0])
+            if pretrained is not None and pretrained.shape[:1] != classifier[1].shape[:1]:
+                model = torchvision.models.get_model(args.model, num_classes=pretrained.shape[0])
         load_weights(model, state_dict, args.pretrained_path)
     except (FileNotFoundError, ValueError) as error:  # they name the file and what is wrong with it
         sys.exit(f"error: --pretrained-path (for --model {args.model}): {error}")
@@ -96,7 +100,7 @@ def _identity(path: Path) -> tuple[int, int] | None:
     """Which file ``path`` is (inode, modification time): the atomic save replaces it by another."""
     try:
         stat = path.stat()
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):  # NotADirectoryError: a parent is a file
         return None
     return stat.st_ino, stat.st_mtime_ns
 

@@ -57,6 +57,7 @@ from launch.runner import (
     log_decomposition,
     model_cost,
     prepare_model,
+    rank_zero_first,
     train,
 )
 
@@ -102,8 +103,10 @@ def main(args):
     accelerator.init_trackers(f"mnist_{mode}", config={k: v for k, v in vars(args).items() if v is not None})
 
     # data
-    with accelerator.main_process_first():
-        train_set, test_set = load_mnist(args.data_path, train=True), load_mnist(args.data_path, train=False)
+    train_set, test_set = rank_zero_first(
+        lambda: (load_mnist(args.data_path, train=True), load_mnist(args.data_path, train=False)),
+        f"--data-path {args.data_path}",
+    )
     check_train_batches(len(train_set), args.train_batch_size, accelerator.num_processes)
 
     # model

@@ -37,21 +37,28 @@ default 0.1 diverges at a global batch of 8:
 
 Errors: as the MNIST recipes (missing paths name their flag before any work; a failure on rank 0
 while decomposing stops every rank with its message; SIGTERM/SIGUSR1 checkpoint and exit with 75,
-rerun with ``--resume``), plus: no ``train/``/``val/`` under ``--data-path``; ``--weights`` whose class
-count differs from the dataset's; fp16/bf16 on a device that lacks it; fp16/bf16 under DeepSpeed (its
-casts leave BatchNorm's running statistics in float32, which torch refuses), named before any work.
+rerun with ``--resume``), plus: no ``train/``/``val/`` under ``--data-path``, a class folder without
+images, other class folders in ``val/`` than in ``train/`` (each would number them its own way), a single
+class; ``--weights`` whose class count differs from the dataset's, or that cannot be downloaded; a
+``--pretrained-path`` that does not fit resnet50 with the dataset's classes; ``--test-only`` with
+nothing to evaluate but a random initialisation; fp16/bf16 on a device that lacks it (fp16 on the CPU,
+where Accelerate would train in float32); fp16/bf16 under DeepSpeed (its casts leave BatchNorm's running
+statistics in float32, which torch refuses), named before any work. An image that cannot be read stops
+the run with its file name (the checkpoints saved until then resume).
 """
 
 import argparse
 import copy
 import functools
 import math
+import sys
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 import torchvision
 from accelerate.utils import DistributedType, set_seed
+from PIL import Image
 from torchvision import datasets, transforms
 
 from launch.args import (
@@ -80,8 +87,10 @@ from launch.runner import (
     log_decomposition,
     model_cost,
     prepare_model,
+    rank_zero_first,
     train,
 )
+from lowrank.io import load_state_dict, load_weights
 
 # ImageNet's channel statistics, as torchvision's weights expect them.
 NORMALIZE = transforms.Normalize(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
@@ -160,7 +169,9 @@ def get_args_parser():
     parser.add_argument(
         "--weights",
         default=None,
-        help="torchvision weights of resnet50 by name, e.g. IMAGENET1K_V2; needs internet (default: None)",
+        choices=list(torchvision.models.ResNet50_Weights.__members__),
+        help="instead of --pretrained-path: torchvision's weights of resnet50 by name, e.g. IMAGENET1K_V2; needs "
+        "internet the first time (default: None)",
     )
     add_distributed_args(parser)
     add_decomposition_args(parser, method="tucker2", ratio=0.5)  # msModelSlim's sample: from_ratio(0.5)
@@ -195,19 +206,66 @@ def load_data(args):
     missing = [str(folder) for folder in folders.values() if not folder.is_dir()]
     if missing:
         raise SystemExit(f"error: --data-path {args.data_path} has no {' and no '.join(missing)} (ImageFolder layout)")
-    return datasets.ImageFolder(folders["train"], train_transform), datasets.ImageFolder(folders["val"], val_transform)
-
-
-def pretrained_weights_path(name, classes) -> str:
-    """The local file of torchvision's resnet50 weights ``name`` (downloaded once into torch's hub
-    cache), so that the barrier fingerprints it like any ``--pretrained-path``."""
-    weights = torchvision.models.get_weight(f"ResNet50_Weights.{name}")
-    if len(weights.meta["categories"]) != classes:
+    splits = {}
+    for split, transform in (("train", train_transform), ("val", val_transform)):
+        try:
+            splits[split] = datasets.ImageFolder(folders[split], transform, loader=load_image)
+        except FileNotFoundError as error:  # no class folder, or one without images
+            raise SystemExit(f"error: --data-path {args.data_path}: {folders[split]}: {error}") from None
+    train_set, val_set = splits["train"], splits["val"]
+    # Each folder numbers its own classes (sorted names): other names would give the labels other meanings.
+    if train_set.classes != val_set.classes:
+        only_train = sorted(set(train_set.classes) - set(val_set.classes))
+        only_val = sorted(set(val_set.classes) - set(train_set.classes))
         raise SystemExit(
-            f"error: --weights {name} has {len(weights.meta['categories'])} classes, the dataset {classes}; "
+            f"error: --data-path {args.data_path}: train/ and val/ must hold the same class folders; only in train/: "
+            f"{_some(only_train)}; only in val/: {_some(only_val)}"
+        )
+    if len(train_set.classes) < 2:  # the loss would be 0 and the accuracy 100% whatever the model
+        raise SystemExit(
+            f"error: --data-path {args.data_path} has a single class folder: a classifier needs two or more"
+        )
+    return train_set, val_set
+
+
+def _some(names: list) -> str:
+    return (", ".join(names[:5]) + (f", ... ({len(names)})" if len(names) > 5 else "")) or "none"
+
+
+def load_image(path: str) -> Image.Image:
+    """torchvision's RGB image loader, except that 16-bit grayscale is scaled to 8 bits (the RGB
+    conversion would clip it to white) and an unreadable file is named (PIL's truncated-file error
+    does not)."""
+    try:
+        with Image.open(path) as image:
+            if image.mode.startswith("I;16"):
+                image = image.point(lambda value: value / 256)
+            return image.convert("RGB")
+    except OSError as error:
+        raise OSError(f"cannot read image {path}: {error}") from error
+
+
+def check_weights(name, classes) -> None:
+    """Exits with an error when torchvision's resnet50 weights ``name`` classify into another number of
+    classes than the dataset's."""
+    categories = len(torchvision.models.ResNet50_Weights[name].meta["categories"])
+    if categories != classes:
+        raise SystemExit(
+            f"error: --weights {name} has {categories} classes, the dataset {classes}; "
             "pass a --pretrained-path with a matching classifier"
         )
-    weights.get_state_dict(progress=False)
+
+
+def pretrained_weights_path(name) -> str:
+    """The local file of torchvision's resnet50 weights ``name`` (downloaded once into torch's hub
+    cache), so that the barrier fingerprints it like any ``--pretrained-path``."""
+    weights = torchvision.models.ResNet50_Weights[name]
+    try:
+        weights.get_state_dict(progress=False)
+    except OSError as error:  # no internet (urllib's URLError), a full disk
+        raise RuntimeError(
+            f"cannot download {weights.url}: {error}; without internet, copy the file and pass it as --pretrained-path"
+        ) from None
     return str(Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name)
 
 
@@ -223,9 +281,23 @@ def warmup_cosine(warmup_steps, total_steps):
 
 
 def main(args):
+    if args.weights and args.pretrained_path:
+        sys.exit("error: --weights and --pretrained-path both give the pretrained weights: pass one")
     mode = check_mode_args(args, pretrained="weights")
     args.lr = args.lr if args.lr is not None else (0.1 if mode == "baseline" else 0.01)
     args.channels_last = args.use_gpu if args.channels_last is None else args.channels_last
+    # The data and the weights are checked on every rank, before a training run without --resume moves
+    # an earlier run's checkpoints aside, and before a rank waits for another that exited.
+    train_set, val_set = load_data(args)
+    classes = SYNTHETIC["classes"] if args.synthetic else len(train_set.classes)
+    if args.weights:
+        check_weights(args.weights, classes)
+    if args.pretrained_path and mode != "offline":  # on rank 0 amid the decomposition, it would be a traceback
+        try:  # into a model of its own: the one trained is drawn after set_seed, the same on every rank
+            check = torchvision.models.resnet50(num_classes=classes)
+            load_weights(check, load_state_dict(args.pretrained_path), args.pretrained_path)
+        except ValueError as error:
+            sys.exit(f"error: --pretrained-path (for resnet50 with the dataset's {classes} classes): {error}")
     accelerator = create_accelerator(
         use_gpu=args.use_gpu,
         output_dir=args.output_dir,
@@ -242,15 +314,24 @@ def main(args):
             "does not run under DeepSpeed, which casts BatchNorm's weights but not its running statistics: "
             "pass --mixed-precision no, or launch without DeepSpeed (Accelerate's autocast)"
         )
+    # Accelerate autocasts to fp16 on GPUs only: on the CPU it would train in float32 without a word.
+    if accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu":
+        sys.exit(
+            "error: mixed precision fp16 (--mixed-precision or the launcher's config) runs on GPUs only, and this "
+            "run is on the CPU: pass --mixed-precision bf16 or no"
+        )
     # The learning-rate curve depends on these: a scheduler's checkpoint holds its step, not its curve.
     schedule = ("epochs", "steps", "lr_warmup_epochs", "label_smoothing")
     checkpoint = checkpoint_to_resume(args, accelerator.num_processes, recipe_settings=schedule)
+    if args.test_only and mode == "baseline" and not (checkpoint or args.pretrained_path or args.weights):
+        sys.exit(
+            "error: --test-only would evaluate a randomly initialised model: give --pretrained-path or --weights, "
+            "or --resume with a checkpoint in --output-dir"
+        )
     set_seed(args.seed)
     accelerator.init_trackers(f"resnet50_{mode}", config={k: v for k, v in vars(args).items() if v is not None})
 
     # data
-    train_set, val_set = load_data(args)
-    classes = SYNTHETIC["classes"] if args.synthetic else len(train_set.classes)
     if not args.test_only:
         check_train_batches(len(train_set), args.train_batch_size, accelerator.num_processes)
     loader = functools.partial(
@@ -264,9 +345,10 @@ def main(args):
     val_loader = loader(val_set, batch_size=args.test_batch_size)
 
     # model
-    if args.weights:
-        with accelerator.main_process_first():  # one download per machine
-            args.pretrained_path = args.pretrained_path or pretrained_weights_path(args.weights, classes)
+    if args.weights:  # downloaded by rank 0, which the others wait for, then found in the hub cache
+        args.pretrained_path = rank_zero_first(
+            lambda: pretrained_weights_path(args.weights), f"--weights {args.weights}"
+        )
     dense = torchvision.models.resnet50(num_classes=classes)
     model, changes, seconds, _ = prepare_model(
         copy.deepcopy(dense),

@@ -140,6 +140,64 @@ def test_the_two_artifacts_cannot_be_one_file(tmp_path):
     )
 
 
+def test_an_artifact_inside_another_is_refused(tmp_path):
+    """Rank 0 would write the info file, then fail to save the weights under it, as under a folder."""
+    parser = argparse.ArgumentParser()
+    add_decomposition_args(parser, run_mode="online")
+    add_output_args(parser, output_dir=str(tmp_path / "out"))
+    pretrained = tmp_path / "dense.pth"
+    pretrained.write_bytes(b"")
+    info = tmp_path / "info"
+    args = parser.parse_args(
+        [
+            "--pretrained-path",
+            str(pretrained),
+            "--decompose-info-path",
+            str(info),
+            "--decomposed-weights-path",
+            f"{info}/w.pth",
+        ]
+    )
+    with pytest.raises(SystemExit) as stopped:
+        check_mode_args(args)
+    assert str(stopped.value.code) == (
+        f"error: --decompose-info-path {info} and --decomposed-weights-path {info}/w.pth: one lies inside the other: "
+        "give each its own"
+    )
+    assert not info.exists()
+
+
+@pytest.mark.parametrize(
+    "run_mode, argv, flags",
+    [
+        ("online", ["--save-path", "{out}/decomposed_weights.pth"], "--decomposed-weights-path and --save-path"),
+        ("online", ["--decompose-info-path", "{pretrained}"], "--pretrained-path and --decompose-info-path"),
+        ("offline", ["--save-path", "{out}/../out/w.pth"], "--decomposed-weights-path and --save-path"),
+        (None, ["--save-path", "{pretrained}"], "--pretrained-path and --save-path"),
+    ],
+)
+def test_the_save_path_and_the_artifacts_cannot_be_an_input(tmp_path, run_mode, argv, flags):
+    """The run would write over its pretrained weights or its decomposition's files, and lose them."""
+    parser = argparse.ArgumentParser()
+    add_decomposition_args(parser, run_mode=run_mode)
+    add_output_args(parser, output_dir=str(tmp_path / "out"))
+    pretrained = tmp_path / "dense.pth"
+    for path in (pretrained, tmp_path / "info.json", tmp_path / "out" / "w.pth"):
+        path.parent.mkdir(exist_ok=True)
+        path.write_bytes(b"")
+    paths = ["--pretrained-path", str(pretrained)]
+    if run_mode == "offline":
+        paths = [
+            "--decompose-info-path",
+            str(tmp_path / "info.json"),
+            "--decomposed-weights-path",
+            f"{tmp_path}/out/w.pth",
+        ]
+    args = parser.parse_args([*paths, *(arg.format(out=tmp_path / "out", pretrained=pretrained) for arg in argv)])
+    with pytest.raises(SystemExit, match=f"error: {flags} are the same file .*: give each its own"):
+        check_mode_args(args)
+
+
 def parse_distributed(*argv):
     parser = argparse.ArgumentParser()
     add_distributed_args(parser)

@@ -153,7 +153,8 @@ def test_weights_that_do_not_fit_the_info_file_are_named(tmp_path):
     model, _ = lowrank.auto_decomposition(small_model(), tmp_path / "info.json")
     save_state_dict(small_model().state_dict(), tmp_path / "dense.pth")  # dense weights, not decomposed ones
     with pytest.raises(
-        BarrierError, match=f"{tmp_path / 'dense.pth'} does not fit the structure of {tmp_path / 'info.json'}"
+        BarrierError,
+        match=f"{tmp_path / 'dense.pth'} does not fit the structure of --decompose-info-path {tmp_path / 'info.json'}",
     ):
         load_decomposed(small_model(), tmp_path / "info.json", tmp_path / "dense.pth")
     save_state_dict(model.state_dict(), tmp_path / "decomposed.pth")
@@ -169,7 +170,7 @@ def test_rank_zero_names_another_job_holding_the_lock(tmp_path):
     def load(model):
         model.load_state_dict(torch.load(weights, weights_only=True))
 
-    busy = "rank 0: another job has held .* for 1 s: it decomposes into the same"
+    busy = "^another job has held .* for 1 s: it decomposes into the same"
     with FileLock(artifacts.lock_path), pytest.raises(BarrierError, match=busy):  # another job on the same paths
         decompose_once(small_model(), artifacts, load, weights, {"ratio": 0.5}, run_token(), timeout=1)
     assert not artifacts.marker_path.exists()  # that job's marker is not this one's to write
@@ -180,6 +181,8 @@ def test_a_marker_that_is_not_ours_counts_as_none(tmp_path):
     for text in ('"old"', "[1, 2]", "{"):
         artifacts.marker_path.write_text(text)
         assert artifacts.read_marker() is None
+    artifacts.marker_path.write_bytes(b"\xff\xfe garbage")
+    assert artifacts.read_marker() is None
 
 
 RANK_ZERO_AT_WORK = """
@@ -218,3 +221,16 @@ def test_the_others_stop_waiting_soon_after_rank_zero_dies(tmp_path, monkeypatch
     artifacts.write_marker(status="running", token="this-run", host="another-node")
     with pytest.raises(BarrierError, match="within 1 s"):
         barrier._wait_for_marker(artifacts, "this-run", timeout=1)
+
+
+def test_the_others_tell_a_stopped_rank_zero_from_a_failed_one(tmp_path):
+    artifacts = Artifacts(tmp_path / "decompose_info.json", tmp_path / "decomposed_weights.pth")
+
+    def preempted(model):  # the runner's SIGTERM handler, while rank 0 decomposes
+        raise SystemExit(75)
+
+    with pytest.raises(SystemExit):
+        decompose_once(small_model(), artifacts, preempted, pretrained(tmp_path / "p.pth", 0), {}, "this-run")
+    with pytest.raises(BarrierError, match=r"it was stopped \(SystemExit: 75\) by a signal \(a time limit, a preempt"):
+        barrier._wait_for_marker(artifacts, "this-run", timeout=1)
+    assert not artifacts.info_path.exists() and not artifacts.weights_path.exists()

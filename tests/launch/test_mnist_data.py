@@ -85,6 +85,20 @@ def test_a_truncated_plain_file_is_unpacked_again_or_named(tmp_path):
         mnist.local_root(tmp_path)
 
 
+@needs_data
+def test_a_garbage_plain_file_of_the_right_size_is_unpacked_again_or_named(tmp_path):
+    raw = gz_copy(tmp_path)
+    assert mnist.local_root(tmp_path) == tmp_path
+    name = "train-labels-idx1-ubyte"
+    (raw / name).write_bytes(b"\xc8" * mnist.MNIST_SIZES[name])  # torchvision would read labels of 200
+    assert mnist.local_root(tmp_path) == tmp_path  # from its .gz
+    assert (raw / name).read_bytes() == (SHARED_RAW / name).read_bytes()
+    (raw / name).write_bytes(b"\xc8" * mnist.MNIST_SIZES[name])
+    (raw / f"{name}.gz").unlink()
+    with pytest.raises(RuntimeError, match=f"{name} is corrupt \\(its content does not match the MNIST file\\)"):
+        mnist.local_root(tmp_path)
+
+
 def test_no_copy_and_no_network_is_a_clear_error(tmp_path, monkeypatch):
     def offline(self):
         raise urllib.error.URLError("no route to host")
@@ -94,6 +108,15 @@ def test_no_copy_and_no_network_is_a_clear_error(tmp_path, monkeypatch):
         RuntimeError, match="MNIST is not under .* could not be downloaded .* pass that folder's parent as --data-path"
     ):
         mnist.load_mnist(tmp_path, train=True)
+
+
+@needs_data
+def test_a_missing_file_is_named(tmp_path, monkeypatch):
+    raw = gz_copy(tmp_path)
+    (raw / "t10k-labels-idx1-ubyte.gz").unlink()
+    monkeypatch.setattr(mnist.datasets.MNIST, "download", lambda self: None)  # no network
+    with pytest.raises(RuntimeError, match=f"MNIST is not under {raw} \\(missing: t10k-labels-idx1-ubyte; plain or"):
+        mnist.load_mnist(tmp_path, train=False)
 
 
 def test_net_shapes():

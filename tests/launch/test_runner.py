@@ -17,6 +17,7 @@ from accelerate import Accelerator
 from filelock import FileLock
 from safetensors import SafetensorError
 
+import lowrank
 from launch import runner
 from launch.runner import (
     PREEMPTED_EXIT_CODE,
@@ -331,6 +332,20 @@ def test_the_throughput_leaves_out_checkpoints_and_evaluations(trainer, tmp_path
     assert len(rates) == 2 and min(rates) > 20, rates
 
 
+def test_a_resume_past_the_last_step_says_there_is_nothing_to_train(trainer, tmp_path, capsys):
+    accelerator, model, progress = trainer
+    progress.step = 6  # a checkpoint of a run with more steps
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    loader = [(torch.randn(4, 3), torch.randn(4, 2))]
+    runner.train(
+        accelerator, model, optimizer, loader, progress, steps=3, log_steps=1, output_dir=tmp_path,
+        args=run_args(tmp_path), loss_fn=torch.nn.functional.mse_loss,
+    )  # fmt: skip
+    out = capsys.readouterr().out
+    assert "[Train] already at step 6 of 3: nothing to train" in out and "first step" not in out
+    assert progress.step == 6 and not (tmp_path / "checkpoints").exists()
+
+
 def test_a_launcher_overriding_the_gradient_accumulation_is_refused(tmp_path, monkeypatch):
     # What accelerate launch exports for gradient_accumulation_steps in its config: Accelerate prefers it.
     monkeypatch.setenv("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "1")
@@ -363,5 +378,57 @@ def test_a_checkpoint_of_another_model_is_named(trainer, tmp_path):
 def test_pretrained_weights_of_another_model_are_named(tmp_path):
     weights = tmp_path / "other.pth"
     save_state_dict(torch.nn.Linear(5, 2).state_dict(), weights)
-    with pytest.raises(ValueError, match=f"{weights} does not fit the model: Error"):
+    with pytest.raises(SystemExit, match=f"error: rank 0: --pretrained-path: {weights} does not fit the model: Error"):
         prepare_model(torch.nn.Linear(3, 2), "baseline", pretrained_path=weights)
+
+
+def test_damaged_pretrained_weights_are_named_and_nothing_is_written(tmp_path):
+    garbage = tmp_path / "garbage.pth"
+    garbage.write_bytes(b"garbage")
+    info, weights = tmp_path / "out" / "decompose_info.json", tmp_path / "out" / "decomposed_weights.pth"
+    with pytest.raises(SystemExit, match=f"error: rank 0: --pretrained-path: cannot read weights file {garbage}"):
+        prepare_model(
+            torch.nn.Sequential(torch.nn.Linear(64, 64)), "online", pretrained_path=garbage, info_path=info,
+            weights_path=weights, policy={"ratio": 0.3},
+        )  # fmt: skip
+    assert not info.exists() and not weights.exists()
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        ("info_garbage", "--decompose-info-path: {info}: malformed JSON"),
+        ("weights_truncated", "--decomposed-weights-path: cannot read weights file {weights} \\(truncated"),
+        ("weights_dense", "--decomposed-weights-path {weights} does not fit the structure of --decompose-info-path"),
+    ],
+)
+def test_damaged_offline_files_are_named_by_their_flag(tmp_path, damage, message):
+    info, weights = tmp_path / "decompose_info.json", tmp_path / "decomposed_weights.pth"
+    decomposed, _ = lowrank.auto_decomposition(torch.nn.Sequential(torch.nn.Linear(64, 64)), info, ratio=0.3)
+    save_state_dict(decomposed.state_dict(), weights)
+    if damage == "info_garbage":
+        info.write_text("{not json")
+    elif damage == "weights_truncated":
+        weights.write_bytes(weights.read_bytes()[:100])
+    else:
+        save_state_dict(torch.nn.Sequential(torch.nn.Linear(64, 64)).state_dict(), weights)
+    message = message.format(info=info, weights=weights)
+    with pytest.raises(SystemExit, match=f"error: rank 0: {message}"):
+        prepare_model(torch.nn.Sequential(torch.nn.Linear(64, 64)), "offline", info_path=info, weights_path=weights)
+
+
+def test_a_full_disk_at_the_end_is_named(trainer, tmp_path, monkeypatch):
+    accelerator, model, progress = trainer
+
+    def disk_full(state_dict, path):
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 596928 vs 596880")
+
+    monkeypatch.setattr(runner, "save_state_dict", disk_full)
+    args = run_args(tmp_path, save_path=str(tmp_path / "weights.pth"))
+    with pytest.raises(
+        SystemExit, match=f"could not save --save-path {args.save_path}: RuntimeError: .* GiB free"
+    ) as error:
+        runner.finish(accelerator, model, progress, args, {})
+    assert str(error.value).endswith(
+        "the last checkpoint holds the trained weights: free some space and rerun with --resume"
+    )

@@ -47,6 +47,29 @@ def test_structure_only_replay_then_load_gives_identical_outputs(net, lowrank_lo
         assert torch.equal(rebuilt(X), decomposed(X)), method
 
 
+def test_a_layer_given_as_the_model_is_returned_decomposed_and_left_as_it_is(tmp_path):
+    """AMCT's exception: a bare Conv2d is not changed, its decomposition is a new module."""
+    torch.manual_seed(0)
+    conv, x = nn.Conv2d(16, 16, 3, padding=1), torch.randn(2, 16, 8, 8)
+    with torch.no_grad():  # of Tucker ranks (4, 4), which rank 4 reproduces
+        conv.weight.copy_(
+            torch.einsum("oihw,Oo,Ii->OIhw", torch.randn(4, 4, 3, 3), torch.randn(16, 4), torch.randn(16, 4))
+        )
+    before = copy.deepcopy(conv)
+    model, changes = lowrank.auto_decomposition(conv, tmp_path / "info.json", method="tucker2", rank=4, divisor=1)
+    assert changes == {"": ["0", "1", "2"]}
+    assert isinstance(model, nn.Sequential) and isinstance(conv, nn.Conv2d)
+    assert torch.equal(conv(x), before(x))
+    torch.testing.assert_close(model(x), conv(x), rtol=1e-4, atol=1e-4)
+    rebuilt, replayed = lowrank.decompose_network(nn.Conv2d(16, 16, 3, padding=1), tmp_path / "info.json")
+    assert replayed == changes
+    rebuilt.load_state_dict(model.state_dict())
+    assert torch.equal(rebuilt(x), model(x))
+    linear = nn.Linear(64, 64)
+    copied = lowrank.Decompose(linear).from_ratio(0.25, divisor=8).decompose_network()
+    assert [type(module) for module in copied] == [nn.Linear, nn.Linear] and isinstance(linear, nn.Linear)
+
+
 def test_nothing_to_decompose(lowrank_log, tmp_path):
     model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.Linear(4, 4))
     _, changes = lowrank.auto_decomposition(model, tmp_path / "info.json")
@@ -133,6 +156,23 @@ def test_decompose_errors(net, tmp_path):
         lowrank.Decompose(net).from_ratio(0.5, method="svd")
     with pytest.raises(ValueError, match="choose a policy first"):
         lowrank.Decompose(net).decompose_network()
+
+
+@pytest.mark.parametrize("flag", ["False", None, 0])
+def test_do_decompose_weight_must_be_a_bool(net, flag):
+    # "False" is truthy: it decomposed the weights when the caller asked for the structure only.
+    with pytest.raises(TypeError, match=f"do_decompose_weight must be True or False, got {flag!r}"):
+        lowrank.Decompose(net).from_ratio(0.5).decompose_network(do_decompose_weight=flag)
+
+
+def test_paths_that_are_not_paths_are_named(net):
+    with pytest.raises(TypeError, match="decompose_info_path must be a path \\(str or os.PathLike\\), got None"):
+        lowrank.decompose_network(net, None)
+    with pytest.raises(TypeError, match="decompose_info_path must be a path \\(str or os.PathLike\\), got 1"):
+        lowrank.auto_decomposition(net, 1)
+    with pytest.raises(TypeError, match="config_file must be a path \\(str or os.PathLike\\), got b'r.json'"):
+        lowrank.Decompose(net, config_file=b"r.json")
+    assert isinstance(net.conv2, nn.Conv2d)
 
 
 class UsesWeightDirectly(nn.Module):
@@ -555,6 +595,10 @@ def test_a_torchscript_module_is_refused_with_the_way_out(tmp_path):
     lowrank.auto_decomposition(nn.Sequential(nn.Linear(64, 64)), info, ratio=0.5)
     with pytest.raises(TypeError, match="TorchScript"):
         lowrank.decompose_network(scripted, info)
+    with pytest.raises(TypeError, match="TorchScript"):  # at once, not at decompose_network()
+        lowrank.Decompose(scripted)
+    with pytest.raises(TypeError, match="expected an nn.Module, got str"):
+        lowrank.Decompose("resnet50")
 
 
 class CallsWeightsThroughItsLayer(nn.Module):

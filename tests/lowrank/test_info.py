@@ -174,7 +174,7 @@ def at_rank(layer, rank):
             lambda d: d["layers"][0].update(method="svd"),
             r"not the svd decomposition .* module 0: kernel_size is \[3, 1\], the method builds \[3, 3\]",
         ),
-        (lambda d: d["layers"][0].update(name=""), r"a record names the model itself \(''\)"),
+        (lambda d: d["layers"][0].update(name=""), "layer '' is Net in the model but Conv2d in the file"),
         (
             lambda d: at_rank(d["layers"][0], 2**40),  # modules and all: it would build, then fail to allocate
             r"layer 'conv2': ranks \[1099511627776\] exceed the layer's full ranks \[384\]",
@@ -215,6 +215,20 @@ def test_an_already_decomposed_model_is_named(info, net):
         lowrank.decompose_network(net, info)
 
 
+def test_a_lazy_layer_not_yet_run_is_named(tmp_path):
+    # A LazyLinear becomes a Linear when it first runs: the decomposed model's file says Linear.
+    def make():
+        return nn.Sequential(nn.Flatten(), nn.LazyLinear(64), nn.Linear(64, 64))
+
+    model = make()
+    model(torch.randn(2, 32))
+    lowrank.auto_decomposition(model, tmp_path / "info.json", rank=8)
+    with pytest.raises(
+        DecomposeInfoError, match="layer '1' is LazyLinear in the model but Linear in the file \\(a lazy module: run"
+    ):
+        lowrank.decompose_network(make(), tmp_path / "info.json")
+
+
 def amct_record(first, last, mode="SCFK", name="conv2"):
     return {
         "ori_layer_info": {"layer_name": name},
@@ -253,6 +267,10 @@ def test_amct_info_files(tmp_path, first, last, kernels, lowrank_log):
             "are not a spatial decomposition of the model's 128x128x3x3 kernel",
         ),
         (amct_record([40, 128, 3, 1], [128, 40, 1, 3], name="conv7"), "layer 'conv7' is not in the model"),
+        (
+            amct_record([40, 128, 3, 1], [128, 40, 1, 3], name="module.conv2"),
+            r"layer 'module.conv2' is not in the model \(the name starts with 'module.', as in a model wrapped",
+        ),
         (amct_record([True, 128, 3, 1], [128, True, 1, 3]), "are not a spatial decomposition"),
         (amct_record([40, True, 3, 1], [128, 40, 1, 3]), "are not a spatial decomposition"),
         (amct_record([385, 128, 3, 1], [128, 385, 1, 3]), "layer 'conv2': rank 385 exceeds the layer's full rank 384"),

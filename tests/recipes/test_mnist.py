@@ -118,6 +118,30 @@ def test_the_init_method_is_the_process_groups(tmp_path):
     assert "[Train]" not in result.stdout
 
 
+def damaged_data(root):
+    raw = root / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    (raw / "t10k-labels-idx1-ubyte").write_bytes(bytes(5000))  # a copy cut short, and no .gz to unpack
+    return f"error: --data-path {root}: {raw / 't10k-labels-idx1-ubyte'} is incomplete (5000 bytes"
+
+
+def test_a_damaged_data_copy_is_named_without_a_traceback(tmp_path):
+    message = damaged_data(tmp_path)
+    args = ["--data-path", tmp_path, "--output-dir", tmp_path / "out"]
+    result = run([sys.executable, str(RECIPES / "mnist_baseline.py"), *args], check=False, timeout=120)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert message in result.stderr
+
+
+@pytest.mark.integration
+def test_a_damaged_data_copy_stops_every_rank_with_its_message(tmp_path):
+    message = damaged_data(tmp_path)
+    command = torchrun(RECIPES / "mnist_baseline.py", "--data-path", tmp_path, "--output-dir", tmp_path / "out")
+    result = run(command, check=False, timeout=300)
+    assert result.returncode != 0 and result.stderr.count(message) == 2  # each rank, not a gloo error on rank 1
+    assert "[rank1]: Traceback" not in result.stderr and "[rank0]: Traceback" not in result.stderr
+
+
 @needs_data
 def test_a_batch_larger_than_the_training_set_is_named(tmp_path):
     args = ["--data-path", DATA, "--train-batch-size", "60001", "--output-dir", tmp_path]
@@ -303,8 +327,9 @@ def test_rank_zero_failure_stops_every_rank(tmp_path):
         check=False,
     )
     assert result.returncode != 0
-    assert "cannot read weights file" in result.stderr
-    assert "rank 0 failed to decompose the model: ValueError: cannot read weights file" in result.stderr
+    assert f"error: rank 0: --pretrained-path: cannot read weights file {corrupt}" in result.stderr
+    assert "rank 1: rank 0 failed to decompose the model: ValueError: --pretrained-path: cannot read" in result.stderr
+    assert "lowrank/io.py" not in result.stderr  # an error message, not a traceback
     assert time.monotonic() - started < 300
 
 

@@ -8,7 +8,9 @@ import runpy
 import shlex
 import shutil
 import sys
+import urllib.error
 
+import numpy
 import pytest
 import torch
 import torchvision
@@ -152,3 +154,105 @@ def test_mixed_precision_under_deepspeed_is_refused_before_any_work(tmp_path):
     message = "error: mixed precision bf16 (--mixed-precision or the launcher's config) does not run under DeepSpeed"
     assert result.returncode != 0 and message in result.stderr
     assert "[Train]" not in result.stdout and not out.exists()
+
+
+def image_folder(root, classes, count=1):
+    """train/ and val/ under ``root`` with ``count`` 8x8 images in each of ``classes`` (a dict split: names)."""
+    for split, names in classes.items():
+        for name in names:
+            (root / split / name).mkdir(parents=True)
+            for index in range(count):
+                Image.new("RGB", (8, 8)).save(root / split / name / f"{index}.png")
+    return root
+
+
+@pytest.mark.parametrize(
+    "classes,message",
+    [
+        # Each folder numbers its classes: val's dog would have been label 0, train's cat.
+        (
+            {"train": ["cat", "dog"], "val": ["dog"]},
+            "train/ and val/ must hold the same class folders; only in train/: cat; only in val/: none",
+        ),
+        ({"train": ["cat", "dog"], "val": ["cat", "dog", "emu"]}, "only in train/: none; only in val/: emu"),
+        ({"train": ["cat"], "val": ["cat"]}, "has a single class folder: a classifier needs two or more"),
+    ],
+)
+def test_class_folders_that_would_mislabel_are_refused(classes, message, tmp_path):
+    recipe = runpy.run_path(str(RECIPE))
+    args = recipe["get_args_parser"]().parse_args(["--data-path", str(image_folder(tmp_path, classes))])
+    with pytest.raises(SystemExit) as error:
+        recipe["load_data"](args)
+    assert str(error.value).startswith(f"error: --data-path {tmp_path}") and message in str(error.value)
+
+
+def test_a_class_folder_without_images_is_named(tmp_path):
+    recipe = runpy.run_path(str(RECIPE))
+    image_folder(tmp_path, {"train": ["cat", "dog"], "val": ["cat", "dog"]})
+    (tmp_path / "train" / "emu").mkdir()
+    (tmp_path / "train" / "emu" / "README.txt").write_text("")
+    args = recipe["get_args_parser"]().parse_args(["--data-path", str(tmp_path)])
+    with pytest.raises(SystemExit) as error:
+        recipe["load_data"](args)
+    assert str(error.value).startswith(f"error: --data-path {tmp_path}: {tmp_path / 'train'}: Found no valid file for")
+
+
+def test_images_16_bit_are_scaled_and_unreadable_ones_named(tmp_path):
+    recipe = runpy.run_path(str(RECIPE))
+    Image.fromarray(numpy.full((4, 4), 40000, dtype=numpy.uint16)).save(tmp_path / "16bit.png")
+    assert recipe["load_image"](str(tmp_path / "16bit.png")).getpixel((0, 0)) == (156, 156, 156)  # not white
+    Image.new("RGB", (64, 64)).save(tmp_path / "cut.jpg")
+    (tmp_path / "cut.jpg").write_bytes((tmp_path / "cut.jpg").read_bytes()[:300])
+    with pytest.raises(OSError) as error:  # PIL's message does not name the file
+        recipe["load_image"](str(tmp_path / "cut.jpg"))
+    assert str(error.value).startswith(f"cannot read image {tmp_path / 'cut.jpg'}: ")
+
+
+def test_weights_that_do_not_fit_are_named_before_any_work(imagenet, tmp_path, monkeypatch):
+    """Before, on rank 0 amid the decomposition (a traceback, the other ranks waiting), and after a
+    training run without --resume had moved the earlier run's checkpoints aside."""
+    recipe = runpy.run_path(str(RECIPE))
+    out = tmp_path / "out"
+    (out / "checkpoints" / "step_1").mkdir(parents=True)
+    save_state_dict(torchvision.models.resnet18(num_classes=2).state_dict(), tmp_path / "r18.pth")
+    common = [*map(str, SMALL), "--data-path", str(imagenet), "--output-dir", str(out)]
+    for flags, message in (
+        (
+            ["--pretrained-path", str(tmp_path / "r18.pth")],
+            "error: --pretrained-path (for resnet50 with the "
+            f"dataset's 2 classes): {tmp_path / 'r18.pth'} does not fit the model: ",
+        ),
+        (
+            ["--pretrained-path", str(tmp_path / "r18.pth"), "--weights", "DEFAULT"],
+            "error: --weights and --pretrained-path both give the pretrained weights: pass one",
+        ),
+        (["--weights", "DEFAULT"], "error: --weights DEFAULT has 1000 classes, the dataset 2"),
+    ):
+        with pytest.raises(SystemExit) as error:
+            recipe["main"](recipe["get_args_parser"]().parse_args([*common, *flags]))
+        assert str(error.value).startswith(message)
+    assert sorted(path.name for path in out.iterdir()) == ["checkpoints"]
+
+    def offline(self, progress):
+        raise urllib.error.URLError("[Errno -2] Name or service not known")
+
+    monkeypatch.setattr(torchvision.models.ResNet50_Weights, "get_state_dict", offline)
+    with pytest.raises(SystemExit) as error:
+        recipe["rank_zero_first"](lambda: recipe["pretrained_weights_path"]("IMAGENET1K_V2"), "--weights IMAGENET1K_V2")
+    assert str(error.value).startswith("error: --weights IMAGENET1K_V2: cannot download https://")
+    assert "pass it as --pretrained-path" in str(error.value)
+
+
+def test_runs_that_would_mislead_are_refused(imagenet, tmp_path):
+    """fp16 on the CPU (Accelerate trains in float32 there) and --test-only of a random initialisation."""
+    command = [sys.executable, str(RECIPE), *map(str, SMALL), "--data-path", str(imagenet)]
+    for flags, message in (
+        (
+            ["--mixed-precision", "fp16"],
+            "error: mixed precision fp16 (--mixed-precision or the launcher's config) runs on GPUs only",
+        ),
+        (["--test-only"], "error: --test-only would evaluate a randomly initialised model"),
+    ):
+        result = run([*command, *flags, "--output-dir", str(tmp_path / "out")], check=False, timeout=300)
+        assert result.returncode == 1 and message in result.stderr, result.stderr
+        assert "Traceback" not in result.stderr and "[Train]" not in result.stdout
