@@ -213,8 +213,10 @@ def check_mode_args(args, pretrained=None) -> str:
     folders = ["output_dir"]
     files = ["save_path", *(["decompose_info_path", "decomposed_weights_path"] if mode == "online" else [])]
     check_writable(args, files, folders)
-    # One written over another would be lost: the pretrained weights, step 1's files, the trained weights.
-    check_distinct(args, "pretrained_path", "decompose_info_path", "decomposed_weights_path", "save_path")
+    # One written over another would be lost: the pretrained weights (which a baseline run may train in
+    # place), step 1's files, the trained weights.
+    inputs = ["pretrained_path"] if mode != "baseline" else []
+    check_distinct(args, *inputs, "decompose_info_path", "decomposed_weights_path", "save_path")
     problem = unwritable(Path(args.output_dir, "checkpoints"), is_folder=True)
     if problem:
         sys.exit(f"error: --output-dir: {problem}")

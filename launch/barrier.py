@@ -97,7 +97,10 @@ def check_identical_parameters(model: nn.Module) -> None:
     dist.all_gather_object(digests, parameters_digest(model))
     differing = [rank for rank, digest in enumerate(digests) if digest != digests[0]]
     if differing:
-        raise BarrierError(f"ranks {differing} hold different weights from rank 0 after the decomposition")
+        raise BarrierError(
+            f"ranks {differing} hold different weights from rank 0 once the model is built (is it drawn before the "
+            "seed is set, or are the weights files different copies on each node?)"
+        )
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ loading fails within a minute with an error that says what to do.
 """
 
 import errno
+import functools
 import gzip
 import os
 import socket
@@ -62,8 +63,15 @@ class Net(nn.Module):
 def _complete(path: Path) -> bool:
     """Whether ``path`` is the MNIST file of its name: a copy of the right size may still be garbage,
     which torchvision reads without a check (an assertion, or labels out of range mid-training)."""
-    name = path.name
-    return path.is_file() and path.stat().st_size == MNIST_SIZES[name] and file_digest(path, "md5") == MNIST_FILES[name]
+    if not path.is_file():
+        return False
+    stat = path.stat()
+    return stat.st_size == MNIST_SIZES[path.name] and _has_mnist_content(path, stat.st_ino, stat.st_mtime_ns)
+
+
+@functools.cache  # per version of the file: the train and test sets both look for all four
+def _has_mnist_content(path: Path, inode: int, mtime_ns: int) -> bool:
+    return file_digest(path, "md5") == MNIST_FILES[path.name]
 
 
 def _unpack(source: Path, target: Path) -> None:

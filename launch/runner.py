@@ -87,6 +87,9 @@ def create_accelerator(*, use_gpu: bool, output_dir, backend=None, init_method="
     data sharding and DeepSpeed's batch size would all be wrong, so the state is set from
     torch.distributed, which knows the real ranks.
 
+    Exits with an error for a setting Accelerate refuses, and for fp16 on the CPU, where Accelerate
+    would train in float32.
+
     Exits with an error when the launcher sets another gradient accumulation than the recipe's
     ``gradient_accumulation_steps`` (default 1), which Accelerate would use instead. Under DeepSpeed the
     gradients are not clipped unless the config sets ``gradient_clipping``, as without DeepSpeed.
@@ -131,12 +134,21 @@ def create_accelerator(*, use_gpu: bool, output_dir, backend=None, init_method="
         chosen = None if deepspeed and not gpu else backend or ("nccl" if gpu else "gloo")
         handler = InitProcessGroupKwargs(backend=chosen, init_method=init_method)
         kwargs["kwargs_handlers"] = [*kwargs.get("kwargs_handlers", []), handler]
-    accelerator = Accelerator(
-        cpu=cpu,
-        log_with="tensorboard",
-        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir)),
-        **kwargs,
-    )
+    try:
+        accelerator = Accelerator(
+            cpu=cpu,
+            log_with="tensorboard",
+            project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir)),
+            **kwargs,
+        )
+    except ValueError as error:  # a setting it refuses (bf16 on a GPU without it, fp8 without its library): named
+        sys.exit(f"error: {error} (from the recipe's flags or the launcher's config)")
+    # Accelerate autocasts to fp16 on GPUs only: on the CPU it would train in float32 without a word.
+    if accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu":
+        sys.exit(
+            "error: mixed precision fp16 (from the recipe's flags or the launcher's config) runs on GPUs only, and "
+            "this run is on the CPU: use bf16 or no"
+        )
     if backend is not None and dist.is_available() and dist.is_initialized() and dist.get_backend() != backend:
         sys.exit(
             f"error: --backend {backend}: the process group runs {dist.get_backend()} (under DeepSpeed, DeepSpeed "
@@ -295,22 +307,30 @@ def from_rank_zero(value):
 
 def rank_zero_first(load, flag: str):
     """``load()`` on global rank 0, then on the other ranks (rank 0 prepares what they read: a dataset
-    it unpacks or downloads). A RuntimeError (no data, or damaged) ends the process with an error naming
-    ``flag``; on rank 0 it stops every rank with its message (with ``main_process_first`` the others
-    would fail in their barrier with gloo's traceback)."""
+    it unpacks or downloads). An error on any rank ends every rank with the first failing rank's
+    message, after ``flag`` (a RuntimeError's message says what is wrong, as the loaders raise it;
+    other errors add their type): with ``main_process_first`` the others would fail in their barrier
+    with gloo's traceback, or wait in the next collective until its timeout."""
 
     def attempt():
         try:
             return None, load()
-        except RuntimeError as error:
-            return str(error), None
+        except Exception as error:  # any: a rank that left alone would keep the others waiting
+            return str(error) if isinstance(error, RuntimeError) else f"{type(error).__name__}: {error}", None
 
     error, loaded = attempt() if global_rank() == 0 else (None, None)
-    error = from_rank_zero(error)
-    if not error and global_rank() != 0:
-        error, loaded = attempt()
+    errors = [from_rank_zero(error)]
+    if not errors[0]:
+        if global_rank() != 0:
+            error, loaded = attempt()
+        errors = [error]
+        if dist.is_available() and dist.is_initialized():
+            errors = [None] * dist.get_world_size()
+            dist.all_gather_object(errors, error)
+    rank, error = next(((rank, error) for rank, error in enumerate(errors) if error), (None, None))
     if error:
-        sys.exit(f"error: {flag}: {error}")
+        where = f"rank {rank}: " if rank else ""  # a path missing on another node, or not shared with it
+        sys.exit(f"error: {flag}: {where}{error}")
     return loaded
 
 
@@ -375,8 +395,10 @@ def _saved_settings(checkpoint: Path) -> tuple[dict | None, str | None]:
         saved = json.loads(run_file.read_text())
     except (OSError, ValueError) as error:
         return None, f"{run_file.name} cannot be read ({error})"
-    if not isinstance(saved, dict):
-        return None, f"{run_file.name} is not a JSON object"
+    if not isinstance(saved, dict) or not isinstance(saved.get("files", {}), dict):
+        return None, f"{run_file.name} is not the JSON object a checkpoint saves"
+    # Saved before run.json recorded it: DeepSpeed's checkpoints are those with its model folder.
+    saved.setdefault("deepspeed", "on" if (checkpoint / "pytorch_model").is_dir() else "off")
     for name, size in saved.get("files", {}).items():  # checkpoints of the previous release have no sizes
         path = checkpoint / name
         if not path.is_file():
@@ -633,9 +655,8 @@ def train(
     else:  # from the process's creation, imports included: the launch overhead users wait for
         log(f"[Train] first step at {time.time() - psutil.Process().create_time():.2f} s after start")
     with preemption.recorded():  # signals wait for the next step boundary
-        for data, target in batches(accelerator, loader, progress.batch):
-            if progress.step >= steps:
-                break
+        # None when resumed at the last step: not even the loader's workers start.
+        for data, target in batches(accelerator, loader, progress.batch) if progress.step < steps else ():
             with accelerator.accumulate(model):
                 loss = loss_fn(model(data), target)
                 accelerator.backward(loss)
@@ -727,7 +748,7 @@ def finish(accelerator, model, progress, args, results: dict) -> None:
     state_dict = accelerator.get_state_dict(model)  # on every rank: under DeepSpeed ZeRO-3 it gathers the shards
     if global_rank() == 0:
         results = {**results, "steps": progress.step}
-        rerun = "the last checkpoint holds the trained weights: free some space and rerun with --resume"
+        rerun = "the last checkpoint holds the trained weights: rerun with --resume to write them again"
         with _naming_a_failed_save(f"the results in {args.output_dir}", args.output_dir, rerun):
             atomic_write(
                 Path(args.output_dir) / "results.json", lambda file: json.dump(results, file, indent=2), binary=False

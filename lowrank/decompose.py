@@ -789,7 +789,7 @@ class Decompose:
             raise ValueError(f"{missing[0]} must be given, got None")
         policy = _make_policy({"exclude": excludes or (), "divisor": divisor, **options}, valid_extra=())
         if self.config_file is not None:
-            replacements = _save_plan(_check_model(self.model), policy, self.method, self.config_file)
+            replacements = _save_plan(_uncompiled(self.model), policy, self.method, self.config_file)
             policy = _replay_policy(replacements)
         self.policy = policy
         return self
@@ -833,7 +833,7 @@ class Decompose:
                 f"{self.config_file}: no such config file; a from_*() method of Decompose(model, "
                 "config_file=...) saves it first"
             )
-        self.policy = _replay_policy(read_info(self.config_file, _check_model(self.model)))
+        self.policy = _replay_policy(read_info(self.config_file, _uncompiled(self.model)))
         return self
 
     def decompose_network(self, do_decompose_weight: bool = True, datasets=None, max_iter: int = -1) -> nn.Module:
@@ -859,7 +859,6 @@ class Decompose:
                 "process's ranks with Decompose(model, config_file=...) and build the others' structure with "
                 "from_file(), not with the latency rule and do_decompose_weight=False"
             )
-        _check_model(self.model)
         try:
             model = copy.deepcopy(self.model)
         except (RuntimeError, TypeError) as error:

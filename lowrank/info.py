@@ -37,7 +37,7 @@ import torch
 from torch import nn
 from torch.nn.modules.lazy import LazyModuleMixin
 
-from .io import atomic_write
+from .io import WRAPPERS, atomic_write
 from .methods import METHODS, MODULE_TYPES, Cost, build_module, dense_cost, layer_args, output_shape_changes, specs_cost
 
 FORMAT = "lowrank-decompose-info"
@@ -172,11 +172,11 @@ def _model_layer(path, model, name, expected_type):
     try:
         layer = model.get_submodule(name)
     except AttributeError:
-        prefix, _, rest = name.partition(".")
+        prefix = next((prefix for prefix in WRAPPERS if name.startswith(prefix)), None)
         hint = (
-            f" (the name starts with {prefix + '.'!r}, as in a model wrapped in DataParallel, DDP or torch.compile: "
-            "remove that prefix from the file's layer names)"
-            if prefix in ("module", "_orig_mod") and rest
+            f" (the name starts with {prefix!r}: written from a {WRAPPERS[prefix]}? Remove that prefix from the "
+            "file's layer names)"
+            if prefix
             else ""
         )
         raise DecomposeInfoError(f"{path}: layer {name!r} is not in the model{hint}") from None

@@ -21,6 +21,7 @@ import signal
 import sys
 from pathlib import Path
 
+import torch
 import torchvision
 
 import lowrank
@@ -64,12 +65,13 @@ def main(args):
         if args.model == "mnist":
             model = Net()
         else:  # as many classes as the pretrained classifier has: the model's last weight, found by its name
-            # (a safetensors file sorts its keys)
-            model = torchvision.models.get_model(args.model)
-            classifier = [(name, tensor) for name, tensor in model.state_dict().items() if name.endswith("weight")][-1]
-            pretrained = state_dict.get(classifier[0])
-            if pretrained is not None and pretrained.shape[:1] != classifier[1].shape[:1]:
-                model = torchvision.models.get_model(args.model, num_classes=pretrained.shape[0])
+            # (a safetensors file sorts its keys) on a copy with no storage (the meta device)
+            with torch.device("meta"):
+                layout = torchvision.models.get_model(args.model).state_dict()
+            classifier = next(name for name in reversed(layout) if name.endswith("weight"))
+            pretrained = state_dict.get(classifier)
+            classes = pretrained.shape[0] if pretrained is not None else layout[classifier].shape[0]
+            model = torchvision.models.get_model(args.model, num_classes=classes)
         load_weights(model, state_dict, args.pretrained_path)
     except (FileNotFoundError, ValueError) as error:  # they name the file and what is wrong with it
         sys.exit(f"error: --pretrained-path (for --model {args.model}): {error}")

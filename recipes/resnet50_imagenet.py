@@ -38,13 +38,13 @@ default 0.1 diverges at a global batch of 8:
 Errors: as the MNIST recipes (missing paths name their flag before any work; a failure on rank 0
 while decomposing stops every rank with its message; SIGTERM/SIGUSR1 checkpoint and exit with 75,
 rerun with ``--resume``), plus: no ``train/``/``val/`` under ``--data-path``, a class folder without
-images, other class folders in ``val/`` than in ``train/`` (each would number them its own way), a single
-class; ``--weights`` whose class count differs from the dataset's, or that cannot be downloaded; a
-``--pretrained-path`` that does not fit resnet50 with the dataset's classes; ``--test-only`` with
-nothing to evaluate but a random initialisation; fp16/bf16 on a device that lacks it (fp16 on the CPU,
-where Accelerate would train in float32); fp16/bf16 under DeepSpeed (its casts leave BatchNorm's running
-statistics in float32, which torch refuses), named before any work. An image that cannot be read stops
-the run with its file name (the checkpoints saved until then resume).
+images, class folders in ``val/`` that ``train/`` lacks (``val/`` may hold fewer: its labels follow
+``train/``'s), a single class; ``--weights`` whose class count differs from the dataset's, or that cannot
+be downloaded; a ``--pretrained-path`` that does not fit resnet50 with the dataset's classes;
+``--test-only`` with nothing to evaluate but a random initialisation; fp16/bf16 on a device that lacks
+it (fp16 on the CPU, where Accelerate would train in float32); fp16/bf16 under DeepSpeed (its casts
+leave BatchNorm's running statistics in float32, which torch refuses), named before any work. An image
+that cannot be read stops the run with its file name (the checkpoints saved until then resume).
 """
 
 import argparse
@@ -90,7 +90,6 @@ from launch.runner import (
     rank_zero_first,
     train,
 )
-from lowrank.io import load_state_dict, load_weights
 
 # ImageNet's channel statistics, as torchvision's weights expect them.
 NORMALIZE = transforms.Normalize(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
@@ -169,9 +168,10 @@ def get_args_parser():
     parser.add_argument(
         "--weights",
         default=None,
+        type=lambda name: name.removeprefix("ResNet50_Weights."),  # torchvision's references spell it so
         choices=list(torchvision.models.ResNet50_Weights.__members__),
-        help="instead of --pretrained-path: torchvision's weights of resnet50 by name, e.g. IMAGENET1K_V2; needs "
-        "internet the first time (default: None)",
+        help="instead of --pretrained-path: torchvision's weights of resnet50 by name, e.g. IMAGENET1K_V2 or "
+        "ResNet50_Weights.IMAGENET1K_V2; needs internet the first time (default: None)",
     )
     add_distributed_args(parser)
     add_decomposition_args(parser, method="tucker2", ratio=0.5)  # msModelSlim's sample: from_ratio(0.5)
@@ -213,14 +213,17 @@ def load_data(args):
         except FileNotFoundError as error:  # no class folder, or one without images
             raise SystemExit(f"error: --data-path {args.data_path}: {folders[split]}: {error}") from None
     train_set, val_set = splits["train"], splits["val"]
-    # Each folder numbers its own classes (sorted names): other names would give the labels other meanings.
-    if train_set.classes != val_set.classes:
-        only_train = sorted(set(train_set.classes) - set(val_set.classes))
-        only_val = sorted(set(val_set.classes) - set(train_set.classes))
+    unknown = sorted(set(val_set.classes) - set(train_set.classes))
+    if unknown:
         raise SystemExit(
-            f"error: --data-path {args.data_path}: train/ and val/ must hold the same class folders; only in train/: "
-            f"{_some(only_train)}; only in val/: {_some(only_val)}"
+            f"error: --data-path {args.data_path}: val/ holds class folders that train/ lacks: {_some(unknown)}"
         )
+    # Each folder numbers its own classes (sorted names): val/'s labels are given train/'s numbers, which
+    # differ where val/ lacks a class.
+    number = {val_set.class_to_idx[name]: train_set.class_to_idx[name] for name in val_set.classes}
+    val_set.samples = val_set.imgs = [(path, number[label]) for path, label in val_set.samples]
+    val_set.targets = [label for _, label in val_set.samples]
+    val_set.classes, val_set.class_to_idx = train_set.classes, train_set.class_to_idx
     if len(train_set.classes) < 2:  # the loss would be 0 and the accuracy 100% whatever the model
         raise SystemExit(
             f"error: --data-path {args.data_path} has a single class folder: a classifier needs two or more"
@@ -286,18 +289,12 @@ def main(args):
     mode = check_mode_args(args, pretrained="weights")
     args.lr = args.lr if args.lr is not None else (0.1 if mode == "baseline" else 0.01)
     args.channels_last = args.use_gpu if args.channels_last is None else args.channels_last
-    # The data and the weights are checked on every rank, before a training run without --resume moves
-    # an earlier run's checkpoints aside, and before a rank waits for another that exited.
+    # The data and the class count of --weights are checked on every rank, before a training run without
+    # --resume moves an earlier run's checkpoints aside, and before a rank waits for another that exited.
     train_set, val_set = load_data(args)
     classes = SYNTHETIC["classes"] if args.synthetic else len(train_set.classes)
     if args.weights:
         check_weights(args.weights, classes)
-    if args.pretrained_path and mode != "offline":  # on rank 0 amid the decomposition, it would be a traceback
-        try:  # into a model of its own: the one trained is drawn after set_seed, the same on every rank
-            check = torchvision.models.resnet50(num_classes=classes)
-            load_weights(check, load_state_dict(args.pretrained_path), args.pretrained_path)
-        except ValueError as error:
-            sys.exit(f"error: --pretrained-path (for resnet50 with the dataset's {classes} classes): {error}")
     accelerator = create_accelerator(
         use_gpu=args.use_gpu,
         output_dir=args.output_dir,
@@ -313,12 +310,6 @@ def main(args):
             f"error: mixed precision {accelerator.mixed_precision} (--mixed-precision or the launcher's config) "
             "does not run under DeepSpeed, which casts BatchNorm's weights but not its running statistics: "
             "pass --mixed-precision no, or launch without DeepSpeed (Accelerate's autocast)"
-        )
-    # Accelerate autocasts to fp16 on GPUs only: on the CPU it would train in float32 without a word.
-    if accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu":
-        sys.exit(
-            "error: mixed precision fp16 (--mixed-precision or the launcher's config) runs on GPUs only, and this "
-            "run is on the CPU: pass --mixed-precision bf16 or no"
         )
     # The learning-rate curve depends on these: a scheduler's checkpoint holds its step, not its curve.
     schedule = ("epochs", "steps", "lr_warmup_epochs", "label_smoothing")

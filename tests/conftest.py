@@ -18,6 +18,17 @@ needs_data = pytest.mark.skipif(not (DATA / "MNIST" / "raw").is_dir(), reason=f"
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "LOWRANK_LOG_LEVEL": "info"}
 
 
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """Accelerate's state is a process-wide singleton, which a later Accelerator would take as it is:
+    each test leaves none behind."""
+    yield
+    if "accelerate" in sys.modules:  # the lowrank tests never import it
+        from accelerate.state import AcceleratorState
+
+        AcceleratorState._reset_state(reset_partial_state=True)
+
+
 @pytest.fixture
 def net():
     torch.manual_seed(0)

@@ -173,7 +173,6 @@ def test_an_artifact_inside_another_is_refused(tmp_path):
         ("online", ["--save-path", "{out}/decomposed_weights.pth"], "--decomposed-weights-path and --save-path"),
         ("online", ["--decompose-info-path", "{pretrained}"], "--pretrained-path and --decompose-info-path"),
         ("offline", ["--save-path", "{out}/../out/w.pth"], "--decomposed-weights-path and --save-path"),
-        (None, ["--save-path", "{pretrained}"], "--pretrained-path and --save-path"),
     ],
 )
 def test_the_save_path_and_the_artifacts_cannot_be_an_input(tmp_path, run_mode, argv, flags):
@@ -196,6 +195,16 @@ def test_the_save_path_and_the_artifacts_cannot_be_an_input(tmp_path, run_mode, 
     args = parser.parse_args([*paths, *(arg.format(out=tmp_path / "out", pretrained=pretrained) for arg in argv)])
     with pytest.raises(SystemExit, match=f"error: {flags} are the same file .*: give each its own"):
         check_mode_args(args)
+
+
+def test_a_baseline_may_train_its_pretrained_weights_in_place(tmp_path):
+    parser = argparse.ArgumentParser()
+    add_decomposition_args(parser)
+    add_output_args(parser, output_dir=str(tmp_path / "out"))
+    pretrained = tmp_path / "dense.pth"
+    pretrained.write_bytes(b"")
+    args = parser.parse_args(["--pretrained-path", str(pretrained), "--save-path", str(pretrained)])
+    assert check_mode_args(args) == "baseline"
 
 
 def parse_distributed(*argv):

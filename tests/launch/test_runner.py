@@ -130,6 +130,14 @@ def test_a_deepspeed_checkpoint_resumes_under_deepspeed_with_as_many_processes(t
     monkeypatch.delenv("ACCELERATE_USE_DEEPSPEED")
     with pytest.raises(SystemExit, match=r"DeepSpeed on \(now off\)"):
         checkpoint_to_resume(run_args(tmp_path), world_size=1)
+    # Saved before run.json recorded the launcher: told by DeepSpeed's model folder.
+    run_json = saved / "run.json"
+    run_json.write_text(
+        json.dumps({key: value for key, value in json.loads(run_json.read_text()).items() if key != "deepspeed"})
+    )
+    (saved / "pytorch_model").mkdir()
+    with pytest.raises(SystemExit, match=r"DeepSpeed on \(now off\)"):
+        checkpoint_to_resume(run_args(tmp_path), world_size=1)
 
 
 def test_an_evaluation_leaves_the_checkpoints_of_a_running_job_alone(trainer, tmp_path):
@@ -164,14 +172,16 @@ def test_a_fresh_run_moves_the_earlier_checkpoints_aside(trainer, tmp_path, caps
 
 def test_a_damaged_checkpoint_gives_way_to_the_one_before(trainer, tmp_path, capsys):
     accelerator, _, progress = trainer
-    for progress.step in (2, 4, 6):
+    for progress.step in (2, 4, 6, 8):
         save_checkpoint(accelerator, tmp_path, progress, run_args(tmp_path))
-    step_2, step_4, step_6 = (tmp_path / "checkpoints" / f"step_{step}" for step in (2, 4, 6))
+    step_2, step_4, step_6, step_8 = (tmp_path / "checkpoints" / f"step_{step}" for step in (2, 4, 6, 8))
+    (step_8 / "run.json").write_text('{"files": []}')  # written by something else
     (step_6 / "run.json").write_text("{")  # cut short
     weights = next(step_4.glob("model*"))
     weights.write_bytes(weights.read_bytes()[:-10])  # truncated: a full disk, a copy cut short
     assert checkpoint_to_resume(run_args(tmp_path), world_size=1) == step_2
     out = capsys.readouterr().out
+    assert f"{step_8} is damaged (run.json is not the JSON object a checkpoint saves)" in out
     assert f"{step_6} is damaged (run.json cannot be read" in out
     assert f"{step_4} is damaged ({weights.name} has" in out
 
@@ -357,6 +367,22 @@ def test_a_launcher_overriding_the_gradient_accumulation_is_refused(tmp_path, mo
         runner.create_accelerator(use_gpu=False, output_dir=tmp_path, gradient_accumulation_steps=2)
 
 
+def test_a_setting_accelerate_refuses_is_named_without_a_traceback(tmp_path, monkeypatch):
+    def refuse(**kwargs):  # as on a GPU without bf16
+        raise ValueError("bf16 mixed precision requires PyTorch >= 1.10 and a supported device.")
+
+    monkeypatch.setattr(runner, "Accelerator", refuse)
+    with pytest.raises(SystemExit, match=r"error: bf16 mixed precision requires .* \(from the recipe's flags or"):
+        runner.create_accelerator(use_gpu=False, output_dir=tmp_path)
+
+
+def test_fp16_on_the_cpu_is_refused(tmp_path, monkeypatch):
+    """Accelerate autocasts to fp16 on GPUs only: the run would train in float32 without a word."""
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "fp16")  # as accelerate launch --mixed_precision fp16 sets it
+    with pytest.raises(SystemExit, match=r"error: mixed precision fp16 .* runs on GPUs only, and this run is on"):
+        runner.create_accelerator(use_gpu=False, output_dir=tmp_path)
+
+
 def test_an_init_method_on_the_launchers_own_port_is_refused(tmp_path, monkeypatch):
     # What torchrun exports; its agent's store listens on MASTER_ADDR:MASTER_PORT.
     launcher = {"LOCAL_RANK": "0", "RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29511"}
@@ -430,5 +456,5 @@ def test_a_full_disk_at_the_end_is_named(trainer, tmp_path, monkeypatch):
     ) as error:
         runner.finish(accelerator, model, progress, args, {})
     assert str(error.value).endswith(
-        "the last checkpoint holds the trained weights: free some space and rerun with --resume"
+        "the last checkpoint holds the trained weights: rerun with --resume to write them again"
     )

@@ -8,10 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import accelerate_launch, free_port, run
+from tests.conftest import accelerate_launch, free_port, run, torchrun
 
 pytestmark = pytest.mark.integration
 WORKER = Path(__file__).with_name("runner_worker.py")
+RANK_ZERO_FIRST_WORKER = Path(__file__).with_name("rank_zero_first_worker.py")
 CONFIGS = {"ddp": "cpu_2proc.yaml", "zero2": "deepspeed_zero2.yaml", "zero3": "deepspeed_zero3.yaml"}
 
 
@@ -44,3 +45,24 @@ def test_deepspeed_trains_as_ddp_with_the_same_flags(stage, ddp, tmp_path):
     # ...until the runner gives every rank rank 0's, to evaluate and to checkpoint.
     assert rank_0["evaluated"] == rank_1["evaluated"] == rank_0["before_evaluation"]
     assert rank_0["checkpointed"] == rank_1["checkpointed"]
+
+
+@pytest.mark.parametrize(
+    "failing_rank, error, message",
+    [
+        (1, "RuntimeError", "error: --data-path X: rank 1: no space left"),  # e.g. a path not shared by its node
+        (0, "OSError", "error: --data-path X: OSError: no space left"),
+        (-1, "OSError", None),
+    ],
+)
+def test_a_failed_load_on_any_rank_stops_every_rank_with_its_message(failing_rank, error, message):
+    """rank_zero_first: no rank is left waiting in a collective for one that exited."""
+    result = run(torchrun(RANK_ZERO_FIRST_WORKER, failing_rank, error), check=False, timeout=120)
+    if message is None:
+        assert result.returncode == 0 and sorted(result.stdout.split("\n"))[-2:] == [
+            "rank 0 loaded 0",
+            "rank 1 loaded 1",
+        ]
+    else:
+        assert result.returncode != 0 and result.stderr.count(message) == 2, result.stderr
+        assert "loaded" not in result.stdout

@@ -269,7 +269,7 @@ def test_amct_info_files(tmp_path, first, last, kernels, lowrank_log):
         (amct_record([40, 128, 3, 1], [128, 40, 1, 3], name="conv7"), "layer 'conv7' is not in the model"),
         (
             amct_record([40, 128, 3, 1], [128, 40, 1, 3], name="module.conv2"),
-            r"layer 'module.conv2' is not in the model \(the name starts with 'module.', as in a model wrapped",
+            r"layer 'module.conv2' is not in the model \(the name starts with 'module.': written from a model wrapped",
         ),
         (amct_record([True, 128, 3, 1], [128, True, 1, 3]), "are not a spatial decomposition"),
         (amct_record([40, True, 3, 1], [128, 40, 1, 3]), "are not a spatial decomposition"),
