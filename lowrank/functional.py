@@ -95,12 +95,20 @@ def _truncation(matrix: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Te
         else:  # tall: work on the small side, then map the right vectors back to the left
             basis = torch.linalg.qr(matrix @ _gram_eigenvectors(matrix.T, rank)).Q
         return basis, basis.T @ matrix
-    matrix = matrix.float()
-    sketch_basis, projected = _filtered_basis(matrix, width)
-    projected = projected.double()
+    scale = _unit_scale(matrix)
+    sketch_basis, projected = _filtered_basis(matrix.float() / scale, width)
+    projected = projected.double() * scale
     # Best rank-r subspace inside the sketched one: eigenvectors of the small projected Gram matrix.
     inner = _gram_eigenvectors(projected, rank)
     return sketch_basis.double() @ inner, inner.T @ projected
+
+
+def _unit_scale(tensor: torch.Tensor) -> float:
+    """A power of two near the largest magnitude in ``tensor`` (1 for zeros): dividing by it is exact,
+    and keeps the float32 products of squares (Gram matrices, filter steps) in range for weights far
+    from 1, which would overflow from about 1e19 (NaN factors) and underflow below about 1e-19."""
+    peak = tensor.detach().abs().max().item()
+    return 2.0 ** math.floor(math.log2(peak)) if 0 < peak < math.inf else 1.0
 
 
 def leading_subspace(matrix: torch.Tensor, rank: int) -> torch.Tensor:
@@ -217,6 +225,8 @@ def tucker2(
     are orthonormalized and the core computed in the iterations' dtype, then returned in float64.
     """
     dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
+    scale = _unit_scale(weight)
+    weight = weight.to(dtype) / scale
     u_out, u_in, error, kernel = _hooi(weight, in_rank, out_rank, max_iter, tol, dtype)
     if dtype == torch.float32 and error < FLOAT32_MIN_ERROR:
         u_out, u_in, _, kernel = _hooi(weight, in_rank, out_rank, max_iter, tol, torch.float64)
@@ -226,7 +236,7 @@ def tucker2(
     out_ch, in_ch, kh, kw = weight.shape
     core = (u_out.T @ kernel.reshape(out_ch, -1)).reshape(-1, in_ch) @ u_in
     core = core.reshape(out_rank, kh, kw, in_rank).permute(0, 3, 1, 2)
-    return core.double(), u_out.double(), u_in.double()
+    return core.double() * scale, u_out.double(), u_in.double()
 
 
 def _relative_error(squared_norm: float, energy: float) -> float:

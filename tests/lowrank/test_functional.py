@@ -181,3 +181,17 @@ def test_tucker2_is_deterministic():
     weight = low_rank_plus_noise((32, 24, 3, 3), 6, 0.01, seed=2)
     first, second = F.tucker2(weight, 12, 16), F.tucker2(weight, 12, 16)
     assert all(torch.equal(a, b) for a, b in zip(first, second))
+
+
+@pytest.mark.parametrize("scale", [1e-30, 1e20, 1e30])
+def test_weights_far_from_one_decompose_as_well_as_near_it(scale):
+    """float32 squares of weights over about 1e19 overflow (NaN factors), under 1e-19 underflow."""
+    torch.manual_seed(0)
+    kernel, matrix = torch.randn(32, 32, 3, 3), torch.randn(600, 600)  # the latter takes the randomized path
+    core, u_out, u_in = F.tucker2(kernel, 8, 8)
+    scaled_core, scaled_u_out, scaled_u_in = F.tucker2(kernel * scale, 8, 8)
+    rebuilt = torch.einsum("rshw,or,is->oihw", scaled_core, scaled_u_out, scaled_u_in)
+    expected = relative_error(torch.einsum("rshw,or,is->oihw", core, u_out, u_in), kernel.double())
+    assert relative_error(rebuilt, (kernel * scale).double()) == pytest.approx(expected, rel=1e-6)
+    left, right = F.low_rank_factors(matrix * scale, 50)
+    assert relative_error(left @ right, (matrix * scale).double()) < 1.001 * optimal_error(matrix, 50) / matrix.norm()
