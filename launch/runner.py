@@ -72,6 +72,15 @@ def _deepspeed() -> str:
     return "on" if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true" else "off"
 
 
+def _launcher_settings(world_size: int) -> dict:
+    """The number of processes, DeepSpeed and its ZeRO stage (when the launcher's config sets it), as
+    a checkpoint records them."""
+    settings = {"world_size": world_size, "deepspeed": _deepspeed()}
+    if settings["deepspeed"] == "on" and "ACCELERATE_DEEPSPEED_ZERO_STAGE" in os.environ:
+        settings["zero_stage"] = os.environ["ACCELERATE_DEEPSPEED_ZERO_STAGE"]
+    return settings
+
+
 def create_accelerator(*, use_gpu: bool, output_dir, backend=None, init_method="env://", **kwargs) -> Accelerator:
     """An Accelerator logging to TensorBoard in ``output_dir``, on the CPU unless ``use_gpu`` (and
     there are GPUs).
@@ -354,6 +363,8 @@ MODEL_SETTINGS = {
     "vbmf": "--vbmf",
     # DeepSpeed saves the model and its ZeRO shards its own way, which only DeepSpeed with as many processes reads.
     "deepspeed": "the launcher's DeepSpeed",
+    # Nor does DeepSpeed load one stage's shards under another (it fails with a bare AssertionError).
+    "zero_stage": "DeepSpeed's ZeRO stage",
 }
 # For training, also which batches come next and the optimizer's state (the others, such as --steps,
 # may change; a recipe adds its own through checkpoint_to_resume's recipe_settings).
@@ -484,7 +495,7 @@ def _resume_decision(args, world_size: int, recipe_settings) -> tuple[str | None
         log(f"[Resume] no complete checkpoint in {folder}: starting afresh{hint}")
         return None, None
     settings = dict(MODEL_SETTINGS)
-    current = {**vars(args), "world_size": world_size, "deepspeed": _deepspeed()}
+    current = {**vars(args), **_launcher_settings(world_size)}
     if not evaluating:
         settings |= TRAINING_SETTINGS | {name: f"--{name.replace('_', '-')}" for name in recipe_settings}
     elif current["deepspeed"] == "on":
@@ -558,7 +569,7 @@ def save_checkpoint(accelerator, output_dir, progress, args) -> Path:
             files = {
                 str(file.relative_to(partial)): file.stat().st_size for file in partial.rglob("*") if file.is_file()
             }
-            run = {**vars(args), "world_size": accelerator.num_processes, "deepspeed": _deepspeed(), "files": files}
+            run = {**vars(args), **_launcher_settings(accelerator.num_processes), "files": files}
             atomic_write(partial / "run.json", lambda file: json.dump(run, file, indent=2, default=str), binary=False)
         if path.exists():
             os.replace(path, replaced)

@@ -23,6 +23,9 @@ export REPO_DIR OUTPUT_DIR DECOMPOSE_INFO_PATH DECOMPOSED_WEIGHTS_PATH
 # --parsable prints "<id>" or "<id>;<cluster>".
 step1=$(EXTRA_ARGS=${DECOMPOSE_ARGS:-} sbatch --parsable "$REPO_DIR/slurm/decompose.sbatch")
 step1=${step1%%;*}
-step2=$(RUN_MODE=offline sbatch --parsable --dependency="afterok:$step1" "$@" "$REPO_DIR/slurm/mnist_cpu.sbatch")
+# If step 1 fails, Slurm cancels step 2 (Reason=DependencyNeverSatisfied) instead of leaving it
+# pending forever, which is the default of clusters without kill_invalid_depend.
+step2=$(RUN_MODE=offline sbatch --parsable --dependency="afterok:$step1" --kill-on-invalid-dep=yes "$@" \
+    "$REPO_DIR/slurm/mnist_cpu.sbatch")
 step2=${step2%%;*}
 echo "$step1 $step2"

@@ -140,6 +140,22 @@ def test_a_deepspeed_checkpoint_resumes_under_deepspeed_with_as_many_processes(t
         checkpoint_to_resume(run_args(tmp_path), world_size=1)
 
 
+def test_a_deepspeed_checkpoint_resumes_under_the_same_zero_stage(trainer, tmp_path, monkeypatch):
+    accelerator, _, progress = trainer
+    progress.step = 5
+    # As accelerate launch sets them for deepspeed_zero2.yaml.
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2")
+    saved = save_checkpoint(accelerator, tmp_path, progress, run_args(tmp_path))
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "3")
+    # Named before any work, not by DeepSpeed's bare AssertionError once the model is built.
+    for evaluating in (False, True):
+        with pytest.raises(SystemExit, match=r"saved with other settings: DeepSpeed's ZeRO stage 2 \(now 3\)\."):
+            checkpoint_to_resume(run_args(tmp_path, test_only=evaluating), world_size=1)
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2")
+    assert checkpoint_to_resume(run_args(tmp_path), world_size=1) == saved
+
+
 def test_an_evaluation_leaves_the_checkpoints_of_a_running_job_alone(trainer, tmp_path):
     accelerator, _, progress = trainer
     progress.step = 2

@@ -38,8 +38,9 @@ def shellcheck():
 
 @pytest.mark.parametrize("script", sorted([*SLURM.glob("*.sh"), *SLURM.glob("*.sbatch")]), ids=lambda path: path.name)
 def test_script_parses_and_passes_shellcheck(script):
-    for command in (["bash", "-n", script], [shellcheck(), "--shell=bash", script]):
-        result = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    # -x from the repository root: the scripts' "# shellcheck source=slurm/common.sh" is followed.
+    for command in (["bash", "-n", script], [shellcheck(), "--shell=bash", "-x", script]):
+        result = subprocess.run(command, capture_output=True, text=True, timeout=60, cwd=ROOT)
         assert result.returncode == 0, f"{command}:\n{result.stdout}{result.stderr}"
 
 
@@ -52,14 +53,146 @@ def test_sbatch_script_has_the_required_parts(script):
     variables = ["OUTPUT_DIR", "PRETRAINED_PATH", "EXTRA_ARGS"] + ["DATA_PATH", "PROCS_PER_NODE"] * launches
     for variable in variables:
         assert f"{variable}=${{{variable}:-" in text, f"{variable} is not overridable"
-    assert "$EXTRA_ARGS" in text
+    assert "split_extra_args" in text and '"${extra_args[@]}"' in text
+    assert 'source "$REPO_DIR/slurm/common.sh"' in text
     if launches:
         assert re.search(r"^#SBATCH --signal=B:USR1@\d+", text, re.M) and "#SBATCH --requeue" in text
-        assert "trap " in text and 'scontrol requeue "$SLURM_JOB_ID"' in text
+        assert "trap " in text and "wait_and_exit" in text  # which requeues a preempted run (common.sh)
         assert "'" + 'exec "$0" -m accelerate.commands.launch --machine_rank "$SLURM_NODEID" "$@"' + "'" in text
         assert "scontrol show hostnames" in text and "NodeAddr" in text and "--resume" in text
     if script == "resnet50_gpu.sbatch":
         assert "#SBATCH --gpus-per-node=" in text and "--use-gpu" in text
+
+
+# Stand-ins for the Slurm commands an sbatch script calls, to run it outside Slurm: each logs its
+# arguments; srun (which would start the job step) sends USR1 to the batch shell first when asked.
+STUBS = {
+    "squeue": """#!/usr/bin/env bash
+if [[ " $* " == *" -s "* ]]; then echo "$SLURM_JOB_ID.0"; else echo "$STUB_SUBMITTED"; fi
+""",
+    "scontrol": """#!/usr/bin/env bash
+echo "$*" >>"$STUB_DIR/scontrol.log"
+case $2 in hostnames) echo n1 ;; node) echo "NodeName=n1 Arch=x86_64 NodeAddr=127.0.0.1 NodeHostName=n1" ;; esac
+""",
+    "scancel": """#!/usr/bin/env bash
+echo "$*" >>"$STUB_DIR/scancel.log"
+""",
+    "srun": """#!/usr/bin/env bash
+printf '%s\\0' "$@" >"$STUB_DIR/srun.args"
+[[ -z $STUB_USR1_FROM_SRUN ]] || { kill -USR1 "$PPID"; sleep 1; }
+exit "${STUB_SRUN_EXIT:-0}"
+""",
+    # The first call comes from the batch shell itself, while it checks the settings.
+    "xargs": """#!/usr/bin/env bash
+if [[ -n $STUB_USR1_FROM_XARGS && ! -e $STUB_DIR/usr1.sent ]]; then touch "$STUB_DIR/usr1.sent"; kill -USR1 "$PPID"; fi
+exec "$REAL_XARGS" "$@"
+""",
+}
+
+
+def dry_run(tmp_path, script, **variables):
+    """Runs ``slurm/<script>`` with bash outside Slurm, as a 1-node job 7 submitted from ``tmp_path``
+    (not the repository), with the Slurm commands stubbed. Returns the exit code, the log, the
+    arguments srun got (None if it never ran) and the scontrol calls."""
+    stubs = tmp_path / "stubs"
+    stubs.mkdir(exist_ok=True)
+    for name, text in STUBS.items():
+        (stubs / name).write_text(text)
+        (stubs / name).chmod(0o755)
+    if variables.pop("usr1_from_xargs", False):
+        variables.update(STUB_USR1_FROM_XARGS="1", REAL_XARGS=shutil.which("xargs"))
+    else:
+        (stubs / "xargs").unlink()
+    env = {
+        "PATH": f"{stubs}{os.pathsep}{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        "HOME": os.environ.get("HOME", "/root"),
+        "SLURM_JOB_ID": "7",
+        "SLURM_JOB_NODELIST": "n1",
+        "SLURM_JOB_NUM_NODES": "1",
+        "SLURM_CPUS_PER_TASK": "2",
+        "SLURM_SUBMIT_DIR": str(tmp_path),
+        "STUB_DIR": str(stubs),
+        "STUB_SUBMITTED": str(SLURM / script),  # what sbatch records: the script's absolute path
+        "PYTHON": sys.executable,
+        "OUTPUT_DIR": str(tmp_path / "out"),
+        **variables,
+    }
+    result = subprocess.run(["bash", SLURM / script], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    args = (stubs / "srun.args").read_text().split("\0")[:-1] if (stubs / "srun.args").exists() else None
+    scontrol = (stubs / "scontrol.log").read_text() if (stubs / "scontrol.log").exists() else ""
+    return result.returncode, result.stdout + result.stderr, args, scontrol
+
+
+def flag(args, name):
+    """The value after ``name`` in ``args`` (None when it is absent)."""
+    return args[args.index(name) + 1] if name in args else None
+
+
+@pytest.mark.parametrize("mode", ["online", "offline", "baseline"])
+def test_mnist_script_passes_each_mode_its_own_paths_and_quoted_extra_args(tmp_path, mode):
+    extra = """--steps 2 --save-path "/tmp/a b/model.pth" --method 'svd' --layers conv*"""
+    code, log, args, _ = dry_run(tmp_path, "mnist_cpu.sbatch", RUN_MODE=mode, EXTRA_ARGS=extra)
+    assert code == 0 and args, log
+    out = tmp_path / "out"
+    # Found from the script's own path, though submitted from elsewhere.
+    assert str(ROOT / "recipes" / f"mnist_{mode}.py") in args, args
+    assert args[-8:] == ["--steps", "2", "--save-path", "/tmp/a b/model.pth", "--method", "svd", "--layers", "conv*"]
+    assert "--resume" in args and flag(args, "--output-dir") == str(out)
+    pretrained = flag(args, "--pretrained-path")
+    assert pretrained == (str(ROOT / "runs" / "baseline" / "baseline.pth") if mode == "online" else None), args
+    decomposition = [flag(args, "--decompose-info-path"), flag(args, "--decomposed-weights-path")]
+    if mode == "baseline":
+        assert decomposition == [None, None] and flag(args, "--save-path") == str(out / "baseline.pth"), args
+    else:
+        assert decomposition == [str(out / "decompose_info.json"), str(out / "decomposed_weights.pth")], args
+    assert int(flag(args, "--main_process_port")) % 1000 == 507, args  # 29500 + job 7, or 1000 above
+    assert "--multi_gpu" not in args, args  # one process: Accelerate refuses --multi_gpu for it
+    assert "--machine_rank \\$SLURM_NODEID" not in log and "--machine_rank $SLURM_NODEID" in log
+    assert "/tmp/a\\ b/model.pth" in log, log  # the echoed launch line, quoted as a shell would need it
+
+
+@pytest.mark.parametrize(
+    "variables, message",
+    [
+        ({"RUN_MODE": "onlnie"}, "RUN_MODE=onlnie: expected online, offline or baseline"),
+        ({"REPO_DIR": "/nonexistent"}, "no slurm/common.sh in REPO_DIR=/nonexistent"),
+        ({"PYTHON": "/nonexistent/python3"}, "PYTHON=/nonexistent/python3 (not found) cannot import accelerate"),
+        ({"PROCS_PER_NODE": "two"}, "PROCS_PER_NODE=two: expected a positive number"),
+        ({"EXTRA_ARGS": '--save-path "/tmp/a b'}, "EXTRA_ARGS: unbalanced quotes"),
+    ],
+    ids=["run-mode", "repo-dir", "python", "procs-per-node", "extra-args"],
+)
+def test_mnist_script_refuses_bad_settings_before_the_launch(tmp_path, variables, message):
+    code, log, args, _ = dry_run(tmp_path, "mnist_cpu.sbatch", **variables)
+    assert code == 2 and f"[slurm] error: {message}" in log and args is None, log
+
+
+def test_scripts_take_extra_args_quoted_and_offline_needs_no_pretrained_weights(tmp_path):
+    code, log, args, _ = dry_run(tmp_path, "resnet50_gpu.sbatch", RUN_MODE="offline", EXTRA_ARGS='--epochs "2"')
+    assert code == 0 and "--pretrained-path" not in args and args[-2:] == ["--epochs", "2"], log
+    assert flag(args, "--run-mode") == "offline" and str(ROOT / "recipes" / "resnet50_imagenet.py") in args, args
+    assert "--multi_gpu" in args and flag(args, "--num_processes") == "8", args  # one per GPU by default
+    code, log, args, _ = dry_run(tmp_path, "decompose.sbatch", EXTRA_ARGS="--method svd --ratio '0.5'")
+    assert code == 0 and args[-4:] == ["--method", "svd", "--ratio", "0.5"], log
+    assert args[2] == str(ROOT / "recipes" / "decompose_model.py"), args  # after --ntasks=1 and the Python
+
+
+@pytest.mark.parametrize("script", ["mnist_cpu.sbatch", "resnet50_gpu.sbatch"])
+@pytest.mark.parametrize(
+    "when, step_status, requeued",
+    [("before the launch", None, True), ("during the step", 143, True), ("during the step", 0, False)],
+    ids=["before-launch", "step-interrupted", "step-finished"],
+)
+def test_usr1_requeues_an_unfinished_run_only(tmp_path, script, when, step_status, requeued):
+    """USR1 before srun starts requeues at once (a shell without the trap yet would die of it);
+    after a step that ended with success, the run is complete and is not requeued."""
+    variables = {"usr1_from_xargs": True} if when == "before the launch" else {"STUB_USR1_FROM_SRUN": "1"}
+    code, log, args, scontrol = dry_run(tmp_path, script, STUB_SRUN_EXIT=str(step_status or 0), **variables)
+    assert code == 0, log
+    assert ("requeue 7" in scontrol) == requeued and ("[slurm] requeueing" in log) == requeued, log
+    assert (args is None) == (when == "before the launch"), log
+    if not requeued:
+        assert "[slurm] done with exit status 0" in log, log
 
 
 def free_port_block(count):
