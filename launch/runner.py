@@ -22,6 +22,7 @@ takes rank 0's buffers (BatchNorm's running statistics), which DeepSpeed, unlike
 """
 
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -328,18 +329,18 @@ def rank_zero_first(load, flag: str):
             return str(error) if isinstance(error, RuntimeError) else f"{type(error).__name__}: {error}", None
 
     error, loaded = attempt() if global_rank() == 0 else (None, None)
-    errors = [from_rank_zero(error)]
-    if not errors[0]:
-        if global_rank() != 0:
-            error, loaded = attempt()
-        errors = [error]
-        if dist.is_available() and dist.is_initialized():
-            errors = [None] * dist.get_world_size()
-            dist.all_gather_object(errors, error)
+    error = from_rank_zero(error)
+    if error:  # rank 0's: the others did not try
+        sys.exit(f"error: {flag}: {error}")
+    if global_rank() != 0:
+        error, loaded = attempt()
+    errors = [error]
+    if dist.is_available() and dist.is_initialized():
+        errors = [None] * dist.get_world_size()
+        dist.all_gather_object(errors, error)
     rank, error = next(((rank, error) for rank, error in enumerate(errors) if error), (None, None))
-    if error:
-        where = f"rank {rank}: " if rank else ""  # a path missing on another node, or not shared with it
-        sys.exit(f"error: {flag}: {where}{error}")
+    if error:  # a path missing on another node, or not shared with it
+        sys.exit(f"error: {flag}: rank {rank}: {error}")
     return loaded
 
 
@@ -560,11 +561,14 @@ def save_checkpoint(accelerator, output_dir, progress, args) -> Path:
         for leftover in (partial, replaced):  # from a process killed while saving
             shutil.rmtree(leftover, ignore_errors=True)
     accelerator.wait_for_everyone()
-    with _naming_a_failed_save(f"the checkpoint {path}", output_dir, "the earlier checkpoints are intact", partial):
+    failed_save = functools.partial(
+        _naming_a_failed_save, f"the checkpoint {path}", output_dir, "the earlier checkpoints are intact", partial
+    )
+    with failed_save():
         accelerator.save_state(partial)  # under DeepSpeed every rank writes its shards
     accelerator.wait_for_everyone()
     if global_rank() == 0:
-        with _naming_a_failed_save(f"the checkpoint {path}", output_dir, "the earlier checkpoints are intact", partial):
+        with failed_save():
             # The sizes let a resume tell a checkpoint truncated later (a full disk, a cut copy) and skip it.
             files = {
                 str(file.relative_to(partial)): file.stat().st_size for file in partial.rglob("*") if file.is_file()

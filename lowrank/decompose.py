@@ -630,6 +630,12 @@ def _uncompiled(model: nn.Module) -> nn.Module:
     return model
 
 
+def _returned(model: nn.Module, layers: nn.Module, decomposed: nn.Module) -> nn.Module:
+    """What the API returns: ``model`` as given (its ``torch.compile`` wrapper included), whose ``layers``
+    were decomposed in place, or the new module when the model itself was the layer (``_swap``)."""
+    return model if decomposed is layers else decomposed
+
+
 def _compiled(module: nn.Module) -> bool:
     """Whether ``module`` is a ``torch.compile`` wrapper, which runs its ``_orig_mod`` (told by name: no
     import of torch._dynamo)."""
@@ -719,7 +725,7 @@ def auto_decomposition(model: nn.Module, decompose_info_path=None, *, method: st
     decomposed, changes = _decompose(
         layers, _make_policy(policy), method, True, decompose_info_path, "auto_decomposition"
     )
-    return model if decomposed is layers else decomposed, changes
+    return _returned(model, layers, decomposed), changes
 
 
 def decompose_network(model: nn.Module, decompose_info_path):
@@ -746,7 +752,7 @@ def decompose_network(model: nn.Module, decompose_info_path):
         logger.info("No layer meets decomposition conditions.")
     decomposed, changes = _swap(layers, _build(layers, replacements))
     logger.info("decompose_network complete.")
-    return model if decomposed is layers else decomposed, changes
+    return _returned(model, layers, decomposed), changes
 
 
 class Decompose:
@@ -868,7 +874,7 @@ class Decompose:
             ) from None
         layers = _uncompiled(model)
         decomposed, _ = _decompose(layers, self.policy, self.method, do_decompose_weight, None, "decompose_network")
-        return model if decomposed is layers else decomposed
+        return _returned(model, layers, decomposed)
 
 
 def _save_plan(model, policy, method, path) -> list[Replacement]:
