@@ -182,29 +182,45 @@ def init_method(text: str) -> str:
     return text
 
 
-def check_mode_args(args, pretrained=None) -> str:
+def flag(name: str) -> str:
+    """The command-line flag of ``args``' attribute ``name``: ``--decompose-info-path``."""
+    return f"--{name.replace('_', '-')}"
+
+
+def check_mode_args(args, pretrained=None, method="spatial", ratio=DEFAULT_RATIO) -> str:
     """The run's mode (baseline, online or offline). Missing paths for it exit with an error naming
-    their flag, before any work; online artifacts default to files in ``--output-dir``.
+    their flag, before any work; online artifacts default to files in ``--output-dir``. Flags the mode
+    would ignore are refused: the rank rule (``add_policy_args``'s, whose defaults ``method`` and
+    ``ratio`` are add_decomposition_args') outside online mode, the pretrained weights offline.
     ``pretrained`` names a flag other than ``--pretrained-path`` that also provides the weights."""
+    policy_defaults = {"method": method, "ratio": ratio, "energy": None, "vbmf": False}
+    policy_given = [name for name, default in policy_defaults.items() if getattr(args, name) != default]
     if not args.tensor_decompose:
         # The AMCT sample: these flags must be used together with --tensor-decompose.
-        given = [flag for flag in ("run_mode", "decompose_info_path", "decomposed_weights_path") if getattr(args, flag)]
+        given = [name for name in ("run_mode", "decompose_info_path", "decomposed_weights_path") if getattr(args, name)]
+        given += policy_given
         if given:
-            flags = ", ".join(f"--{flag.replace('_', '-')}" for flag in given)
+            flags = ", ".join(map(flag, given))
             sys.exit(f"error: {flags} need(s) --tensor-decompose; without it the run trains the dense model")
     mode = (args.run_mode or "online") if args.tensor_decompose else "baseline"
     args.run_mode = mode if mode != "baseline" else None
     if mode == "online" and not args.pretrained_path and not (pretrained and getattr(args, pretrained)):
-        alternative = f" (or --{pretrained.replace('_', '-')})" if pretrained else ""
+        alternative = f" (or {flag(pretrained)})" if pretrained else ""
         sys.exit(f"error: --pretrained-path{alternative} is required in online mode")
     if mode == "offline":
-        for flag in ("decompose_info_path", "decomposed_weights_path"):
-            if not getattr(args, flag):
-                sys.exit(f"error: --{flag.replace('_', '-')} is required in offline mode")
-    for flag in ("pretrained_path", "decompose_info_path", "decomposed_weights_path"):
-        path = getattr(args, flag)
-        if path and (mode == "offline" or flag == "pretrained_path") and not Path(path).is_file():
-            sys.exit(f"error: --{flag.replace('_', '-')} {path} does not exist")
+        for name in ("decompose_info_path", "decomposed_weights_path"):
+            if not getattr(args, name):
+                sys.exit(f"error: {flag(name)} is required in offline mode")
+        unused = policy_given + [name for name in ("pretrained_path", pretrained) if name and getattr(args, name)]
+        if unused:
+            sys.exit(
+                f"error: {', '.join(map(flag, unused))}: not used offline, where the structure and the weights come "
+                "from --decompose-info-path and --decomposed-weights-path: give them to step 1 (decompose_model.py)"
+            )
+    for name in ("pretrained_path", "decompose_info_path", "decomposed_weights_path"):
+        path = getattr(args, name)
+        if path and (mode == "offline" or name == "pretrained_path") and not Path(path).is_file():
+            sys.exit(f"error: {flag(name)} {path} does not exist")
     if mode == "online":
         args.decompose_info_path = args.decompose_info_path or str(Path(args.output_dir) / "decompose_info.json")
         args.decomposed_weights_path = args.decomposed_weights_path or str(
@@ -215,7 +231,7 @@ def check_mode_args(args, pretrained=None) -> str:
     check_writable(args, files, folders)
     # One written over another would be lost: the pretrained weights (which a baseline run may train in
     # place), step 1's files, the trained weights.
-    inputs = ["pretrained_path"] if mode != "baseline" else []
+    inputs = ["pretrained_path"] if mode == "online" else []
     check_distinct(args, *inputs, "decompose_info_path", "decomposed_weights_path", "save_path")
     problem = unwritable(Path(args.output_dir, "checkpoints"), is_folder=True)
     if problem:
@@ -223,30 +239,30 @@ def check_mode_args(args, pretrained=None) -> str:
     return mode
 
 
-def check_distinct(args, *flags) -> None:
-    """Exits with an error when two of the path ``flags`` (attribute names of ``args``; unset ones are
-    skipped) name the same file, where one would overwrite the other, or one lies inside the other,
+def check_distinct(args, *names) -> None:
+    """Exits with an error when two of the path flags ``names`` (attribute names of ``args``; unset ones
+    are skipped) name the same file, where one would overwrite the other, or one lies inside the other,
     which would have to be a folder."""
     paths = {}
-    for flag in flags:
-        if not getattr(args, flag, None):
+    for name in names:
+        if not getattr(args, name, None):
             continue
-        path = Path(getattr(args, flag)).resolve()
-        for other, other_flag in paths.items():
-            first, second = (f"--{name.replace('_', '-')}" for name in (other_flag, flag))
+        path = Path(getattr(args, name)).resolve()
+        for other, other_name in paths.items():
+            first, second = flag(other_name), flag(name)
             if path == other:
                 sys.exit(f"error: {first} and {second} are the same file {path}: give each its own")
             if path in other.parents or other in path.parents:
                 sys.exit(f"error: {first} {other} and {second} {path}: one lies inside the other: give each its own")
-        paths[path] = flag
+        paths[path] = name
 
 
 def check_writable(args, files, folders=()) -> None:
     """Exits with an error naming the flag when one of the ``files`` or ``folders`` flags (attribute
     names of ``args``; unset ones are skipped) gives a path that cannot be created: found at the
     start, not when the run saves."""
-    for flag, is_folder in [*((flag, True) for flag in folders), *((flag, False) for flag in files)]:
-        path = getattr(args, flag, None)
+    for name, is_folder in [*((name, True) for name in folders), *((name, False) for name in files)]:
+        path = getattr(args, name, None)
         problem = path and unwritable(path, is_folder)
         if problem:
-            sys.exit(f"error: --{flag.replace('_', '-')} {problem}")
+            sys.exit(f"error: {flag(name)} {problem}")

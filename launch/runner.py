@@ -48,6 +48,7 @@ import lowrank
 from lowrank.cli import inspect_table
 from lowrank.io import atomic_write, load_state_dict, load_weights, make_parent_dirs, save_state_dict
 
+from .args import flag
 from .barrier import (
     DEFAULT_TIMEOUT,
     Artifacts,
@@ -195,6 +196,11 @@ def _check_gradient_accumulation(accelerator, requested: int) -> None:
         )
 
 
+class InputFileError(ValueError):
+    """A weights file that cannot be read or does not fit the model; the message names its flag and the
+    file, and ends the run without a traceback."""
+
+
 def prepare_model(
     model, mode, *, pretrained_path=None, info_path=None, weights_path=None, policy=None, timeout=DEFAULT_TIMEOUT
 ):
@@ -206,14 +212,14 @@ def prepare_model(
         try:
             load_weights(dense, load_state_dict(pretrained_path), pretrained_path)
         except (FileNotFoundError, ValueError) as error:  # they name the file and what is wrong with it
-            raise ValueError(f"--pretrained-path: {error}") from None
+            raise InputFileError(f"--pretrained-path: {error}") from None
 
     # The weights are loaded or computed, never drawn, but each path draws a different amount (a replay
     # default-initialises, a decomposition does not): the random state is left as it was, so that what
     # follows (batch order, dropout) is the same whichever path a rank or a rerun took.
     # Bad input files and rank 0's failures end the process with their message (which names the file),
     # not a traceback.
-    with torch.random.fork_rng(devices=[]), _exit_on(ValueError, BarrierError):
+    with torch.random.fork_rng(devices=[]), _exit_on(InputFileError, BarrierError):
         if mode == "baseline":
             if pretrained_path:
                 load_pretrained(model)
@@ -498,7 +504,7 @@ def _resume_decision(args, world_size: int, recipe_settings) -> tuple[str | None
     settings = dict(MODEL_SETTINGS)
     current = {**vars(args), **_launcher_settings(world_size)}
     if not evaluating:
-        settings |= TRAINING_SETTINGS | {name: f"--{name.replace('_', '-')}" for name in recipe_settings}
+        settings |= TRAINING_SETTINGS | {name: flag(name) for name in recipe_settings}
     elif current["deepspeed"] == "on":
         settings["world_size"] = TRAINING_SETTINGS["world_size"]
     changed = [
@@ -752,8 +758,13 @@ def evaluate(accelerator, model, loader, step=None, loss_fn=F.nll_loss, top5=Fal
 
 def model_cost(model, example_input) -> dict:
     """Parameters and multiply-adds of the model as built (before ``accelerator.prepare``: under
-    DeepSpeed ZeRO-3 the prepared model's parameters are sharded)."""
-    return {"params": lowrank.count_parameters(model), "flops": lowrank.count_flops(model, example_input)}
+    DeepSpeed ZeRO-3 the prepared model's parameters are sharded), and the input shape they were
+    counted on."""
+    return {
+        "params": lowrank.count_parameters(model),
+        "flops": lowrank.count_flops(model, example_input),
+        "flops_input_shape": list(example_input.shape),
+    }
 
 
 def finish(accelerator, model, progress, args, results: dict) -> None:

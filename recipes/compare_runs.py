@@ -36,6 +36,14 @@ def main(args):
             sys.exit(f"error: {path} is not the results of a run: it has no {', '.join(missing)}")
         rows.append((run, results))
     reference = rows[0][1]
+    # FLOPs grow with the input (ResNet's --image-size): runs counted on other inputs are not comparable.
+    # Results written before the shape was recorded have none, and are compared as they are.
+    shapes = {run: results["flops_input_shape"] for run, results in rows if "flops_input_shape" in results}
+    if len({str(shape) for shape in shapes.values()}) > 1:
+        counted = ", ".join(f"{run} on {'x'.join(map(str, shape))}" for run, shape in shapes.items())
+        sys.exit(
+            f"error: the runs' FLOPs were counted on inputs of different sizes ({counted}): compare runs of one size"
+        )
     header = ("run", "mode", "accuracy", "test loss", "params", "FLOPs", "smaller", "cheaper")
     print("{:<24} {:<9} {:>9} {:>10} {:>11} {:>13} {:>8} {:>8}".format(*header))
     for run, r in rows:

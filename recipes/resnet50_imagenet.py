@@ -96,6 +96,8 @@ NORMALIZE = transforms.Normalize(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 
 # Images per split of --synthetic (generated on the fly, so size costs nothing): 50 steps of 256
 # without an epoch's evaluation in between, for throughput runs; few classes, for smoke tests.
 SYNTHETIC = {"train": 12800, "val": 128, "classes": 10}
+# The rank rule's defaults, msModelSlim's sample: Decompose(model).from_ratio(0.5), tucker2 by default.
+POLICY_DEFAULTS = {"method": "tucker2", "ratio": 0.5}
 
 
 def get_args_parser():
@@ -174,7 +176,7 @@ def get_args_parser():
         "ResNet50_Weights.IMAGENET1K_V2; needs internet the first time (default: None)",
     )
     add_distributed_args(parser)
-    add_decomposition_args(parser, method="tucker2", ratio=0.5)  # msModelSlim's sample: from_ratio(0.5)
+    add_decomposition_args(parser, **POLICY_DEFAULTS)
     add_output_args(parser, output_dir="runs/resnet50")
     return parser
 
@@ -286,7 +288,7 @@ def warmup_cosine(warmup_steps, total_steps):
 def main(args):
     if args.weights and args.pretrained_path:
         sys.exit("error: --weights and --pretrained-path both give the pretrained weights: pass one")
-    mode = check_mode_args(args, pretrained="weights")
+    mode = check_mode_args(args, pretrained="weights", **POLICY_DEFAULTS)
     args.lr = args.lr if args.lr is not None else (0.1 if mode == "baseline" else 0.01)
     args.channels_last = args.use_gpu if args.channels_last is None else args.channels_last
     # The data and the class count of --weights are checked on every rank, before a training run without

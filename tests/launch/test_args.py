@@ -126,6 +126,37 @@ def test_decomposition_flags_without_tensor_decompose_are_refused(tmp_path):
     assert check("--pretrained-path", str(pretrained), run_mode="online") == "online"
 
 
+@pytest.mark.parametrize(
+    "run_mode, argv, message",
+    [
+        (None, ["--ratio", "0.5"], "error: --ratio need(s) --tensor-decompose; without it the run trains the dense"),
+        (None, ["--vbmf", "--method", "tucker2"], "error: --method, --vbmf need(s) --tensor-decompose"),
+        ("offline", ["--energy", "0.9"], "error: --energy: not used offline, where the structure and the weights"),
+        ("offline", ["--pretrained-path", "{pretrained}", "--method", "svd"], "error: --method, --pretrained-path:"),
+        ("offline", ["--ratio", "0.3"], None),  # the default, given: changes nothing
+        ("online", ["--pretrained-path", "{pretrained}", "--energy", "0.9"], None),
+    ],
+)
+def test_flags_the_mode_would_ignore_are_refused(tmp_path, run_mode, argv, message):
+    """Offline the info file gives the ranks and the weights, without --tensor-decompose nothing is
+    decomposed: a rank rule or pretrained weights given there would silently change nothing."""
+    pretrained, info, weights = tmp_path / "dense.pth", tmp_path / "info.json", tmp_path / "w.pth"
+    for path in (pretrained, info, weights):
+        path.write_bytes(b"")
+    parser = argparse.ArgumentParser()
+    add_decomposition_args(parser, run_mode=run_mode)
+    add_output_args(parser, output_dir=str(tmp_path / "out"))
+    paths = ["--decompose-info-path", str(info), "--decomposed-weights-path", str(weights)]
+    argv = [arg.format(pretrained=pretrained) for arg in argv] + (paths if run_mode == "offline" else [])
+    args = parser.parse_args(argv)
+    if message is None:
+        assert check_mode_args(args) == run_mode
+    else:
+        with pytest.raises(SystemExit) as stopped:
+            check_mode_args(args)
+        assert str(stopped.value.code).startswith(message)
+
+
 def test_the_two_artifacts_cannot_be_one_file(tmp_path):
     parser = argparse.ArgumentParser()
     add_decomposition_args(parser, run_mode="offline")

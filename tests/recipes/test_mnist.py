@@ -55,6 +55,12 @@ def test_recipes_is_not_a_package():
             "--decompose-info-path x.json does not exist",
         ),
         ("mnist_online.py", ["--pretrained-path", "missing.pth"], "--pretrained-path missing.pth does not exist"),
+        (
+            "mnist_offline.py",
+            ["--decompose-info-path", "x.json", "--decomposed-weights-path", "w.pth", "--vbmf"],
+            "--vbmf: not used offline",
+        ),
+        ("mnist_baseline.py", ["--method", "tucker2"], "--method need(s) --tensor-decompose"),
     ],
 )
 def test_missing_paths_are_named_before_any_work(recipe, args, message):
@@ -328,7 +334,7 @@ def test_rank_zero_failure_stops_every_rank(tmp_path):
     )
     assert result.returncode != 0
     assert f"error: rank 0: --pretrained-path: cannot read weights file {corrupt}" in result.stderr
-    assert "rank 1: rank 0 failed to decompose the model: ValueError: --pretrained-path: cannot read" in result.stderr
+    assert "rank 1: rank 0 failed to decompose the model: InputFileError: --pretrained-path: cannot read" in result.stderr
     assert "lowrank/io.py" not in result.stderr  # an error message, not a traceback
     assert time.monotonic() - started < 300
 
