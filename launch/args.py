@@ -226,6 +226,7 @@ def check_mode_args(args, pretrained=None, method="spatial", ratio=DEFAULT_RATIO
         args.decomposed_weights_path = args.decomposed_weights_path or str(
             Path(args.output_dir) / "decomposed_weights.pth"
         )
+    check_outside_output_dir(args, ["pretrained_path", "decompose_info_path", "decomposed_weights_path", "save_path"])
     folders = ["output_dir"]
     files = ["save_path", *(["decompose_info_path", "decomposed_weights_path"] if mode == "online" else [])]
     check_writable(args, files, folders)
@@ -255,6 +256,23 @@ def check_distinct(args, *names) -> None:
             if path in other.parents or other in path.parents:
                 sys.exit(f"error: {first} {other} and {second} {path}: one lies inside the other: give each its own")
         paths[path] = name
+
+
+def check_outside_output_dir(args, files) -> None:
+    """Exits with an error when one of the ``files`` flags (attribute names of ``args``; unset ones are
+    skipped) names ``--output-dir`` itself, a folder holding it, or a path the run writes there
+    (``checkpoints/``, ``results.json``): found at the start, not when the run saves at its end."""
+    output_dir = Path(args.output_dir).resolve()
+    taken = {output_dir / "checkpoints": "its checkpoints", output_dir / "results.json": "its results"}
+    for name in files:
+        if not getattr(args, name, None):
+            continue
+        path = Path(getattr(args, name)).resolve()
+        if path == output_dir or path in output_dir.parents:
+            sys.exit(f"error: {flag(name)} {path} is --output-dir or holds it: give it a file name of its own")
+        for place, what in taken.items():
+            if path == place or place in path.parents:
+                sys.exit(f"error: {flag(name)} {path} is where --output-dir keeps {what}: give it another path")
 
 
 def check_writable(args, files, folders=()) -> None:

@@ -37,7 +37,14 @@ from filelock import FileLock, Timeout
 from torch import nn
 
 import lowrank
-from lowrank.io import atomic_write, file_digest, load_state_dict, make_parent_dirs, save_state_dict
+from lowrank.io import (
+    atomic_write,
+    file_digest,
+    load_state_dict,
+    make_parent_dirs,
+    save_state_dict,
+    state_dict_mismatch,
+)
 
 DEFAULT_TIMEOUT = 3600.0  # seconds the other ranks wait for rank 0: decomposing a large model takes minutes
 POLL_INTERVAL = 0.2
@@ -278,13 +285,14 @@ def load_decomposed(model: nn.Module, info_path, weights_path) -> tuple[nn.Modul
     except lowrank.DecomposeInfoError as error:
         raise BarrierError(f"--decompose-info-path: {error}") from None
     try:
-        model.load_state_dict(load_state_dict(weights_path))
+        state_dict = load_state_dict(weights_path)
+        model.load_state_dict(state_dict)
     except (FileNotFoundError, ValueError) as error:  # lowrank.io's: they name the file and what it holds
         raise BarrierError(f"--decomposed-weights-path: {error}") from None
     except RuntimeError as error:
         raise BarrierError(
             f"--decomposed-weights-path {weights_path} does not fit the structure of --decompose-info-path "
-            f"{info_path}: {error}"
+            f"{info_path}: {state_dict_mismatch(model, state_dict) or error}"
         ) from None
     return model, changes
 

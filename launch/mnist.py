@@ -7,6 +7,7 @@ and their content is checked against the known checksums. With neither a local c
 loading fails within a minute with an error that says what to do.
 """
 
+import contextlib
 import errno
 import functools
 import gzip
@@ -132,13 +133,18 @@ def load_mnist(data_path, train: bool) -> datasets.MNIST:
         return datasets.MNIST(root, train=train, transform=transform, download=False)
     previous = socket.getdefaulttimeout()
     socket.setdefaulttimeout(DOWNLOAD_TIMEOUT)
+    created = [folder for folder in (raw, raw.parent, Path(data_path)) if not folder.exists()]  # deepest first
     try:
         return datasets.MNIST(data_path, train=train, transform=transform, download=True)
     except Exception as error:
         missing = [name for name in MNIST_FILES if not (raw / name).is_file() and not (raw / f"{name}.gz").is_file()]
+        for folder in created:  # the download's, left empty: a mistyped --data-path leaves nothing behind
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        reason = " ".join(str(error).split())  # torchvision's lists every mirror it tried, one per line
         raise RuntimeError(
             f"MNIST is not under {raw} (missing: {', '.join(missing)}; plain or .gz) "
-            f"and could not be downloaded ({type(error).__name__}: {error}). On a machine without internet, copy "
+            f"and could not be downloaded ({type(error).__name__}: {reason}). On a machine without internet, copy "
             "them there and pass that folder's parent as --data-path."
         ) from None
     finally:

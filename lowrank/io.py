@@ -135,4 +135,32 @@ def load_weights(model, state_dict: dict, path) -> None:
             if prefix
             else ""
         )
-        raise ValueError(f"{path} does not fit the model{wrapped}: {error}") from None
+        raise ValueError(
+            f"{path} does not fit the model{wrapped}: {state_dict_mismatch(model, state_dict) or error}"
+        ) from None
+
+
+def state_dict_mismatch(model, state_dict: dict, shown: int = 3) -> str:
+    """What keeps ``state_dict`` from loading into ``model``, in one line: the missing and unexpected
+    keys and those of another shape, the first ``shown`` of each (torch's own message lists them all,
+    thousands of lines for a ResNet's weights in another model)."""
+    expected = model.state_dict()
+    kinds = {
+        "missing": [key for key in expected if key not in state_dict],
+        "unexpected": [key for key in state_dict if key not in expected],
+        "of another shape": [
+            f"{key} {_shape(value)} (model: {_shape(expected[key])})"
+            for key, value in state_dict.items()
+            if key in expected and getattr(value, "shape", None) is not None and value.shape != expected[key].shape
+        ],
+    }
+    return "; ".join(
+        f"{len(keys)} {'key' if len(keys) == 1 else 'keys'} {kind} ({', '.join(keys[:shown])}"
+        f"{', ...' if len(keys) > shown else ''})"
+        for kind, keys in kinds.items()
+        if keys
+    )
+
+
+def _shape(tensor) -> str:
+    return "x".join(map(str, tensor.shape)) or "scalar"

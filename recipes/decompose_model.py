@@ -10,10 +10,11 @@ the decomposed weights.
         --decomposed-weights-path runs/r50_offline/decomposed_weights.pth
 
 Step 2 is ``mnist_offline.py`` (or ``resnet50_imagenet.py --tensor-decompose --run-mode offline``) with
-the same two paths and policy. Errors: a missing or unreadable ``--pretrained-path`` and output paths
-that cannot be written are named before any work; nothing is written when the decomposition fails,
-and an earlier info file stays as it was when the weights cannot be saved or the job is stopped
-(SIGTERM or SIGUSR1, as a time limit or ``scancel`` sends) before they are.
+the same two paths; the policy flags (``--method``, ``--ratio``, ``--energy``, ``--vbmf``) are step 1's
+alone. Errors: a missing or unreadable ``--pretrained-path`` and output paths that cannot be written are
+named before any work; nothing is written when the decomposition fails, and an earlier info file stays
+as it was when the weights cannot be saved or the job is stopped (SIGTERM or SIGUSR1, as a time limit or
+``scancel`` sends) before they are.
 """
 
 import argparse

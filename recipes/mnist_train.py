@@ -4,7 +4,8 @@
 Train the baseline, then finetune a decomposed copy online (rank 0 decomposes, the others load):
 
     accelerate launch --config_file recipes/configs/cpu_2proc.yaml recipes/mnist_train.py \\
-        --data-path ../shared/data --train-batch-size 128 --save-path runs/baseline/baseline.pth
+        --data-path ../shared/data --train-batch-size 128 --output-dir runs/baseline \\
+        --save-path runs/baseline/baseline.pth
     accelerate launch --config_file recipes/configs/cpu_2proc.yaml recipes/mnist_train.py \\
         --data-path ../shared/data --train-batch-size 128 --lr 0.001 --pretrained-path runs/baseline/baseline.pth \\
         --tensor-decompose --run-mode online --output-dir runs/online --save-path runs/online/decomposed_finetuned.pth
@@ -16,7 +17,8 @@ warns), with its process-group flags ``--backend gloo|nccl`` (nccl with ``--use-
 that launcher and accepted; the launcher's LOCAL_RANK environment variable picks the GPU):
 
     python -m torch.distributed.launch --nproc_per_node=2 recipes/mnist_train.py --backend gloo \\
-        --data-path ../shared/data --train-batch-size 128 --save-path runs/baseline/baseline.pth
+        --data-path ../shared/data --train-batch-size 128 --output-dir runs/baseline \\
+        --save-path runs/baseline/baseline.pth
 
 ``mnist_baseline.py``, ``mnist_online.py`` and ``mnist_offline.py`` are this script with their mode
 implied.
@@ -102,7 +104,6 @@ def main(args):
         args.train_batch_size = 256 if accelerator.num_processes == 1 else 32
     checkpoint = checkpoint_to_resume(args, accelerator.num_processes)
     set_seed(args.seed)
-    accelerator.init_trackers(f"mnist_{mode}", config={k: v for k, v in vars(args).items() if v is not None})
 
     # data
     train_set, test_set = rank_zero_first(
@@ -122,6 +123,8 @@ def main(args):
         policy=policy_of(args),
         timeout=args.barrier_timeout,
     )
+    # Once the data and the model are in place: a run that fails on its inputs leaves no empty TensorBoard run.
+    accelerator.init_trackers(f"mnist_{mode}", config={k: v for k, v in vars(args).items() if v is not None})
     example_input = torch.zeros(1, 1, 28, 28)
     cost = model_cost(model, example_input)
     if mode != "baseline":

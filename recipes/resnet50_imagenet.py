@@ -96,7 +96,8 @@ NORMALIZE = transforms.Normalize(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 
 # Images per split of --synthetic (generated on the fly, so size costs nothing): 50 steps of 256
 # without an epoch's evaluation in between, for throughput runs; few classes, for smoke tests.
 SYNTHETIC = {"train": 12800, "val": 128, "classes": 10}
-# The rank rule's defaults, msModelSlim's sample: Decompose(model).from_ratio(0.5), tucker2 by default.
+# The rank rule's defaults: tucker2, as msModelSlim's, at half of each layer's FLOPs (msModelSlim's
+# sample, from_ratio(0.5), halves the ranks instead: more FLOPs kept).
 POLICY_DEFAULTS = {"method": "tucker2", "ratio": 0.5}
 
 
@@ -322,7 +323,6 @@ def main(args):
             "or --resume with a checkpoint in --output-dir"
         )
     set_seed(args.seed)
-    accelerator.init_trackers(f"resnet50_{mode}", config={k: v for k, v in vars(args).items() if v is not None})
 
     # data
     if not args.test_only:
@@ -352,6 +352,8 @@ def main(args):
         policy=policy_of(args),
         timeout=args.barrier_timeout,
     )
+    # Once the data and the model are in place: a run that fails on its inputs leaves no empty TensorBoard run.
+    accelerator.init_trackers(f"resnet50_{mode}", config={k: v for k, v in vars(args).items() if v is not None})
     example_input = torch.zeros(1, 3, args.image_size, args.image_size)
     cost = model_cost(model, example_input)
     if mode != "baseline":

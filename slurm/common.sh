@@ -25,7 +25,7 @@ check_python() {
 # split_extra_args: EXTRA_ARGS into the array extra_args, split into words as the shell would (quotes
 # keep a value with spaces in one word) but without expanding anything: it holds flags for the recipe.
 split_extra_args() {
-    xargs -r printf '%s\0' <<<"$EXTRA_ARGS" >/dev/null || fail "EXTRA_ARGS: unbalanced quotes in: $EXTRA_ARGS"
+    xargs -r printf '%s\0' <<<"$EXTRA_ARGS" >/dev/null 2>&1 || fail "EXTRA_ARGS: unbalanced quotes in: $EXTRA_ARGS"
     mapfile -d '' -t extra_args < <(xargs -r printf '%s\0' <<<"$EXTRA_ARGS")
 }
 

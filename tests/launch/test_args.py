@@ -89,7 +89,8 @@ def test_output_paths_that_cannot_be_written_are_named_before_any_work(tmp_path)
         check("--save-path", str(a_file / "w.pth"))
         == f"error: --save-path {a_file / 'w.pth'}: {a_file} is a file, not a folder"
     )
-    assert check("--save-path", str(tmp_path)) == f"error: --save-path {tmp_path} is a folder"
+    (tmp_path / "folder").mkdir()
+    assert check("--save-path", str(tmp_path / "folder")) == f"error: --save-path {tmp_path / 'folder'} is a folder"
     assert check("--decompose-info-path", str(a_file / "x" / "info.json")).startswith("error: --decompose-info-path")
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "checkpoints").write_text("")  # where the first checkpoint would go, hours later
@@ -226,6 +227,38 @@ def test_the_save_path_and_the_artifacts_cannot_be_an_input(tmp_path, run_mode, 
     args = parser.parse_args([*paths, *(arg.format(out=tmp_path / "out", pretrained=pretrained) for arg in argv)])
     with pytest.raises(SystemExit, match=f"error: {flags} are the same file .*: give each its own"):
         check_mode_args(args)
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--save-path", "{out}"], "--save-path {out} is --output-dir or holds it"),
+        (["--save-path", "{out}/"], "--save-path {out} is --output-dir or holds it"),
+        (["--save-path", "{out}/.."], "--save-path {out_parent} is --output-dir or holds it"),
+        (["--save-path", "{out}/checkpoints"], "--save-path {out}/checkpoints is where --output-dir keeps its checkp"),
+        (
+            ["--save-path", "{out}/results.json"],
+            "--save-path {out}/results.json is where --output-dir keeps its results",
+        ),
+        (["--pretrained-path", "{out}/checkpoints/step_3/model.pth"], "--pretrained-path {out}/checkpoints/step_3"),
+        (["--save-path", "{out}/final.pth"], None),  # as the README does
+    ],
+)
+def test_files_cannot_take_the_output_dirs_places(tmp_path, argv, message):
+    """Found before training, not when the run saves at its end (or moves checkpoints/ aside at its start)."""
+    out = tmp_path / "runs" / "out"
+    (out / "checkpoints" / "step_3").mkdir(parents=True)
+    (out / "checkpoints" / "step_3" / "model.pth").write_bytes(b"")
+    parser = argparse.ArgumentParser()
+    add_decomposition_args(parser)
+    add_output_args(parser, output_dir=str(out))
+    args = parser.parse_args([a.format(out=out) for a in argv])
+    if message is None:
+        assert check_mode_args(args) == "baseline"
+    else:
+        with pytest.raises(SystemExit) as stopped:
+            check_mode_args(args)
+        assert str(stopped.value.code).startswith(f"error: {message.format(out=out, out_parent=out.parent)}")
 
 
 def test_a_baseline_may_train_its_pretrained_weights_in_place(tmp_path):

@@ -1,7 +1,8 @@
 import errno
 import gzip
+import os
+import re
 import shutil
-import urllib.error
 
 import pytest
 import torch
@@ -101,13 +102,18 @@ def test_a_garbage_plain_file_of_the_right_size_is_unpacked_again_or_named(tmp_p
 
 def test_no_copy_and_no_network_is_a_clear_error(tmp_path, monkeypatch):
     def offline(self):
-        raise urllib.error.URLError("no route to host")
+        os.makedirs(self.raw_folder, exist_ok=True)  # as torchvision's download does first
+        raise RuntimeError("Error downloading train-images-idx3-ubyte.gz:\nTried mirror 1\nTried mirror 2")
 
     monkeypatch.setattr(mnist.datasets.MNIST, "download", offline)
-    with pytest.raises(
-        RuntimeError, match="MNIST is not under .* could not be downloaded .* pass that folder's parent as --data-path"
-    ):
-        mnist.load_mnist(tmp_path, train=True)
+    with pytest.raises(RuntimeError) as error:
+        mnist.load_mnist(tmp_path / "mistyped", train=True)
+    assert re.fullmatch(
+        "MNIST is not under .* could not be downloaded \\(RuntimeError: Error downloading train-images-idx3-ubyte.gz: "
+        "Tried mirror 1 Tried mirror 2\\)\\. .* pass that folder's parent as --data-path\\.",
+        str(error.value),
+    )
+    assert list(tmp_path.iterdir()) == []  # the folders the download made, empty, are gone
 
 
 @needs_data
