@@ -17,6 +17,7 @@ import textwrap
 import time
 import types
 from collections import defaultdict
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -796,7 +797,7 @@ class Decompose:
         policy = _make_policy({"exclude": excludes or (), "divisor": divisor, **options}, valid_extra=())
         if self.config_file is not None:
             replacements = _save_plan(_uncompiled(self.model), policy, self.method, self.config_file)
-            policy = _replay_policy(replacements)
+            policy = _replay_policy(replacements, self.config_file)
         self.policy = policy
         return self
 
@@ -839,7 +840,7 @@ class Decompose:
                 f"{self.config_file}: no such config file; a from_*() method of Decompose(model, "
                 "config_file=...) saves it first"
             )
-        self.policy = _replay_policy(read_info(self.config_file, _uncompiled(self.model)))
+        self.policy = _replay_policy(read_info(self.config_file, _uncompiled(self.model)), self.config_file)
         return self
 
     def decompose_network(self, do_decompose_weight: bool = True, datasets=None, max_iter: int = -1) -> nn.Module:
@@ -886,9 +887,23 @@ def _save_plan(model, policy, method, path) -> list[Replacement]:
     return replacements
 
 
-def _replay_policy(replacements: list[Replacement]) -> RankPolicy:
-    """A policy giving exactly these layers their recorded method and ranks, and no other layer."""
-    return RankPolicy(
+def _replay_policy(replacements: list[Replacement], config_file) -> RankPolicy:
+    """A policy giving exactly these layers, read from ``config_file``, their recorded method and ranks,
+    and no other layer."""
+    return _ReplayPolicy(
         layers={re.escape(r.name): {"rank": list(r.ranks), "method": r.method} for r in replacements},
         min_rank=1,
+        config_file=str(config_file),
     )
+
+
+@dataclass
+class _ReplayPolicy(RankPolicy):
+    """``_replay_policy``'s: a layer it leaves alone is said to be absent from the config file, not to
+    miss the keys of a ``layers`` dict that the user never gave."""
+
+    config_file: str = ""
+
+    def rule_for(self, name):
+        rule, reason = super().rule_for(name)
+        return rule, reason if rule else f"not decomposed in config_file {self.config_file}"

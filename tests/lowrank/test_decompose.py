@@ -122,7 +122,7 @@ def test_decompose_from_ratio_is_msmodelslims_channel_ratio(net):
     assert isinstance(model.conv2, nn.Conv2d)
 
 
-def test_config_file_gives_every_process_the_ranks_of_the_one_that_chose(net, tmp_path):
+def test_config_file_gives_every_process_the_ranks_of_the_one_that_chose(net, tmp_path, lowrank_log):
     config = tmp_path / "ranks.json"
     chosen = lowrank.Decompose(net, config_file=config).from_energy(0.6, divisor=1)
     assert json.loads(config.read_text())["layers"][0]["name"] == "conv2"  # an info file (lowrank inspect)
@@ -134,6 +134,8 @@ def test_config_file_gives_every_process_the_ranks_of_the_one_that_chose(net, tm
     structure = lowrank.Decompose(other, config_file=config).from_file().decompose_network(do_decompose_weight=False)
     structure.load_state_dict(decomposed.state_dict())
     assert torch.equal(structure(X), decomposed(X))
+    # The layers the choice left alone, in the user's words: no "layers" dict was given.
+    assert f"Skip: 'conv1': not decomposed in config_file {config}" in lowrank_log
 
 
 def test_decompose_errors(net, tmp_path):
