@@ -240,15 +240,17 @@ def check_mode_args(args, pretrained=None, method="spatial", ratio=DEFAULT_RATIO
     return mode
 
 
+def _given_paths(args, names) -> dict:
+    """The absolute paths of the path flags ``names`` (attribute names of ``args``) that are set, by name."""
+    return {name: Path(getattr(args, name)).resolve() for name in names if getattr(args, name, None)}
+
+
 def check_distinct(args, *names) -> None:
     """Exits with an error when two of the path flags ``names`` (attribute names of ``args``; unset ones
     are skipped) name the same file, where one would overwrite the other, or one lies inside the other,
     which would have to be a folder."""
     paths = {}
-    for name in names:
-        if not getattr(args, name, None):
-            continue
-        path = Path(getattr(args, name)).resolve()
+    for name, path in _given_paths(args, names).items():
         for other, other_name in paths.items():
             first, second = flag(other_name), flag(name)
             if path == other:
@@ -264,10 +266,7 @@ def check_outside_output_dir(args, files) -> None:
     (``checkpoints/``, ``results.json``): found at the start, not when the run saves at its end."""
     output_dir = Path(args.output_dir).resolve()
     taken = {output_dir / "checkpoints": "its checkpoints", output_dir / "results.json": "its results"}
-    for name in files:
-        if not getattr(args, name, None):
-            continue
-        path = Path(getattr(args, name)).resolve()
+    for name, path in _given_paths(args, files).items():
         if path == output_dir or path in output_dir.parents:
             sys.exit(f"error: {flag(name)} {path} is --output-dir or holds it: give it a file name of its own")
         for place, what in taken.items():

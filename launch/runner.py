@@ -296,8 +296,8 @@ class Preemption:
             self.recording = False
 
     def requested(self, accelerator) -> bool:
-        flag = torch.tensor([1.0 if self.received else 0.0], device=accelerator.device)
-        return bool(accelerator.reduce(flag, reduction="sum").item() > 0)
+        signalled = torch.tensor([1.0 if self.received else 0.0], device=accelerator.device)
+        return bool(accelerator.reduce(signalled, reduction="sum").item() > 0)
 
 
 preemption = Preemption()
@@ -321,10 +321,10 @@ def from_rank_zero(value):
     return value
 
 
-def rank_zero_first(load, flag: str):
+def rank_zero_first(load, what: str):
     """``load()`` on global rank 0, then on the other ranks (rank 0 prepares what they read: a dataset
     it unpacks or downloads). An error on any rank ends every rank with the first failing rank's
-    message, after ``flag`` (a RuntimeError's message says what is wrong, as the loaders raise it;
+    message, after ``what`` (a RuntimeError's message says what is wrong, as the loaders raise it;
     other errors add their type): with ``main_process_first`` the others would fail in their barrier
     with gloo's traceback, or wait in the next collective until its timeout."""
 
@@ -337,7 +337,7 @@ def rank_zero_first(load, flag: str):
     error, loaded = attempt() if global_rank() == 0 else (None, None)
     error = from_rank_zero(error)
     if error:  # rank 0's: the others did not try
-        sys.exit(f"error: {flag}: {error}")
+        sys.exit(f"error: {what}: {error}")
     if global_rank() != 0:
         error, loaded = attempt()
     errors = [error]
@@ -346,7 +346,7 @@ def rank_zero_first(load, flag: str):
         dist.all_gather_object(errors, error)
     rank, error = next(((rank, error) for rank, error in enumerate(errors) if error), (None, None))
     if error:  # a path missing on another node, or not shared with it
-        sys.exit(f"error: {flag}: rank {rank}: {error}")
+        sys.exit(f"error: {what}: rank {rank}: {error}")
     return loaded
 
 
@@ -508,8 +508,8 @@ def _resume_decision(args, world_size: int, recipe_settings) -> tuple[str | None
     elif current["deepspeed"] == "on":
         settings["world_size"] = TRAINING_SETTINGS["world_size"]
     changed = [
-        f"{flag} {saved[key]} (now {current[key]})"
-        for key, flag in settings.items()
+        f"{source} {saved[key]} (now {current[key]})"
+        for key, source in settings.items()
         if key in saved and key in current and saved[key] != current[key]
     ]
     if changed:
