@@ -25,6 +25,7 @@ import contextlib
 import functools
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -773,11 +774,18 @@ def finish(accelerator, model, progress, args, results: dict) -> None:
     then ``end_run``."""
     state_dict = accelerator.get_state_dict(model)  # on every rank: under DeepSpeed ZeRO-3 it gathers the shards
     if global_rank() == 0:
-        results = {**results, "steps": progress.step}
+        # Strict JSON, which other tools read too: a diverged run's NaN or infinite loss becomes null.
+        results = {
+            key: None if isinstance(value, float) and not math.isfinite(value) else value
+            for key, value in results.items()
+        }
+        results["steps"] = progress.step
         rerun = "the last checkpoint holds the trained weights: rerun with --resume to write them again"
         with _naming_a_failed_save(f"the results in {args.output_dir}", args.output_dir, rerun):
             atomic_write(
-                Path(args.output_dir) / "results.json", lambda file: json.dump(results, file, indent=2), binary=False
+                Path(args.output_dir) / "results.json",
+                lambda file: json.dump(results, file, indent=2, allow_nan=False),
+                binary=False,
             )
         if args.save_path:
             with _naming_a_failed_save(f"--save-path {args.save_path}", Path(args.save_path).parent, rerun):

@@ -4,6 +4,7 @@ test_runner_processes.py and tests/recipes)."""
 import argparse
 import itertools
 import json
+import math
 import os
 import re
 import shutil
@@ -478,3 +479,21 @@ def test_a_full_disk_at_the_end_is_named(trainer, tmp_path, monkeypatch):
     assert str(error.value).endswith(
         "the last checkpoint holds the trained weights: rerun with --resume to write them again"
     )
+
+
+def test_a_diverged_runs_results_are_strict_json(trainer, tmp_path):
+    """A NaN or infinite loss is written as null: Python's json would write NaN, which other JSON readers refuse."""
+    accelerator, model, progress = trainer
+    runner.finish(
+        accelerator,
+        model,
+        progress,
+        run_args(tmp_path, save_path=None),
+        {"loss": math.nan, "top5": math.inf, "accuracy": 0.1},
+    )
+
+    def refuse(constant):
+        raise ValueError(f"not strict JSON: {constant}")
+
+    results = json.loads((tmp_path / "results.json").read_text(), parse_constant=refuse)
+    assert results == {"loss": None, "top5": None, "accuracy": 0.1, "steps": 0}
