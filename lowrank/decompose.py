@@ -432,6 +432,10 @@ def _plan(model, policy: RankPolicy, conv_method: str, with_weights: bool, what:
     candidates, skipped = _scan(model)
     for name, reason in skipped.items():
         logger.info("Skip: %r: %s", name, reason)
+    layers = [*candidates, *skipped]
+    for unmatched in policy.unmatched(layers):
+        example = f", such as {max(layers, key=lambda name: name.count('.'))!r}" if layers else ""
+        logger.warning("%s matches no conv or linear layer (expressions match whole names%s)", unmatched, example)
     inputs = _capture_latency_inputs(model, policy, candidates) if policy.measures_latency else {}
     replacements, measurements = [], {}
     # Timing builds default-initialised replacements and draws random inputs, as many as the timings

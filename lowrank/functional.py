@@ -294,6 +294,10 @@ def evbmf_rank(values: torch.Tensor, shape: tuple[int, int]) -> int:
     values = values.double()[:rows]
     if rows < 2 or values[0] == 0:
         return 1
+    # Exact zeros (a duplicated or zeroed channel; singular_values clamps the Gram matrix's rounding
+    # below zero to 0) make the free energy's log diverge at every noise variance, and the search end at
+    # its lower bound, with a rank near rows / (1 + alpha): they count as values at rounding level.
+    values = values.clamp_min(values[0].item() * torch.finfo(torch.float64).eps ** 0.5)
     alpha = rows / cols
     tau_bound = 2.5129 * math.sqrt(alpha)
     x_bound = (1 + tau_bound) * (1 + alpha / tau_bound)

@@ -3,8 +3,9 @@
 A rule picks the ranks of one layer:
 - ``rank``: a fixed rank (an int, or one int per rank of the method, e.g. ``(in_rank, out_rank)``);
 - ``ratio``: the largest ranks whose cost is at most this fraction of the dense layer's
-  (``ratio_of="flops"``, multiply-adds, or ``"params"``), or, with ``ratio_of="rank"``, this fraction
-  of each full rank (msModelSlim's channel ratio: 0.5 halves the middle channels);
+  (``ratio_of="flops"``, multiply-adds, or ``"params"``) and below it in both, or, with
+  ``ratio_of="rank"``, this fraction of each full rank (msModelSlim's channel ratio: 0.5 halves the
+  middle channels);
 - ``energy``: the smallest ranks that keep this fraction of the squared singular values;
 - ``vbmf``: ranks estimated by EVBMF (Nakajima et al. 2013), as in Kim et al. 2016;
 - ``latency``: the largest ranks whose replacement is measured to run in at most this fraction of
@@ -17,14 +18,19 @@ rule for those layers, or to ``None`` to leave them alone; ``exclude`` lists exp
 to leave alone. With no rule and no ``layers``, the default rule is ``ratio=DEFAULT_RATIO``; with
 ``layers``, the layers that match no key are left alone.
 
-Automatic rules (ratio, energy, vbmf, latency) round ranks to a multiple of ``divisor`` (down for
-ratio and latency, to stay within budget, leaving alone a layer whose budget is below one divisor; up
-for energy and vbmf, to keep at least what was asked) and
+Automatic rules (ratio, energy, vbmf, latency) round ranks to a multiple of ``divisor`` where the
+full rank is at least one divisor (down for ratio and latency, to stay within budget, leaving alone a
+layer whose budget is below one divisor; up for energy and vbmf, to keep at least what was asked) and
 leave a layer alone when a rank would fall below ``min_rank`` (or its full rank, when smaller): a
 handful of directions cannot carry a layer such as the first conv of a network on 1 input channel or
 a 10-class classifier.
 A fixed rank is used as given. Whatever the rule, a layer is replaced only when the replacement has
-fewer parameters and fewer multiply-adds than the dense layer.
+fewer parameters and fewer multiply-adds than the dense layer. Multiply-adds are counted per output
+position (``methods.Cost``), image borders left out: on a map hardly larger than the kernel and
+without padding (a classifier written as a 7x7 conv on a 7x7 map), a first factor runs on more
+positions than the output has, and ``count_flops`` on a real input may count more than the dense layer.
+
+EVBMF assumes i.i.d. noise: on float16 and bfloat16 weights, whose rounding is not, it gives large ranks.
 """
 
 import math
@@ -180,6 +186,16 @@ class RankPolicy:
                 return rule, "" if rule else f"left alone by layers[{pattern.pattern!r}]"
         return self.default, "" if self.default else "not matched by any key of layers"
 
+    def unmatched(self, names) -> list[str]:
+        """The ``layers`` keys and ``exclude`` expressions that match none of ``names`` (a typo would
+        otherwise select or exclude nothing, silently), each as ``layers key 'x'`` or ``exclude 'x'``."""
+        patterns = [("layers key", pattern) for pattern, _ in self._layers] + [("exclude", p) for p in self._exclude]
+        return [
+            f"{where} {pattern.pattern!r}"
+            for where, pattern in patterns
+            if not any(pattern.fullmatch(name) for name in names)
+        ]
+
     def describe(self) -> dict:
         """The policy as JSON-ready options, for the info file."""
         return {
@@ -215,7 +231,7 @@ class RankPolicy:
                 ranks = self._ratio_ranks(method, layer, rule.value)
                 if ranks is None:
                     return None, f"no rank fits {rule}"
-                rounded = self._round_down(ranks, full)
+                rounded = self._round(ranks, full)
                 if 0 in rounded:
                     return None, f"{rule} gives rank {_show(ranks)}, below divisor {self.divisor}"
                 ranks = rounded
@@ -230,7 +246,7 @@ class RankPolicy:
                     ranks = tuple(F.energy_rank(values, rule.value) for values, _ in spectra)
                 else:
                     ranks = tuple(F.evbmf_rank(values, shape) for values, shape in spectra)
-                ranks = tuple(math.ceil(r / self.divisor) * self.divisor for r in ranks)
+                ranks = self._round(ranks, full, up=True)
             ranks = tuple(min(r, f) for r, f in zip(ranks, full))
             if any(r < min(self.min_rank, f) for r, f in zip(ranks, full)):
                 return None, f"{rule} gives rank {_show(ranks)}, below min_rank {self.min_rank}"
@@ -250,7 +266,7 @@ class RankPolicy:
         dense = dense_cost(layer)
         candidates = []
         for step in range(1, max(full) + 1):
-            ranks = self._round_down(_scaled(full, step), full)
+            ranks = self._round(_scaled(full, step), full)
             if (candidates and ranks == candidates[-1]) or any(r < min(self.min_rank, f) for r, f in zip(ranks, full)):
                 continue
             cost = method.cost(layer, ranks)
@@ -288,23 +304,30 @@ class RankPolicy:
             )
         return ranks, ""
 
-    def _round_down(self, ranks, full):
-        """``ranks`` rounded down to a multiple of ``divisor`` (0 below it: rounding up would break the
-        budget), where the full rank allows."""
-        return tuple(r // self.divisor * self.divisor if f >= self.divisor else r for r, f in zip(ranks, full))
+    def _round(self, ranks, full, up=False):
+        """``ranks`` rounded to a multiple of ``divisor`` where the full rank is at least one divisor:
+        down (0 below one divisor: rounding up would break the budget) or ``up``."""
+        rounding = math.ceil if up else math.floor
+        return tuple(rounding(r / self.divisor) * self.divisor if f >= self.divisor else r for r, f in zip(ranks, full))
 
     def _ratio_ranks(self, method, layer, ratio):
         """Largest ranks, scaled together with the full ranks, whose cost fits ``ratio`` of the dense one
-        (or that are at most ``ratio`` of the full ranks)."""
+        and is below it in parameters and multiply-adds alike (or that are at most ``ratio`` of the
+        full ranks)."""
         full = method.full_ranks(layer)
         if self.ratio_of == "rank":
             return tuple(max(1, math.floor(ratio * f)) for f in full)
         field_name = "macs" if self.ratio_of == "flops" else "params"
-        budget = ratio * getattr(dense_cost(layer), field_name)
+        dense = dense_cost(layer)
+        budget = ratio * getattr(dense, field_name)
+
+        def fits(cost):  # a budget in parameters alone may allow more multiply-adds than the dense layer's
+            return getattr(cost, field_name) <= budget and cost.params < dense.params and cost.macs < dense.macs
+
         low, high = 0, max(full)  # invariant: _scaled(full, low) fits (or low == 0), _scaled(full, high + 1) does not
         while low < high:
             mid = (low + high + 1) // 2
-            if getattr(method.cost(layer, _scaled(full, mid)), field_name) <= budget:
+            if fits(method.cost(layer, _scaled(full, mid))):
                 low = mid
             else:
                 high = mid - 1

@@ -117,6 +117,20 @@ def test_evbmf_finds_a_planted_rank(planted):
     assert F.evbmf_rank(F.singular_values(matrix), tuple(matrix.shape)) == planted
 
 
+@pytest.mark.parametrize("lost", ["duplicated", "zeroed"])
+def test_evbmf_finds_a_planted_rank_in_a_matrix_of_lower_rank(lost):
+    """A duplicated or zeroed channel gives exact zero singular values, which once gave ranks near 30."""
+    for seed in range(5):
+        generator = torch.Generator().manual_seed(seed)
+        matrix = torch.randn(64, 4, generator=generator) @ torch.randn(4, 96, generator=generator)
+        matrix += 0.3 * torch.randn(64, 96, generator=generator)
+        if lost == "duplicated":
+            matrix[1] = matrix[0]
+        else:
+            matrix[5:9] = 0
+        assert F.evbmf_rank(F.singular_values(matrix), tuple(matrix.shape)) == 4
+
+
 def test_singular_values_match_lapack():
     matrix = torch.randn(30, 20, dtype=torch.float64)
     assert torch.allclose(F.singular_values(matrix), torch.linalg.svdvals(matrix), atol=1e-10)

@@ -94,6 +94,47 @@ def test_a_ratio_budget_below_the_divisor_leaves_the_layer_alone():
     assert changes == {}  # the budget allows rank 28: rounding up to 32 would break it
 
 
+@pytest.mark.parametrize(
+    "layer,method,ratio_of",
+    [
+        (nn.Linear(64, 64), "svd", "flops"),  # at ratio 1 the budget allows rank 32, as costly as the layer
+        (nn.Conv2d(32, 32, 3, stride=2, padding=1), "tucker2", "params"),  # the first 1x1 runs before the stride
+    ],
+)
+def test_ratio_takes_the_largest_ranks_within_budget_that_are_cheaper(layer, method, ratio_of):
+    """A budget that allows ranks no cheaper than the layer (in MACs, for a budget in parameters)
+    takes the largest cheaper ones, found here by trying every step; it once left the layer alone."""
+    method = METHODS[method]
+    policy = RankPolicy(ratio=1.0 if method.name == "svd" else 0.8, ratio_of=ratio_of, min_rank=1)
+    dense, full = dense_cost(layer), method.full_ranks(layer)
+    measured = "macs" if ratio_of == "flops" else "params"
+    best = None
+    for step in range(1, max(full) + 1):
+        ranks = tuple(max(1, round(step * f / max(full))) for f in full)
+        cost = method.cost(layer, ranks)
+        within = getattr(cost, measured) <= policy.ratio * getattr(dense, measured)
+        if within and cost.params < dense.params and cost.macs < dense.macs:
+            best = ranks
+    assert best is not None
+    assert policy.choose_ranks(method, layer, policy.default) == (best, "")
+
+
+def test_energy_rounds_up_only_where_the_full_rank_reaches_the_divisor():
+    """msModelSlim's divisor 64 would round a rank-4 layer of full rank 48 up to 48 (no cheaper) and a
+    tucker2 input rank of full rank 32 up to 32 (a useless 1x1 conv)."""
+    torch.manual_seed(0)
+    linear = nn.Linear(48, 1024)
+    with torch.no_grad():
+        linear.weight.copy_(torch.randn(1024, 4) @ torch.randn(4, 48))
+    policy = RankPolicy(energy=0.99, divisor=64, min_rank=1)
+    assert policy.choose_ranks(METHODS["svd"], linear, policy.default) == ((4,), "")
+    conv = nn.Conv2d(32, 128, 3)
+    with torch.no_grad():
+        core = torch.randn(16, 8, 3, 3)
+        conv.weight.copy_(torch.einsum("os,sjkl,ji->oikl", torch.randn(128, 16), core, torch.randn(8, 32)))
+    assert policy.choose_ranks(METHODS["tucker2"], conv, policy.default) == ((8, 64), "")
+
+
 def test_layers_dict_and_exclusions():
     model = nn.Sequential(
         nn.Sequential(nn.Conv2d(32, 32, 3), nn.Conv2d(32, 32, 3)),
@@ -103,6 +144,17 @@ def test_layers_dict_and_exclusions():
     model, changes = lowrank.auto_decomposition(model, layers=layers, exclude=[r"1\.1"])
     assert set(changes) == {"0.0", "0.1"}  # 1.0 left alone by None, 1.1 excluded
     assert ranks_of(model, "0.0") == [4]
+
+
+def test_expressions_that_match_no_layer_are_warned_about(lowrank_log):
+    """A typo in a key or an exclusion selects or excludes nothing: the warning names it."""
+    model = nn.Sequential(nn.Conv2d(32, 32, 3), nn.Sequential(nn.Linear(64, 64)))
+    lowrank.auto_decomposition(model, layers={"conv_typo": 0.3, r"1\.0": 0.3}, exclude=["1", "0"])
+    warnings = [line for line in lowrank_log if "matches no" in line]
+    assert warnings == [
+        f"{what} matches no conv or linear layer (expressions match whole names, such as '1.0')"
+        for what in ("layers key 'conv_typo'", "exclude '1'")
+    ]
 
 
 def test_layers_alone_select_only_those_layers():
