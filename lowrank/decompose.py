@@ -53,12 +53,10 @@ HOOKS = (
 )
 
 
-def _read_path(node: ast.AST, in_forward: bool) -> str | None:
-    """The submodule, relative to ``self``, that ``node`` designates: ``"a.b"`` for
-    ``self.a.b`` (also ``getattr(self, "a").b`` and ``self.a[1].b`` as ``"a.1.b"``); in ``forward``
-    only, ``"a.*"`` for any under ``self.a`` (``self.a[i]``, ``self.a[-1]``) and ``"*"`` (any
-    submodule) for what cannot be told statically, such as a local variable or a loop over
-    submodules. None for ``self`` itself."""
+def _chain(node: ast.AST) -> tuple[ast.AST, list[str], bool]:
+    """Where an attribute and subscript chain starts, the names below it (``["a", "1", "b"]`` for
+    ``x.a[1].b``, also through ``getattr(x, "a")``) and whether an index could not be told statically
+    (``x.a[i].b``: then the names are those above it, ``["a"]``)."""
     parts, anywhere_below = [], False
     while True:
         if isinstance(node, ast.Attribute):
@@ -82,9 +80,22 @@ def _read_path(node: ast.AST, in_forward: bool) -> str | None:
             parts.append(node.args[1].value)
             node = node.args[0]
         else:
-            break
-    if isinstance(node, ast.Name) and node.id == "self":
-        path = ".".join(reversed(parts))
+            return node, parts[::-1], anywhere_below
+
+
+def _is_name(node: ast.AST, name: str) -> bool:
+    return isinstance(node, ast.Name) and node.id == name
+
+
+def _read_path(node: ast.AST, in_forward: bool) -> str | None:
+    """The submodule, relative to ``self``, that ``node`` designates: ``"a.b"`` for
+    ``self.a.b`` (also ``getattr(self, "a").b`` and ``self.a[1].b`` as ``"a.1.b"``); in ``forward``
+    only, ``"a.*"`` for any under ``self.a`` (``self.a[i]``, ``self.a[-1]``) and ``"*"`` (any
+    submodule) for what cannot be told statically, such as a local variable or a loop over
+    submodules. None for ``self`` itself."""
+    root, parts, anywhere_below = _chain(node)
+    if _is_name(root, "self"):
+        path = ".".join(parts)
         if not anywhere_below:
             return path or None
         path = f"{path}.*" if path else "*"
@@ -147,6 +158,36 @@ def _source_uses(function: ast.FunctionDef, in_forward: bool) -> set[tuple[str, 
                 path = _read_path(argument, in_forward=False)
                 if path:
                     uses.add((path, f"passes it to {ast.unparse(node.func)}()"))
+    return uses
+
+
+def _argument_uses(caller: ast.FunctionDef, methods: dict[str, list[ast.FunctionDef]]) -> set[tuple[str, str]]:
+    """Weights that the class's own methods read below a submodule that ``caller`` passes them:
+    ``self.fuse(self.a)`` with ``def fuse(self, branch): ... branch.conv.weight`` gives
+    ``("a.conv", "reads its weights directly (in fuse(), given self.a)")``, as timm's RepVGG and
+    MobileOne blocks fuse their branches. (Passing the layer itself is one of ``_source_uses``.)"""
+    uses = set()
+    for call in ast.walk(caller):
+        if not (
+            isinstance(call, ast.Call) and isinstance(call.func, ast.Attribute) and _is_name(call.func.value, "self")
+        ):
+            continue
+        for callee in methods.get(call.func.attr, ()):
+            parameters = [arg.arg for arg in (*callee.args.posonlyargs, *callee.args.args)][1:]
+            bound = dict(zip(parameters, call.args)) | {word.arg: word.value for word in call.keywords if word.arg}
+            for parameter, argument in bound.items():
+                given = _read_path(argument, in_forward=True)  # self.a[i] as "a.*"
+                if given is None or given == "*":  # self, or what cannot be told statically
+                    continue
+                for node in ast.walk(callee):
+                    if not (isinstance(node, ast.Attribute) and node.attr in ("weight", "bias")):
+                        continue
+                    root, parts, anywhere_below = _chain(node.value)
+                    if not _is_name(root, parameter):
+                        continue
+                    path = ".".join([given, *parts]) + (".*" if anywhere_below else "")
+                    use = f"{WEIGHT_READ} (in {callee.name}(), given {ast.unparse(argument)})"
+                    uses.add((given if given.endswith("*") else path, use))
     return uses
 
 
@@ -240,8 +281,11 @@ def _direct_uses(cls: type) -> frozenset[tuple[str, str]]:
         if isinstance(function, (ast.FunctionDef, ast.AsyncFunctionDef)) and function.name != "__init__"
     ]
     called = _called_from_forward(definitions)
+    methods = defaultdict(list)
     for function in definitions:
-        uses |= _source_uses(function, in_forward=function.name in called)
+        methods[function.name].append(function)
+    for function in definitions:
+        uses |= _source_uses(function, in_forward=function.name in called) | _argument_uses(function, methods)
     return frozenset(uses)
 
 

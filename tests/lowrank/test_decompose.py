@@ -512,6 +512,53 @@ def test_other_uses_by_the_owner_keep_the_layer(make, kept, reason, lowrank_log)
     assert any(reason in line for line in lowrank_log)
 
 
+class ConvBN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(64, 64, 3, padding=1, bias=False), nn.BatchNorm2d(64)
+
+    def forward(self, x):
+        return self.bn(self.conv(x))
+
+
+class FusesItsBranches(nn.Module):
+    """As timm's RepVGG and MobileOne blocks: a method given a branch reads the weights of its conv."""
+
+    def __init__(self):
+        super().__init__()
+        self.branch, self.branches, self.other = ConvBN(), nn.ModuleList([ConvBN(), ConvBN()]), ConvBN()
+
+    def forward(self, x):
+        return self.branch(x) + self.branches[0](x) + self.branches[1](x) + self.other(x)
+
+    def fuse(self):
+        kernel = self._fuse_bn(self.branch)
+        for index in range(len(self.branches)):
+            kernel = kernel + self._fuse_bn(branch=self.branches[index])
+        return kernel
+
+    def _fuse_bn(self, branch):
+        scale = branch.bn.weight / (branch.bn.running_var + branch.bn.eps).sqrt()
+        return branch.conv.weight * scale.reshape(-1, 1, 1, 1)
+
+
+def test_weights_read_below_a_branch_given_to_a_method_keep_the_layers(lowrank_log):
+    model = FusesItsBranches().eval()
+    _, changes = lowrank.auto_decomposition(model, ratio=0.5, min_rank=1)
+    assert list(changes) == ["other.conv"]
+    assert model.fuse().shape == (64, 64, 3, 3)
+    reasons = [line for line in lowrank_log if line.startswith("Skip:")]
+    assert reasons == [
+        "Skip: 'branch.conv': FusesItsBranches reads its weights directly (in _fuse_bn(), given self.branch) "
+        "instead of only calling it",
+        *(
+            f"Skip: 'branches.{index}.conv': FusesItsBranches reads its weights directly (in _fuse_bn(), given "
+            "self.branches[index]) instead of only calling it"
+            for index in (0, 1)
+        ),
+    ]
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16, torch.float16])
 def test_dtype_is_kept(dtype):
     model = nn.Sequential(nn.Conv2d(32, 32, 3)).to(dtype)
