@@ -7,12 +7,14 @@ half-decomposed model or a half-written file.
 """
 
 import ast
+import builtins
 import copy
 import dis
 import functools
 import inspect
 import os
 import re
+import sys
 import textwrap
 import time
 import types
@@ -135,12 +137,43 @@ def _attribute_use(name: str, store: bool) -> str | None:
     return None if name in REPLACEMENT_ATTRIBUTES else f"reads its {name!r}"
 
 
-def _source_uses(function: ast.FunctionDef, in_forward: bool) -> set[tuple[str, str]]:
+def _resolve(node: ast.AST, namespaces: list[dict]):
+    """The object that a name, a dotted name or a tuple of them (``nn.Identity``, ``(A, nn.Linear)``)
+    designates in the first of ``namespaces`` (modules' globals) that holds it, or builtins; None when
+    it cannot be told statically."""
+    if isinstance(node, ast.Tuple):
+        items = [_resolve(item, namespaces) for item in node.elts]
+        return None if any(item is None for item in items) else tuple(items)
+    if isinstance(node, ast.Attribute):
+        owner = _resolve(node.value, namespaces)
+        return None if owner is None else getattr(owner, node.attr, None)
+    if isinstance(node, ast.Name):
+        for namespace in [*namespaces, vars(builtins)]:
+            if node.id in namespace:
+                return namespace[node.id]
+    return None
+
+
+def _same_for_replacement(call: ast.Call, namespaces: list[dict]) -> bool:
+    """Whether ``call`` is an ``isinstance`` check that a Conv2d or Linear layer and its replacement (an
+    nn.Sequential) answer alike, such as timm's ``isinstance(self.conv_head, nn.Identity)``."""
+    if not (_is_name(call.func, "isinstance") and len(call.args) == 2 and not call.keywords):
+        return False
+    classes = _resolve(call.args[1], namespaces)
+    try:
+        return all(issubclass(layer, classes) == issubclass(nn.Sequential, classes) for layer in (nn.Conv2d, nn.Linear))
+    except TypeError:  # not a class or a tuple of classes
+        return False
+
+
+def _source_uses(function: ast.FunctionDef, in_forward: bool, namespaces: list[dict]) -> set[tuple[str, str]]:
     """``(path, use)`` for each submodule of ``self`` that ``function`` uses other than by calling it:
     reading an attribute the replacement lacks (``self.a.weight``, even only for its dtype), setting
-    its configuration (``self.a.padding = 0``) or passing it to a function (``head(self.a, x)``). Paths as in
-    ``_read_path`` (wildcards only ``in_forward``); wildcards for weights only (other attributes of
-    that name are read off tensors and configs everywhere)."""
+    its configuration (``self.a.padding = 0``) or passing it to a function (``head(self.a, x)``; not
+    an ``isinstance`` check that the replacement answers alike, its classes named in ``namespaces``,
+    the globals of the function's module). Paths as in ``_read_path`` (wildcards only ``in_forward``);
+    wildcards for weights only (other attributes of that name are read off tensors and configs
+    everywhere)."""
     parameters = {arg.arg for arg in ast.walk(function.args) if isinstance(arg, ast.arg)} - {"self"}
     uses = set()
     for node in ast.walk(function):
@@ -153,7 +186,7 @@ def _source_uses(function: ast.FunctionDef, in_forward: bool) -> set[tuple[str, 
                 path, use = _read_path(node.value, in_forward), WEIGHT_READ
             if path:
                 uses.add((path, use))
-        elif isinstance(node, ast.Call):
+        elif isinstance(node, ast.Call) and not _same_for_replacement(node, namespaces):
             for argument in [*node.args, *(keyword.value for keyword in node.keywords)]:
                 path = _read_path(argument, in_forward=False)
                 if path:
@@ -247,7 +280,7 @@ def _function_uses(function, in_forward: bool) -> set[tuple[str, str]]:
     except (OSError, TypeError, SyntaxError):
         return _bytecode_uses(function)
     definitions = [node for node in ast.walk(tree) if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))]
-    return set().union(*(_source_uses(definition, in_forward) for definition in definitions))
+    return set().union(*(_source_uses(definition, in_forward, [function.__globals__]) for definition in definitions))
 
 
 @functools.cache
@@ -284,8 +317,11 @@ def _direct_uses(cls: type) -> frozenset[tuple[str, str]]:
     methods = defaultdict(list)
     for function in definitions:
         methods[function.name].append(function)
+    # The globals of the classes' modules, where the names in their methods resolve (the module of the
+    # class defining a method would be exact; a name defined in two of them alike is rare).
+    namespaces = [vars(module) for klass in cls.__mro__ if (module := sys.modules.get(klass.__module__))]
     for function in definitions:
-        uses |= _source_uses(function, in_forward=function.name in called) | _argument_uses(function, methods)
+        uses |= _source_uses(function, function.name in called, namespaces) | _argument_uses(function, methods)
     return frozenset(uses)
 
 

@@ -512,6 +512,31 @@ def test_other_uses_by_the_owner_keep_the_layer(make, kept, reason, lowrank_log)
     assert any(reason in line for line in lowrank_log)
 
 
+class ChecksTypes(nn.Module):
+    """``isinstance`` checks on its layers: against nn.Identity (timm's MobileNetV3 ``conv_head``) both a
+    layer and its replacement answer False; against nn.Linear, or a class not known statically, not."""
+
+    def __init__(self):
+        super().__init__()
+        self.alike, self.linear, self.unknown = nn.Linear(64, 64), nn.Linear(64, 64), nn.Linear(64, 64)
+
+    def forward(self, x):
+        return self.unknown(self.linear(self.alike(x)))
+
+    def describe(self, classes=nn.Identity):
+        alike = isinstance(self.alike, (nn.Identity, nn.modules.linear.Bilinear))
+        return alike, isinstance(self.linear, nn.Linear), isinstance(self.unknown, classes)
+
+
+def test_isinstance_checks_that_the_replacement_answers_alike_keep_no_layer(lowrank_log):
+    model = ChecksTypes()
+    before = model.describe()
+    _, changes = lowrank.auto_decomposition(model, ratio=0.5, min_rank=1)
+    assert list(changes) == ["alike"]
+    assert model.describe() == before
+    assert "Skip: 'linear': ChecksTypes passes it to isinstance() instead of only calling it" in lowrank_log
+
+
 class ConvBN(nn.Module):
     def __init__(self):
         super().__init__()
