@@ -12,6 +12,7 @@ import copy
 import dis
 import functools
 import inspect
+import itertools
 import os
 import re
 import sys
@@ -55,6 +56,10 @@ HOOKS = (
 )
 
 
+def _is_name(node: ast.AST, name: str) -> bool:
+    return isinstance(node, ast.Name) and node.id == name
+
+
 def _chain(node: ast.AST) -> tuple[ast.AST, list[str], bool]:
     """Where an attribute and subscript chain starts, the names below it (``["a", "1", "b"]`` for
     ``x.a[1].b``, also through ``getattr(x, "a")``) and whether an index could not be told statically
@@ -73,8 +78,7 @@ def _chain(node: ast.AST) -> tuple[ast.AST, list[str], bool]:
             node = node.value
         elif (
             isinstance(node, ast.Call)
-            and isinstance(node.func, ast.Name)
-            and node.func.id == "getattr"
+            and _is_name(node.func, "getattr")
             and len(node.args) >= 2
             and isinstance(node.args[1], ast.Constant)
             and isinstance(node.args[1].value, str)
@@ -85,24 +89,23 @@ def _chain(node: ast.AST) -> tuple[ast.AST, list[str], bool]:
             return node, parts[::-1], anywhere_below
 
 
-def _is_name(node: ast.AST, name: str) -> bool:
-    return isinstance(node, ast.Name) and node.id == name
-
-
-def _read_path(node: ast.AST, in_forward: bool) -> str | None:
+def _read_path(node: ast.AST, in_forward: bool, root: str = "self") -> str | None:
     """The submodule, relative to ``self``, that ``node`` designates: ``"a.b"`` for
     ``self.a.b`` (also ``getattr(self, "a").b`` and ``self.a[1].b`` as ``"a.1.b"``); in ``forward``
     only, ``"a.*"`` for any under ``self.a`` (``self.a[i]``, ``self.a[-1]``) and ``"*"`` (any
     submodule) for what cannot be told statically, such as a local variable or a loop over
-    submodules. None for ``self`` itself."""
-    root, parts, anywhere_below = _chain(node)
-    if _is_name(root, "self"):
+    submodules. None for ``self`` itself. With another ``root`` (a parameter given a submodule),
+    relative to that one, and None for what does not start from it."""
+    start, parts, anywhere_below = _chain(node)
+    if _is_name(start, root):
         path = ".".join(parts)
         if not anywhere_below:
             return path or None
         path = f"{path}.*" if path else "*"
-    else:
+    elif root == "self":
         path = "*"
+    else:
+        return None
     return path if in_forward else None
 
 
@@ -137,90 +140,108 @@ def _attribute_use(name: str, store: bool) -> str | None:
     return None if name in REPLACEMENT_ATTRIBUTES else f"reads its {name!r}"
 
 
-def _resolve(node: ast.AST, namespaces: list[dict]):
+def _resolve(node: ast.AST, namespaces: list[dict], local_names: set[str]):
     """The object that a name, a dotted name or a tuple of them (``nn.Identity``, ``(A, nn.Linear)``)
     designates in the first of ``namespaces`` (modules' globals) that holds it, or builtins; None when
-    it cannot be told statically."""
-    if isinstance(node, ast.Tuple):
-        items = [_resolve(item, namespaces) for item in node.elts]
-        return None if any(item is None for item in items) else tuple(items)
-    if isinstance(node, ast.Attribute):
-        owner = _resolve(node.value, namespaces)
-        return None if owner is None else getattr(owner, node.attr, None)
-    if isinstance(node, ast.Name):
+    it cannot be told statically, such as a name in ``local_names`` (the function's own)."""
+    try:
+        if isinstance(node, ast.Tuple):
+            items = [_resolve(item, namespaces, local_names) for item in node.elts]
+            return None if any(item is None for item in items) else tuple(items)
+        if isinstance(node, ast.Attribute):
+            owner = _resolve(node.value, namespaces, local_names)
+            return None if owner is None else getattr(owner, node.attr, None)
+    except Exception:  # a lazy module's __getattr__ may raise anything (a failed import)
+        return None
+    if isinstance(node, ast.Name) and node.id not in local_names:
         for namespace in [*namespaces, vars(builtins)]:
             if node.id in namespace:
                 return namespace[node.id]
     return None
 
 
-def _same_for_replacement(call: ast.Call, namespaces: list[dict]) -> bool:
+@functools.cache
+def _prototypes() -> tuple[nn.Module, ...]:
+    """A Conv2d, a Linear and an nn.Sequential (a replacement) to ask ``isinstance`` about: on the meta
+    device, which leaves the random state alone."""
+    return nn.Conv2d(1, 1, 1, device="meta"), nn.Linear(1, 1, device="meta"), nn.Sequential()
+
+
+def _same_for_replacement(call: ast.Call, namespaces: list[dict], local_names: set[str]) -> bool:
     """Whether ``call`` is an ``isinstance`` check that a Conv2d or Linear layer and its replacement (an
     nn.Sequential) answer alike, such as timm's ``isinstance(self.conv_head, nn.Identity)``."""
     if not (_is_name(call.func, "isinstance") and len(call.args) == 2 and not call.keywords):
         return False
-    classes = _resolve(call.args[1], namespaces)
+    classes = _resolve(call.args[1], namespaces, local_names)
+    *layers, replacement = _prototypes()
     try:
-        return all(issubclass(layer, classes) == issubclass(nn.Sequential, classes) for layer in (nn.Conv2d, nn.Linear))
-    except TypeError:  # not a class or a tuple of classes
+        return classes is not None and all(
+            isinstance(layer, classes) == isinstance(replacement, classes) for layer in layers
+        )
+    except Exception:  # not a class or a tuple of classes, or an __instancecheck__ that fails
         return False
 
 
-def _source_uses(function: ast.FunctionDef, in_forward: bool, namespaces: list[dict]) -> set[tuple[str, str]]:
+def _source_uses(
+    function: ast.FunctionDef, in_forward: bool, namespaces: list[dict], root: str = "self"
+) -> set[tuple[str, str]]:
     """``(path, use)`` for each submodule of ``self`` that ``function`` uses other than by calling it:
     reading an attribute the replacement lacks (``self.a.weight``, even only for its dtype), setting
     its configuration (``self.a.padding = 0``) or passing it to a function (``head(self.a, x)``; not
     an ``isinstance`` check that the replacement answers alike, its classes named in ``namespaces``,
     the globals of the function's module). Paths as in ``_read_path`` (wildcards only ``in_forward``);
     wildcards for weights only (other attributes of that name are read off tensors and configs
-    everywhere)."""
-    parameters = {arg.arg for arg in ast.walk(function.args) if isinstance(arg, ast.arg)} - {"self"}
+    everywhere). With another ``root``, the uses of what that parameter is given, relative to it."""
+    parameters = {arg.arg for arg in ast.walk(function.args) if isinstance(arg, ast.arg)}
+    assigned = {
+        node.id for node in ast.walk(function) if isinstance(node, ast.Name) and not isinstance(node.ctx, ast.Load)
+    }
     uses = set()
     for node in ast.walk(function):
         if isinstance(node, ast.Attribute) and (use := _attribute_use(node.attr, not isinstance(node.ctx, ast.Load))):
             if node.attr not in ("weight", "bias"):
-                path = _read_path(node.value, in_forward=False)
-            elif isinstance(node.value, ast.Name) and node.value.id in parameters:
+                path = _read_path(node.value, False, root)
+            elif isinstance(node.value, ast.Name) and node.value.id in parameters - {root}:
                 continue  # a module given to a helper, e.g. an initialiser
             else:
-                path, use = _read_path(node.value, in_forward), WEIGHT_READ
+                path, use = _read_path(node.value, in_forward, root), WEIGHT_READ
             if path:
                 uses.add((path, use))
-        elif isinstance(node, ast.Call) and not _same_for_replacement(node, namespaces):
+        elif isinstance(node, ast.Call) and not _same_for_replacement(node, namespaces, parameters | assigned):
             for argument in [*node.args, *(keyword.value for keyword in node.keywords)]:
-                path = _read_path(argument, in_forward=False)
+                path = _read_path(argument, False, root)
                 if path:
                     uses.add((path, f"passes it to {ast.unparse(node.func)}()"))
     return uses
 
 
-def _argument_uses(caller: ast.FunctionDef, methods: dict[str, list[ast.FunctionDef]]) -> set[tuple[str, str]]:
-    """Weights that the class's own methods read below a submodule that ``caller`` passes them:
+def _argument_uses(
+    caller: ast.FunctionDef, methods: dict[str, list[ast.FunctionDef]], called: set[str], namespaces: list[dict]
+) -> set[tuple[str, str]]:
+    """``_source_uses`` of the class's own methods through the submodules that ``caller`` passes them:
     ``self.fuse(self.a)`` with ``def fuse(self, branch): ... branch.conv.weight`` gives
     ``("a.conv", "reads its weights directly (in fuse(), given self.a)")``, as timm's RepVGG and
-    MobileOne blocks fuse their branches. (Passing the layer itself is one of ``_source_uses``.)"""
+    MobileOne blocks fuse their branches; ``self.fuse(self.a[i])`` gives ``"a.*.conv"``, and a submodule
+    that cannot be told statically (a loop variable) ``"*.conv"``. (Passing the layer itself is one of
+    ``_source_uses``.)"""
     uses = set()
     for call in ast.walk(caller):
         if not (
             isinstance(call, ast.Call) and isinstance(call.func, ast.Attribute) and _is_name(call.func.value, "self")
         ):
             continue
+        positional = list(itertools.takewhile(lambda argument: not isinstance(argument, ast.Starred), call.args))
         for callee in methods.get(call.func.attr, ()):
-            parameters = [arg.arg for arg in (*callee.args.posonlyargs, *callee.args.args)][1:]
-            bound = dict(zip(parameters, call.args)) | {word.arg: word.value for word in call.keywords if word.arg}
+            static = any(_is_name(decorator, "staticmethod") for decorator in callee.decorator_list)
+            parameters = [arg.arg for arg in (*callee.args.posonlyargs, *callee.args.args)][0 if static else 1 :]
+            bound = dict(zip(parameters, positional)) | {word.arg: word.value for word in call.keywords if word.arg}
             for parameter, argument in bound.items():
-                given = _read_path(argument, in_forward=True)  # self.a[i] as "a.*"
-                if given is None or given == "*":  # self, or what cannot be told statically
+                given = _read_path(argument, in_forward=True)  # self.a[i] as "a.*", a local variable as "*"
+                if given is None:  # self
                     continue
-                for node in ast.walk(callee):
-                    if not (isinstance(node, ast.Attribute) and node.attr in ("weight", "bias")):
-                        continue
-                    root, parts, anywhere_below = _chain(node.value)
-                    if not _is_name(root, parameter):
-                        continue
-                    path = ".".join([given, *parts]) + (".*" if anywhere_below else "")
-                    use = f"{WEIGHT_READ} (in {callee.name}(), given {ast.unparse(argument)})"
-                    uses.add((given if given.endswith("*") else path, use))
+                for path, use in _source_uses(callee, callee.name in called, namespaces, root=parameter):
+                    where = f"{use} (in {callee.name}(), given {ast.unparse(argument)})"
+                    uses.add((f"{given}.{path}", where))
     return uses
 
 
@@ -265,10 +286,7 @@ def _called_from_forward(functions: list[ast.FunctionDef]) -> set[str]:
             for function in functions
             if function.name in added
             for node in ast.walk(function)
-            if isinstance(node, ast.Attribute)
-            and isinstance(node.value, ast.Name)
-            and node.value.id == "self"
-            and node.attr in methods
+            if isinstance(node, ast.Attribute) and _is_name(node.value, "self") and node.attr in methods
         } - names
     return names
 
@@ -318,10 +336,11 @@ def _direct_uses(cls: type) -> frozenset[tuple[str, str]]:
     for function in definitions:
         methods[function.name].append(function)
     # The globals of the classes' modules, where the names in their methods resolve (the module of the
-    # class defining a method would be exact; a name defined in two of them alike is rare).
+    # class defining a method would be exact; a name that two of them define differently is rare).
     namespaces = [vars(module) for klass in cls.__mro__ if (module := sys.modules.get(klass.__module__))]
     for function in definitions:
-        uses |= _source_uses(function, function.name in called, namespaces) | _argument_uses(function, methods)
+        uses |= _source_uses(function, function.name in called, namespaces)
+        uses |= _argument_uses(function, methods, called, namespaces)
     return frozenset(uses)
 
 
@@ -343,9 +362,10 @@ def _instance_uses(module: nn.Module) -> set[tuple[str, str]]:
 
 
 def _direct_use(owner: nn.Module, path: str) -> str | None:
-    """How ``owner`` uses its submodule at ``path`` other than by calling it, if it does."""
+    """How ``owner`` uses its submodule at ``path`` other than by calling it, if it does (a ``*`` in a
+    used path stands for any names: ``a.*`` for any submodule of ``a``, ``a.*.conv`` for ``a.0.conv``)."""
     for used, use in sorted(_direct_uses(type(owner)) | _instance_uses(owner)):
-        if path == used or (used.endswith("*") and path.startswith(used[:-1])):
+        if re.fullmatch(re.escape(used).replace(r"\*", ".*"), path):
             return use
     return None
 
@@ -394,13 +414,17 @@ def _held_outside(model: nn.Module) -> dict[int, str]:
     return held
 
 
+# What the scan looks at: the layers it can replace (Conv2d, Linear) and those it reports as not supported.
+LAYER_TYPES = (_ConvNd, nn.Linear)
+
+
 def _scan(model: nn.Module) -> tuple[dict[str, nn.Module], dict[str, str]]:
     """Conv2d and Linear layers that can be replaced, and every other conv/linear layer with the reason
     it cannot."""
     references = _references(model)
     candidates, skipped = {}, {}
     for name, module in model.named_modules():
-        if not isinstance(module, (_ConvNd, nn.Linear)):
+        if not isinstance(module, LAYER_TYPES):
             continue
         reason = _why_not(model, name, module, references)
         if reason:
@@ -512,9 +536,10 @@ def _plan(model, policy: RankPolicy, conv_method: str, with_weights: bool, what:
     candidates, skipped = _scan(model)
     for name, reason in skipped.items():
         logger.info("Skip: %r: %s", name, reason)
-    layers = [*candidates, *skipped]
+    # Every name of every layer: the scan names a shared layer once, and a user may name its other ones.
+    layers = [name for name, module in model.named_modules(remove_duplicate=False) if isinstance(module, LAYER_TYPES)]
     for unmatched in policy.unmatched(layers):
-        example = f", such as {max(layers, key=lambda name: name.count('.'))!r}" if layers else ""
+        example = f", such as {max(layers, key=lambda name: name.count('.'))!r}" if any(layers) else ""
         logger.warning("%s matches no conv or linear layer (expressions match whole names%s)", unmatched, example)
     inputs = _capture_latency_inputs(model, policy, candidates) if policy.measures_latency else {}
     replacements, measurements = [], {}

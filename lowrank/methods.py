@@ -28,6 +28,10 @@ class Cost:
     params: int
     macs: int
 
+    def cheaper_than(self, other: "Cost") -> bool:
+        """Fewer parameters and fewer multiply-adds: what a replacement must have."""
+        return self.params < other.params and self.macs < other.macs
+
 
 def layer_args(layer: nn.Module) -> dict:
     """Constructor arguments of a ``Conv2d`` or ``Linear``, JSON-ready."""

@@ -20,7 +20,8 @@ to leave alone. With no rule and no ``layers``, the default rule is ``ratio=DEFA
 
 Automatic rules (ratio, energy, vbmf, latency) round ranks to a multiple of ``divisor`` where the
 full rank is at least one divisor (down for ratio and latency, to stay within budget, leaving alone a
-layer whose budget is below one divisor; up for energy and vbmf, to keep at least what was asked) and
+layer whose budget is below one divisor; up for energy and vbmf, to keep at least what was asked,
+unless the multiple passes the full rank) and
 leave a layer alone when a rank would fall below ``min_rank`` (or its full rank, when smaller): a
 handful of directions cannot carry a layer such as the first conv of a network on 1 input channel or
 a 10-class classifier.
@@ -251,7 +252,7 @@ class RankPolicy:
             if any(r < min(self.min_rank, f) for r, f in zip(ranks, full)):
                 return None, f"{rule} gives rank {_show(ranks)}, below min_rank {self.min_rank}"
         dense, cost = dense_cost(layer), method.cost(layer, ranks)
-        if cost.params >= dense.params or cost.macs >= dense.macs:
+        if not cost.cheaper_than(dense):
             return None, (
                 f"rank {_show(ranks)} is not cheaper (params {dense.params} -> {cost.params}, "
                 f"MACs per position {dense.macs} -> {cost.macs})"
@@ -269,8 +270,7 @@ class RankPolicy:
             ranks = self._round(_scaled(full, step), full)
             if (candidates and ranks == candidates[-1]) or any(r < min(self.min_rank, f) for r, f in zip(ranks, full)):
                 continue
-            cost = method.cost(layer, ranks)
-            if cost.params >= dense.params or cost.macs >= dense.macs:
+            if not method.cost(layer, ranks).cheaper_than(dense):
                 break  # costs grow with the step: no later one is cheaper
             candidates.append(ranks)
         return candidates
@@ -306,9 +306,11 @@ class RankPolicy:
 
     def _round(self, ranks, full, up=False):
         """``ranks`` rounded to a multiple of ``divisor`` where the full rank is at least one divisor:
-        down (0 below one divisor: rounding up would break the budget) or ``up``."""
+        down (0 below one divisor: rounding up would break the budget), or ``up`` unless the multiple
+        passes the full rank (a full-rank factor would only add cost)."""
         rounding = math.ceil if up else math.floor
-        return tuple(rounding(r / self.divisor) * self.divisor if f >= self.divisor else r for r, f in zip(ranks, full))
+        multiples = (rounding(r / self.divisor) * self.divisor for r in ranks)
+        return tuple(m if self.divisor <= f and m <= f else r for r, m, f in zip(ranks, multiples, full))
 
     def _ratio_ranks(self, method, layer, ratio):
         """Largest ranks, scaled together with the full ranks, whose cost fits ``ratio`` of the dense one
@@ -322,7 +324,7 @@ class RankPolicy:
         budget = ratio * getattr(dense, field_name)
 
         def fits(cost):  # a budget in parameters alone may allow more multiply-adds than the dense layer's
-            return getattr(cost, field_name) <= budget and cost.params < dense.params and cost.macs < dense.macs
+            return getattr(cost, field_name) <= budget and cost.cheaper_than(dense)
 
         low, high = 0, max(full)  # invariant: _scaled(full, low) fits (or low == 0), _scaled(full, high + 1) does not
         while low < high:

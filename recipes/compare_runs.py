@@ -47,7 +47,8 @@ def main(args):
     header = ("run", "mode", "accuracy", "test loss", "params", "FLOPs", "smaller", "cheaper")
     print("{:<24} {:<9} {:>9} {:>10} {:>11} {:>13} {:>8} {:>8}".format(*header))
     for run, r in rows:
-        loss = "nan" if r["loss"] is None else f"{r['loss']:.6f}"  # a diverged run's loss is written as null
+        # A diverged run's NaN or infinite loss is written as null.
+        loss = "not finite" if r["loss"] is None else f"{r['loss']:.6f}"
         print(
             f"{run:<24} {r['mode']:<9} {100 * r['accuracy']:>8.2f}% {loss:>10} {r['params']:>11,} "
             f"{r['flops']:>13,} {reference['params'] / r['params']:>7.2f}x {reference['flops'] / r['flops']:>7.2f}x"

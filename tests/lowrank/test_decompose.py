@@ -512,6 +512,9 @@ def test_other_uses_by_the_owner_keep_the_layer(make, kept, reason, lowrank_log)
     assert any(reason in line for line in lowrank_log)
 
 
+NOT_TORCH_NN = types.SimpleNamespace(Identity=nn.Linear)
+
+
 class ChecksTypes(nn.Module):
     """``isinstance`` checks on its layers: against nn.Identity (timm's MobileNetV3 ``conv_head``) both a
     layer and its replacement answer False; against nn.Linear, or a class not known statically, not."""
@@ -519,13 +522,15 @@ class ChecksTypes(nn.Module):
     def __init__(self):
         super().__init__()
         self.alike, self.linear, self.unknown = nn.Linear(64, 64), nn.Linear(64, 64), nn.Linear(64, 64)
+        self.shadowed = nn.Linear(64, 64)
 
     def forward(self, x):
-        return self.unknown(self.linear(self.alike(x)))
+        return self.shadowed(self.unknown(self.linear(self.alike(x))))
 
-    def describe(self, classes=nn.Identity):
-        alike = isinstance(self.alike, (nn.Identity, nn.modules.linear.Bilinear))
-        return alike, isinstance(self.linear, nn.Linear), isinstance(self.unknown, classes)
+    def describe(self, classes=nn.Identity, nn=NOT_TORCH_NN):
+        alike = isinstance(self.alike, (torch.nn.Identity, torch.nn.modules.linear.Bilinear))
+        checks = isinstance(self.linear, torch.nn.Linear), isinstance(self.unknown, classes)
+        return alike, *checks, isinstance(self.shadowed, nn.Identity)  # this nn is not torch.nn
 
 
 def test_isinstance_checks_that_the_replacement_answers_alike_keep_no_layer(lowrank_log):
@@ -582,6 +587,57 @@ def test_weights_read_below_a_branch_given_to_a_method_keep_the_layers(lowrank_l
             for index in (0, 1)
         ),
     ]
+
+
+class FusesInOtherForms(nn.Module):
+    """Branches given to a static method, or whose conv a method passes on, to a function or to another
+    method; ``other`` is only called."""
+
+    def __init__(self):
+        super().__init__()
+        self.static, self.passed, self.nested, self.other = ConvBN(), ConvBN(), ConvBN(), ConvBN()
+
+    def forward(self, x):
+        return self.static(x) + self.passed(x) + self.nested(x) + self.other(x)
+
+    def fuse(self):
+        return self._scale(None, self.static), self._passes(self.passed), self._outer(self.nested)
+
+    @staticmethod
+    def _scale(unused, branch):
+        return branch.conv.weight
+
+    def _passes(self, branch):
+        return torch.nn.utils.fusion.fuse_conv_bn_eval(branch.conv, branch.bn)
+
+    def _outer(self, branch):
+        return self._inner(branch.conv)
+
+    def _inner(self, conv):
+        return conv.weight
+
+
+class FusesInALoop(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.first, self.second = ConvBN(), ConvBN()
+
+    def forward(self, x):
+        return self.first(x) + self.second(x)
+
+    def fuse(self):
+        return [self._fuse_bn(branch) for branch in (self.first, self.second)]
+
+    def _fuse_bn(self, branch):
+        return branch.conv.weight
+
+
+@pytest.mark.parametrize("make, kept", [(FusesInOtherForms, ["other.conv"]), (FusesInALoop, [])])
+def test_branches_given_to_methods_in_other_forms_keep_their_layers(make, kept):
+    model = make().eval()
+    _, changes = lowrank.auto_decomposition(model, ratio=0.5, min_rank=1)
+    assert list(changes) == kept
+    model.fuse()
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16, torch.float16])

@@ -120,8 +120,8 @@ def test_ratio_takes_the_largest_ranks_within_budget_that_are_cheaper(layer, met
 
 
 def test_energy_rounds_up_only_where_the_full_rank_reaches_the_divisor():
-    """msModelSlim's divisor 64 would round a rank-4 layer of full rank 48 up to 48 (no cheaper) and a
-    tucker2 input rank of full rank 32 up to 32 (a useless 1x1 conv)."""
+    """msModelSlim's divisor 64 would round a rank-4 layer of full rank 48 up to 48 (no cheaper), a
+    tucker2 input rank of full rank 32 up to 32 (a useless 1x1 conv), and rank 70 of full rank 96 to 96."""
     torch.manual_seed(0)
     linear = nn.Linear(48, 1024)
     with torch.no_grad():
@@ -133,6 +133,11 @@ def test_energy_rounds_up_only_where_the_full_rank_reaches_the_divisor():
         core = torch.randn(16, 8, 3, 3)
         conv.weight.copy_(torch.einsum("os,sjkl,ji->oikl", torch.randn(128, 16), core, torch.randn(8, 32)))
     assert policy.choose_ranks(METHODS["tucker2"], conv, policy.default) == ((8, 64), "")
+    with torch.no_grad():  # full rank 96, at least one divisor: rank 70 would round up past it, to full rank
+        linear = nn.Linear(96, 1024)
+        linear.weight.copy_(torch.randn(1024, 70) @ torch.randn(70, 96))
+    policy = RankPolicy(energy=0.999999, divisor=64, min_rank=1)
+    assert policy.choose_ranks(METHODS["svd"], linear, policy.default) == ((70,), "")
 
 
 def test_layers_dict_and_exclusions():
