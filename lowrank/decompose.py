@@ -215,16 +215,35 @@ def _source_uses(
     return uses
 
 
+def _loop_paths(function: ast.FunctionDef) -> dict[str, list[str]]:
+    """The submodules that the loop variables of ``function`` take, where told statically: ``for b in
+    self.a`` gives ``{"b": ["a.*"]}`` and ``for b in (self.x, self.y)`` ``{"b": ["x", "y"]}`` (also in
+    comprehensions). Loops over what cannot be told, such as ``self.modules()``, are left out."""
+    loops = {}
+    for node in ast.walk(function):
+        if not (isinstance(node, (ast.For, ast.comprehension)) and isinstance(node.target, ast.Name)):
+            continue
+        if isinstance(node.iter, (ast.Tuple, ast.List)):
+            paths = [_read_path(item, in_forward=True) for item in node.iter.elts]
+        else:
+            path = _read_path(node.iter, in_forward=True)
+            paths = [path and f"{path}.*"]
+        if all(path and not path.startswith("*") for path in paths):
+            loops[node.target.id] = paths
+    return loops
+
+
 def _argument_uses(
     caller: ast.FunctionDef, methods: dict[str, list[ast.FunctionDef]], called: set[str], namespaces: list[dict]
 ) -> set[tuple[str, str]]:
     """``_source_uses`` of the class's own methods through the submodules that ``caller`` passes them:
     ``self.fuse(self.a)`` with ``def fuse(self, branch): ... branch.conv.weight`` gives
     ``("a.conv", "reads its weights directly (in fuse(), given self.a)")``, as timm's RepVGG and
-    MobileOne blocks fuse their branches; ``self.fuse(self.a[i])`` gives ``"a.*.conv"``, and a submodule
-    that cannot be told statically (a loop variable) ``"*.conv"``. (Passing the layer itself is one of
-    ``_source_uses``.)"""
-    uses = set()
+    MobileOne blocks fuse their branches; ``self.fuse(self.a[i])`` gives ``"a.*.conv"``, and so does a
+    loop variable over ``self.a`` (``_loop_paths``). Other submodules that cannot be told statically
+    are left out: those are mostly initialisers' (``for m in self.modules(): self._init_weights(m)``).
+    (Passing the layer itself is one of ``_source_uses``.)"""
+    uses, loops = set(), _loop_paths(caller)
     for call in ast.walk(caller):
         if not (
             isinstance(call, ast.Call) and isinstance(call.func, ast.Attribute) and _is_name(call.func.value, "self")
@@ -236,12 +255,13 @@ def _argument_uses(
             parameters = [arg.arg for arg in (*callee.args.posonlyargs, *callee.args.args)][0 if static else 1 :]
             bound = dict(zip(parameters, positional)) | {word.arg: word.value for word in call.keywords if word.arg}
             for parameter, argument in bound.items():
-                given = _read_path(argument, in_forward=True)  # self.a[i] as "a.*", a local variable as "*"
-                if given is None:  # self
-                    continue
+                if isinstance(argument, ast.Name):
+                    given = loops.get(argument.id, [])
+                else:
+                    given = [_read_path(argument, in_forward=True)]  # self.a[i] as "a.*"
                 for path, use in _source_uses(callee, callee.name in called, namespaces, root=parameter):
                     where = f"{use} (in {callee.name}(), given {ast.unparse(argument)})"
-                    uses.add((f"{given}.{path}", where))
+                    uses |= {(f"{start}.{path}", where) for start in given if start and not start.startswith("*")}
     return uses
 
 

@@ -640,6 +640,29 @@ def test_branches_given_to_methods_in_other_forms_keep_their_layers(make, kept):
     model.fuse()
 
 
+class InitialisesEveryModule(nn.Module):  # as Hugging Face's _init_weights does for T5's blocks
+    def __init__(self):
+        super().__init__()
+        self.block = ConvBN()
+
+    def forward(self, x):
+        return self.block(x)
+
+    def init_weights(self):
+        for module in self.modules():
+            self._init_weights(module)
+
+    def _init_weights(self, module):
+        if isinstance(module, ConvBN):
+            nn.init.zeros_(module.conv.weight)
+
+
+def test_an_initialiser_given_every_module_keeps_no_layer():
+    """Its loop variable cannot be told statically: counting it as any submodule kept all of T5's layers."""
+    _, changes = lowrank.auto_decomposition(InitialisesEveryModule(), ratio=0.5, min_rank=1)
+    assert list(changes) == ["block.conv"]
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16, torch.float16])
 def test_dtype_is_kept(dtype):
     model = nn.Sequential(nn.Conv2d(32, 32, 3)).to(dtype)
