@@ -259,9 +259,12 @@ def _argument_uses(
                     given = loops.get(argument.id, [])
                 else:
                     given = [_read_path(argument, in_forward=True)]  # self.a[i] as "a.*"
+                given = [start for start in given if start and not start.startswith("*")]
+                if not given:
+                    continue
                 for path, use in _source_uses(callee, callee.name in called, namespaces, root=parameter):
                     where = f"{use} (in {callee.name}(), given {ast.unparse(argument)})"
-                    uses |= {(f"{start}.{path}", where) for start in given if start and not start.startswith("*")}
+                    uses |= {(f"{start}.{path}", where) for start in given}
     return uses
 
 
