@@ -21,10 +21,10 @@ to leave alone. With no rule and no ``layers``, the default rule is ``ratio=DEFA
 Automatic rules (ratio, energy, vbmf, latency) round ranks to a multiple of ``divisor`` where the
 full rank is at least one divisor (down for ratio and latency, to stay within budget, leaving alone a
 layer whose budget is below one divisor; up for energy and vbmf, to keep at least what was asked,
-unless the multiple passes the full rank) and
-leave a layer alone when a rank would fall below ``min_rank`` (or its full rank, when smaller): a
-handful of directions cannot carry a layer such as the first conv of a network on 1 input channel or
-a 10-class classifier.
+unless the multiple passes the full rank) and leave a layer alone when a rank would fall below
+``min_rank`` (or its full rank, when smaller): a handful of directions cannot carry a layer such as
+the first conv of a network on 1 input channel or a 10-class classifier.
+
 A fixed rank is used as given. Whatever the rule, a layer is replaced only when the replacement has
 fewer parameters and fewer multiply-adds than the dense layer. Multiply-adds are counted per output
 position (``methods.Cost``), image borders left out: on a map hardly larger than the kernel and
