@@ -49,8 +49,8 @@ def add_decomposition_args(parser: argparse.ArgumentParser, run_mode=None, metho
 
 
 def add_policy_args(parser, method="spatial", ratio=DEFAULT_RATIO):
-    """``--method`` and the rank rule: ``--ratio`` (the default), or ``--energy`` or ``--vbmf`` instead;
-    ``policy_of`` turns them into ``lowrank.auto_decomposition``'s keywords."""
+    """``--method``, the rank rule (``--ratio``, the default, or ``--energy`` or ``--vbmf`` instead) and
+    ``--divisor``; ``policy_of`` turns them into ``lowrank.auto_decomposition``'s keywords."""
     parser.add_argument(
         "--method",
         default=method,
@@ -72,6 +72,13 @@ def add_policy_args(parser, method="spatial", ratio=DEFAULT_RATIO):
         "values (default: None)",
     )
     rule.add_argument("--vbmf", action="store_true", help="instead of --ratio: ranks estimated by EVBMF (default: off)")
+    parser.add_argument(
+        "--divisor",
+        type=positive_int,
+        default=1,
+        help="ranks rounded to a multiple of this, as the rank rule allows; 8 suits GPUs' bf16/fp16 matrix units "
+        "(default: 1)",
+    )
 
 
 def _number(convert, accepts, requirement: str):
@@ -100,11 +107,13 @@ probability = _number(float, lambda value: 0 <= value < 1, "a number in [0, 1)")
 
 def policy_of(args) -> dict:
     """The keywords of ``lowrank.auto_decomposition`` that ``add_policy_args``' flags give."""
+    # --divisor 1 (no rounding) adds nothing: the policy, and the fingerprint of its artifacts, stay as before it.
+    policy = {"method": args.method} | ({"divisor": args.divisor} if args.divisor > 1 else {})
     if args.vbmf:
-        return {"method": args.method, "vbmf": True}
+        return policy | {"vbmf": True}
     if args.energy is not None:
-        return {"method": args.method, "energy": args.energy}
-    return {"method": args.method, "ratio": args.ratio}
+        return policy | {"energy": args.energy}
+    return policy | {"ratio": args.ratio}
 
 
 def add_output_args(parser: argparse.ArgumentParser, output_dir: str):
@@ -193,7 +202,7 @@ def check_mode_args(args, pretrained=None, method="spatial", ratio=DEFAULT_RATIO
     would ignore are refused: the rank rule (``add_policy_args``'s, whose defaults ``method`` and
     ``ratio`` are add_decomposition_args') outside online mode, the pretrained weights offline.
     ``pretrained`` names a flag other than ``--pretrained-path`` that also provides the weights."""
-    policy_defaults = {"method": method, "ratio": ratio, "energy": None, "vbmf": False}
+    policy_defaults = {"method": method, "ratio": ratio, "energy": None, "vbmf": False, "divisor": 1}
     policy_given = [name for name, default in policy_defaults.items() if getattr(args, name) != default]
     if not args.tensor_decompose:
         # The AMCT sample: these flags must be used together with --tensor-decompose.

@@ -177,6 +177,12 @@ def create_accelerator(*, use_gpu: bool, output_dir, backend=None, init_method="
         deepspeed_plugin.deepspeed_config["gradient_clipping"] = 0.0
     if use_gpu and not gpu:
         log("--use-gpu: torch sees no GPU on this machine, running on the CPU")
+    group = f" ({dist.get_backend()})" if dist.is_available() and dist.is_initialized() else ""
+    zero = f", DeepSpeed ZeRO-{deepspeed_plugin.zero_stage}" if deepspeed_plugin is not None else ""
+    log(
+        f"[Setup] {accelerator.num_processes} process(es) on {accelerator.device.type}{group}, "
+        f"mixed precision {accelerator.mixed_precision}{zero}"
+    )
     preemption.install()
     return accelerator
 
@@ -369,6 +375,7 @@ MODEL_SETTINGS = {
     "ratio": "--ratio",
     "energy": "--energy",
     "vbmf": "--vbmf",
+    "divisor": "--divisor",
     # DeepSpeed saves the model and its ZeRO shards its own way, which only DeepSpeed with as many processes reads.
     "deepspeed": "the launcher's DeepSpeed",
     # Nor does DeepSpeed load one stage's shards under another (it fails with a bare AssertionError).

@@ -10,7 +10,7 @@ the decomposed weights.
         --decomposed-weights-path runs/r50_offline/decomposed_weights.pth
 
 Step 2 is ``mnist_offline.py`` (or ``resnet50_imagenet.py --tensor-decompose --run-mode offline``) with
-the same two paths; the policy flags (``--method``, ``--ratio``, ``--energy``, ``--vbmf``) are step 1's
+the same two paths; the policy flags (``--method``, ``--ratio``, ``--energy``, ``--vbmf``, ``--divisor``) are step 1's
 alone. Errors: a missing or unreadable ``--pretrained-path`` and output paths that cannot be written are
 named before any work; nothing is written when the decomposition fails, and an earlier info file stays
 as it was when the weights cannot be saved or the job is stopped (SIGTERM or SIGUSR1, as a time limit or

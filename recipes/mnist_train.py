@@ -25,7 +25,7 @@ implied.
 
 Errors: a missing path for the chosen mode names its flag before any work, and so does ``--backend
 nccl`` without ``--use-gpu`` or without GPUs, and a flag the mode would ignore (the rank rule,
-``--method``/``--ratio``/``--energy``/``--vbmf``, outside online mode; ``--pretrained-path``
+``--method``/``--ratio``/``--energy``/``--vbmf``/``--divisor``, outside online mode; ``--pretrained-path``
 offline); no MNIST under ``--data-path`` and no internet fails within a minute; a failure on rank 0
 while decomposing stops every rank with rank 0's message; on SIGTERM/SIGUSR1 a checkpoint is saved
 and the process exits with code 75 (rerun with ``--resume``).

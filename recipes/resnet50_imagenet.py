@@ -9,11 +9,12 @@ there is internet, torchvision's weights by name (``--weights IMAGENET1K_V2``). 
 flags are the MNIST recipes' (``--backend``, ``--init-method``, and ``--local-rank``, which
 ``python -m torch.distributed.launch`` passes).
 
-One GPU, online (decompose, then finetune at a tenth of the learning rate):
+One GPU, online (decompose, then finetune at a tenth of the learning rate; ``--divisor 8`` rounds the
+ranks to multiples of 8, which GPUs' bf16 matrix units take without padding):
 
     accelerate launch --num_processes 1 recipes/resnet50_imagenet.py --use-gpu --mixed-precision bf16 \\
         --data-path /data/imagenet --weights IMAGENET1K_V2 --tensor-decompose --run-mode online \\
-        --output-dir runs/r50_online
+        --divisor 8 --output-dir runs/r50_online
 
 Eight GPUs on one node (NCCL), same flags:
 
@@ -25,12 +26,12 @@ Several nodes (run on each node with its --machine_rank; see slurm/resnet50_gpu.
         --main_process_ip $HEAD_ADDR --num_machines $NODES --num_processes $((NODES * 8)) \\
         recipes/resnet50_imagenet.py --use-gpu ...
 
-DeepSpeed ZeRO-2, in float32: ``--config_file recipes/configs/deepspeed_zero2.yaml``. Offline: step 1 is
-``python recipes/decompose_model.py --model resnet50 --method tucker2 --ratio 0.5 --pretrained-path
-...``, step 2 this recipe with ``--tensor-decompose --run-mode offline --decompose-info-path ...
---decomposed-weights-path ...``. A smoke test without data: ``--synthetic --image-size 64 --steps 4``
-(random images, 10 classes), on the CPU without ``--use-gpu``; ``--lr`` is used as given, and the
-default 0.1 diverges at a global batch of 8:
+DeepSpeed ZeRO-2, in float32 and without channels_last: ``--config_file
+recipes/configs/deepspeed_zero2.yaml``. Offline: step 1 is ``python recipes/decompose_model.py --model
+resnet50 --method tucker2 --ratio 0.5 --pretrained-path ...``, step 2 this recipe with
+``--tensor-decompose --run-mode offline --decompose-info-path ... --decomposed-weights-path ...``. A
+smoke test without data: ``--synthetic --image-size 64 --steps 4`` (random images, 10 classes), on the
+CPU without ``--use-gpu``; ``--lr`` is used as given, and the default 0.1 diverges at a global batch of 8:
 
     accelerate launch --config_file recipes/configs/cpu_2proc.yaml recipes/resnet50_imagenet.py \\
         --synthetic --image-size 64 --train-batch-size 4 --lr 0.001 --steps 4 --workers 0 --output-dir runs/r50_smoke
@@ -161,7 +162,7 @@ def get_args_parser():
         "--channels-last",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="channels_last memory format (default: on with --use-gpu)",
+        help="channels_last memory format (default: on with --use-gpu, off under DeepSpeed)",
     )
     parser.add_argument("--use-gpu", action="store_true", help="train on GPUs; CPU without it (default: off)")
     parser.add_argument("--seed", type=int, default=1, help="random seed (default: 1)")
@@ -291,7 +292,6 @@ def main(args):
         sys.exit("error: --weights and --pretrained-path both give the pretrained weights: pass one")
     mode = check_mode_args(args, pretrained="weights", **POLICY_DEFAULTS)
     args.lr = args.lr if args.lr is not None else (0.1 if mode == "baseline" else 0.01)
-    args.channels_last = args.use_gpu if args.channels_last is None else args.channels_last
     # The data and the class count of --weights are checked on every rank, before a training run without
     # --resume moves an earlier run's checkpoints aside, and before a rank waits for another that exited.
     train_set, val_set = load_data(args)
@@ -314,6 +314,15 @@ def main(args):
             "does not run under DeepSpeed, which casts BatchNorm's weights but not its running statistics: "
             "pass --mixed-precision no, or launch without DeepSpeed (Accelerate's autocast)"
         )
+    # DeepSpeed broadcasts the parameters as bytes (a view that needs a unit last stride, which a
+    # channels_last 4-D weight lacks) and ZeRO copies them into flat, contiguous buffers.
+    if accelerator.distributed_type == DistributedType.DEEPSPEED and args.channels_last:
+        raise SystemExit(
+            "error: --channels-last does not run under DeepSpeed, which takes contiguous (NCHW) weights: drop "
+            "--channels-last, or launch without DeepSpeed"
+        )
+    if args.channels_last is None:
+        args.channels_last = args.use_gpu and accelerator.distributed_type != DistributedType.DEEPSPEED
     # The learning-rate curve depends on these: a scheduler's checkpoint holds its step, not its curve.
     schedule = ("epochs", "steps", "lr_warmup_epochs", "label_smoothing")
     checkpoint = checkpoint_to_resume(args, accelerator.num_processes, recipe_settings=schedule)
@@ -360,6 +369,9 @@ def main(args):
         log_decomposition(accelerator, dense, cost, changes, seconds, example_input, args.decompose_info_path)
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
+    # A fixed image size: cuDNN's autotuner picks each convolution's fastest algorithm once, as in
+    # torchvision's reference.
+    torch.backends.cudnn.benchmark = args.use_gpu
 
     # optimizer and schedule, in optimizer steps
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)

@@ -54,15 +54,19 @@ def free_port():
         return sock.getsockname()[1]
 
 
-def torchrun(*args):
-    """The command line of a 2-process torchrun job; ``--standalone`` rendezvous on localhost:0, so
-    torchrun picks its own free port and concurrent jobs cannot race for one."""
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *map(str, args)]
+def torchrun(*args, nproc=2):
+    """The command line of an ``nproc``-process torchrun job; ``--standalone`` rendezvous on localhost:0,
+    so torchrun picks its own free port and concurrent jobs cannot race for one."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
+    return [*command, *map(str, args)]
 
 
-def accelerate_launch(*args, port, config="cpu_2proc.yaml"):
-    """The command line of ``accelerate launch`` with a config of ``recipes/configs/``."""
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIGS / config)]
+def accelerate_launch(*args, port, config="cpu_2proc.yaml", num_processes=None):
+    """The command line of ``accelerate launch`` with a config of ``recipes/configs/`` (none when
+    ``config`` is None: Accelerate's defaults), its process count overridden by ``num_processes``."""
+    launch = [sys.executable, "-m", "accelerate.commands.launch"]
+    launch += ["--config_file", str(CONFIGS / config)] if config else []
+    launch += ["--num_processes", str(num_processes)] if num_processes else []
     return [*launch, "--main_process_port", str(port), *map(str, args)]
 
 

@@ -15,7 +15,10 @@ def test_quick_run_measures_every_variant(tmp_path):
     result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=ENV, timeout=900)
     assert result.returncode == 0, result.stdout + result.stderr
     runs = json.loads(output.read_text())["runs"]
-    assert set(runs) == {"dense", "tucker2 0.5", "spatial 0.3"}
+    assert set(runs) == {"dense", "tucker2 0.5", "tucker2 0.5 /8", "spatial 0.3", "spatial 0.3 /8"}
     assert all(run["images_per_s"] > 0 and len(run["windows"]) == 3 for run in runs.values())
+    assert all(run["model_step_images_per_s"] > 0 for run in runs.values())
     assert runs["tucker2 0.5"]["flops"] < runs["dense"]["flops"] and output.with_suffix(".png").is_file()
+    # --divisor reached the recipe: rounding the ranks down to multiples of 8 cuts more.
+    assert runs["spatial 0.3 /8"]["params"] < runs["spatial 0.3"]["params"]
     assert "ResNet-50 training throughput (CPU, float32" in result.stdout

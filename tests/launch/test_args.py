@@ -28,6 +28,7 @@ def test_the_rank_rule_flags_give_auto_decomposition_keywords():
     assert policy_of(parse("--ratio", "0.2")) == {"method": "spatial", "ratio": 0.2}
     assert policy_of(parse("--energy", "0.9", "--method", "tucker2")) == {"method": "tucker2", "energy": 0.9}
     assert policy_of(parse("--vbmf")) == {"method": "spatial", "vbmf": True}
+    assert policy_of(parse("--divisor", "8")) == {"method": "spatial", "divisor": 8, "ratio": 0.3}
 
 
 @pytest.mark.parametrize(
@@ -38,6 +39,7 @@ def test_the_rank_rule_flags_give_auto_decomposition_keywords():
         (["--energy", "most"], "argument --energy: must be a number in (0, 1], got 'most'"),
         (["--ratio", "0.5", "--vbmf"], "argument --vbmf: not allowed with argument --ratio"),
         (["--energy", "0.9", "--vbmf"], "argument --vbmf: not allowed with argument --energy"),
+        (["--divisor", "0"], "argument --divisor: must be an integer >= 1, got '0'"),
     ],
 )
 def test_bad_rank_rule_flags_are_named(argv, message, capsys):
@@ -133,6 +135,7 @@ def test_decomposition_flags_without_tensor_decompose_are_refused(tmp_path):
         (None, ["--ratio", "0.5"], "error: --ratio need(s) --tensor-decompose; without it the run trains the dense"),
         (None, ["--vbmf", "--method", "tucker2"], "error: --method, --vbmf need(s) --tensor-decompose"),
         ("offline", ["--energy", "0.9"], "error: --energy: not used offline, where the structure and the weights"),
+        ("offline", ["--divisor", "8"], "error: --divisor: not used offline"),
         ("offline", ["--pretrained-path", "{pretrained}", "--method", "svd"], "error: --method, --pretrained-path:"),
         ("offline", ["--ratio", "0.3"], None),  # the default, given: changes nothing
         ("online", ["--pretrained-path", "{pretrained}", "--energy", "0.9"], None),

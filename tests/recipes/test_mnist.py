@@ -419,6 +419,7 @@ def test_online_under_deepspeed_zero(stage, baseline, tmp_path):
     command = [RECIPES / "mnist_online.py", *FEW, "--pretrained-path", baseline, "--output-dir", out]
     result = run(accelerate_launch(*command, "--save-path", out / "finetuned.pth", port=free_port(), config=config))
     log = result.stdout + result.stderr
+    assert f"[Setup] 2 process(es) on cpu (gloo), mixed precision no, DeepSpeed ZeRO-{stage}\n" in result.stdout
     assert log.count("[lowrank] auto_decomposition start.") == 1 and log.count("decompose_network start.") == 1
     assert result.stdout.count("[Test] Loss:") == 1 and "/10000)" in result.stdout  # the whole test set, once
     shards = sorted(path.name for path in (out / "checkpoints" / "step_6").rglob("*optim_states.pt"))

@@ -60,6 +60,7 @@ def test_online_decomposes_on_rank_zero_and_resumes(imagenet, tmp_path):
     args += ["--tensor-decompose", "--method", "spatial", "--output-dir", out, "--checkpoint-steps", "1"]
     result = run(accelerate_launch(*args, "--steps", "2", port=free_port()))
     log = result.stdout + result.stderr
+    assert "[Setup] 2 process(es) on cpu (gloo), mixed precision no\n" in result.stdout
     assert log.count("[lowrank] auto_decomposition start.") == 1  # rank 0 only
     assert log.count("[lowrank] decompose_network start.") == 1  # the other rank rebuilds and loads
     assert int(re.search(r"\[Decompose\] (\d+) layer", result.stdout).group(1)) >= 40
@@ -145,13 +146,23 @@ def test_the_docstring_smoke_command_does_not_diverge(tmp_path):
 
 
 @pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed is not installed")
-def test_mixed_precision_under_deepspeed_is_refused_before_any_work(tmp_path):
-    """DeepSpeed's bf16 casts BatchNorm's weights but not its running statistics: torch's batch_norm
-    would fail at the first forward pass, after all the setup."""
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        # DeepSpeed's bf16 casts BatchNorm's weights but not its running statistics: torch's batch_norm
+        # would fail at the first forward pass, after all the setup.
+        (
+            ["--mixed-precision", "bf16"],
+            "error: mixed precision bf16 (--mixed-precision or the launcher's config) does not run under DeepSpeed",
+        ),
+        # DeepSpeed broadcasts the weights through a byte view, which a channels_last weight refuses.
+        (["--channels-last"], "error: --channels-last does not run under DeepSpeed"),
+    ],
+)
+def test_settings_deepspeed_cannot_run_are_refused_before_any_work(flags, message, tmp_path):
     out = tmp_path / "out"
-    args = [RECIPE, *SMALL, "--synthetic", "--steps", "1", "--mixed-precision", "bf16", "--output-dir", out]
+    args = [RECIPE, *SMALL, "--synthetic", "--steps", "1", *flags, "--output-dir", out]
     result = run(accelerate_launch(*args, port=free_port(), config="deepspeed_zero2.yaml"), check=False, timeout=300)
-    message = "error: mixed precision bf16 (--mixed-precision or the launcher's config) does not run under DeepSpeed"
     assert result.returncode != 0 and message in result.stderr
     assert "[Train]" not in result.stdout and not out.exists()
 
