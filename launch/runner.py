@@ -425,6 +425,7 @@ def _saved_settings(checkpoint: Path) -> tuple[dict | None, str | None]:
         return None, f"{run_file.name} is not the JSON object a checkpoint saves"
     # Saved before run.json recorded it: DeepSpeed's checkpoints are those with its model folder.
     saved.setdefault("deepspeed", "on" if (checkpoint / "pytorch_model").is_dir() else "off")
+    saved.setdefault("divisor", 1)  # saved before --divisor existed: ranks not rounded
     for name, size in saved.get("files", {}).items():  # checkpoints of the previous release have no sizes
         path = checkpoint / name
         if not path.is_file():

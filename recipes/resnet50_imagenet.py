@@ -370,7 +370,7 @@ def main(args):
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
     # A fixed image size: cuDNN's autotuner picks each convolution's fastest algorithm once, as in
-    # torchvision's reference.
+    # torchvision's reference (which algorithm wins may differ between runs: not bit-reproducible).
     torch.backends.cudnn.benchmark = args.use_gpu
 
     # optimizer and schedule, in optimizer steps

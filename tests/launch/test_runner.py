@@ -98,6 +98,14 @@ def test_resume_needs_the_same_settings(trainer, tmp_path):
     save_checkpoint(accelerator, tmp_path, progress, run_args(tmp_path, lr=0.1))
     with pytest.raises(SystemExit, match=r"--lr 0.1 \(now 0.5\)"):
         checkpoint_to_resume(run_args(tmp_path, lr=0.5), world_size=1)
+    # Saved before --divisor existed: its ranks were not rounded, and rounded ones would not fit them.
+    run_json = saved / "run.json"
+    run_json.write_text(
+        json.dumps({key: value for key, value in json.loads(run_json.read_text()).items() if key != "divisor"})
+    )
+    with pytest.raises(SystemExit, match=r"--divisor 1 \(now 8\)"):
+        checkpoint_to_resume(run_args(tmp_path, lr=0.1, divisor=8), world_size=1)
+    assert checkpoint_to_resume(run_args(tmp_path, lr=0.1, divisor=1), world_size=1) == saved
     assert checkpoint_to_resume(run_args(tmp_path / "empty"), world_size=1) is None
 
 
