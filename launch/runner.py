@@ -161,12 +161,13 @@ def create_accelerator(*, use_gpu: bool, output_dir, backend=None, init_method="
             "error: mixed precision fp16 (from the recipe's flags or the launcher's config) runs on GPUs only, and "
             "this run is on the CPU: use bf16 or no"
         )
-    if backend is not None and dist.is_available() and dist.is_initialized() and dist.get_backend() != backend:
+    grouped = dist.is_available() and dist.is_initialized()  # a process group, which Accelerator() may create
+    if backend is not None and grouped and dist.get_backend() != backend:
         sys.exit(
             f"error: --backend {backend}: the process group runs {dist.get_backend()} (under DeepSpeed, DeepSpeed "
             "picks it): drop --backend"
         )
-    if dist.is_available() and dist.is_initialized() and accelerator.num_processes != dist.get_world_size():
+    if grouped and accelerator.num_processes != dist.get_world_size():
         for state in (PartialState(), accelerator.state):
             state.num_processes, state.process_index = dist.get_world_size(), dist.get_rank()
     _check_gradient_accumulation(accelerator, kwargs.get("gradient_accumulation_steps", 1))
@@ -177,7 +178,7 @@ def create_accelerator(*, use_gpu: bool, output_dir, backend=None, init_method="
         deepspeed_plugin.deepspeed_config["gradient_clipping"] = 0.0
     if use_gpu and not gpu:
         log("--use-gpu: torch sees no GPU on this machine, running on the CPU")
-    group = f" ({dist.get_backend()})" if dist.is_available() and dist.is_initialized() else ""
+    group = f" ({dist.get_backend()})" if grouped else ""
     zero = f", DeepSpeed ZeRO-{deepspeed_plugin.zero_stage}" if deepspeed_plugin is not None else ""
     log(
         f"[Setup] {accelerator.num_processes} process(es) on {accelerator.device.type}{group}, "

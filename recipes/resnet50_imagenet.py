@@ -308,7 +308,8 @@ def main(args):
     )
     # DeepSpeed's fp16/bf16 casts every parameter, BatchNorm's too, but not the BatchNorm running
     # statistics (float32), a mix torch's batch_norm refuses at the first forward pass.
-    if accelerator.distributed_type == DistributedType.DEEPSPEED and accelerator.mixed_precision != "no":
+    deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
+    if deepspeed and accelerator.mixed_precision != "no":
         raise SystemExit(
             f"error: mixed precision {accelerator.mixed_precision} (--mixed-precision or the launcher's config) "
             "does not run under DeepSpeed, which casts BatchNorm's weights but not its running statistics: "
@@ -316,13 +317,13 @@ def main(args):
         )
     # DeepSpeed broadcasts the parameters as bytes (a view that needs a unit last stride, which a
     # channels_last 4-D weight lacks) and ZeRO copies them into flat, contiguous buffers.
-    if accelerator.distributed_type == DistributedType.DEEPSPEED and args.channels_last:
+    if deepspeed and args.channels_last:
         raise SystemExit(
             "error: --channels-last does not run under DeepSpeed, which takes contiguous (NCHW) weights: drop "
             "--channels-last, or launch without DeepSpeed"
         )
     if args.channels_last is None:
-        args.channels_last = args.use_gpu and accelerator.distributed_type != DistributedType.DEEPSPEED
+        args.channels_last = args.use_gpu and not deepspeed
     # The learning-rate curve depends on these: a scheduler's checkpoint holds its step, not its curve.
     schedule = ("epochs", "steps", "lr_warmup_epochs", "label_smoothing")
     checkpoint = checkpoint_to_resume(args, accelerator.num_processes, recipe_settings=schedule)
