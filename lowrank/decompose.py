@@ -892,8 +892,9 @@ class Decompose:
     """msModelSlim's interface: ``Decompose(model).from_ratio(0.5).decompose_network()``.
 
     The ``from_*`` methods take msModelSlim's ``excludes`` (layer names or regular expressions to
-    leave alone) and ``divisor`` (ranks rounded to a multiple of it; 64 by default, as in
-    msModelSlim; 1 turns rounding off), and any other policy option of ``auto_decomposition``.
+    leave alone) and ``divisor`` (ranks of the automatic rules rounded to a multiple of it; 64 by
+    default, as in msModelSlim; 1 turns rounding off; a fixed rank is used as given), and any other
+    policy option of ``auto_decomposition``.
 
     Args:
         model: the model to decompose; ``decompose_network`` returns a decomposed copy and leaves
