@@ -10,9 +10,19 @@ from pathlib import Path
 from lowrank.io import unwritable
 from lowrank.policy import DEFAULT_RATIO
 
+# What a recipe decomposes with when no rank flag is given: its seed's tool, called as the seed calls it.
+SEED_RULES = {
+    "amct": "AMCT's choice, lowrank.auto_decomposition(model, path)",
+    "msmodelslim": "msModelSlim's Decompose(model).from_ratio(0.5)",
+}
+MSMODELSLIM_RATIO = 0.5  # msModelSlim's sample
 
-def add_decomposition_args(parser: argparse.ArgumentParser, run_mode=None, method="spatial", ratio=DEFAULT_RATIO):
-    """``run_mode`` (set by a recipe's online/offline variant) implies ``--tensor-decompose``."""
+
+def add_decomposition_args(
+    parser: argparse.ArgumentParser, run_mode=None, seed="amct", method="spatial", ratio=DEFAULT_RATIO
+):
+    """``run_mode`` (set by a recipe's online/offline variant) implies ``--tensor-decompose``; ``seed``,
+    ``method`` and ``ratio`` are ``add_policy_args``'."""
     group = parser.add_argument_group("decomposition")
     group.add_argument(
         "--pretrained-path", default=None, help="pretrained weights; required in online mode (default: None)"
@@ -39,7 +49,7 @@ def add_decomposition_args(parser: argparse.ArgumentParser, run_mode=None, metho
         default=run_mode,  # None: not given, for the check that --tensor-decompose comes with it
         help=f"decomposition mode, with --tensor-decompose (default: {run_mode or 'online'})",
     )
-    add_policy_args(group, method, ratio)
+    add_policy_args(group, seed, method, ratio)
     group.add_argument(
         "--barrier-timeout",
         type=positive_float,
@@ -48,21 +58,25 @@ def add_decomposition_args(parser: argparse.ArgumentParser, run_mode=None, metho
     )
 
 
-def add_policy_args(parser, method="spatial", ratio=DEFAULT_RATIO):
-    """``--method``, the rank rule (``--ratio``, the default, or ``--energy`` or ``--vbmf`` instead) and
-    ``--divisor``; ``policy_of`` turns them into ``lowrank.auto_decomposition``'s keywords."""
+def add_policy_args(parser, seed="amct", method="spatial", ratio=DEFAULT_RATIO):
+    """lowrank's rank flags: ``--method``, the rank rule (``--ratio``, or ``--energy`` or ``--vbmf``) and
+    ``--divisor``. Without any of them the recipe decomposes as its ``seed`` does (a key of SEED_RULES);
+    with any, by lowrank's rules, ``method`` and ``ratio`` being the defaults of the others.
+    ``policy_of`` turns them into the decomposition's keywords."""
+    parser.set_defaults(seed_rule=seed, default_method=method, default_ratio=ratio)
+    seeded = f"without any of these flags: {SEED_RULES[seed]}"
     parser.add_argument(
         "--method",
-        default=method,
+        default=None,
         choices=("spatial", "tucker2", "svd"),
-        help=f"method for k x k convolutions (default: {method})",
+        help=f"lowrank's rules: method for k x k convolutions (default: {method}; {seeded})",
     )
     rule = parser.add_mutually_exclusive_group()
     rule.add_argument(
         "--ratio",
         type=fraction,
-        default=ratio,
-        help=f"fraction of each layer's FLOPs kept (default: {ratio}, unless --energy or --vbmf)",
+        default=None,
+        help=f"lowrank's rules: fraction of each layer's FLOPs kept (default: {ratio} unless --energy or --vbmf)",
     )
     rule.add_argument(
         "--energy",
@@ -76,8 +90,8 @@ def add_policy_args(parser, method="spatial", ratio=DEFAULT_RATIO):
         "--divisor",
         type=positive_int,
         default=1,
-        help="ranks rounded to a multiple of this, as the rank rule allows; 8 suits GPUs' bf16/fp16 matrix units "
-        "(default: 1)",
+        help="lowrank's rules: ranks rounded to a multiple of this, as the rank rule allows; 8 suits GPUs' "
+        "bf16/fp16 matrix units (default: 1)",
     )
 
 
@@ -105,15 +119,33 @@ non_negative_float = _number(float, lambda value: 0 <= value < math.inf, "a numb
 probability = _number(float, lambda value: 0 <= value < 1, "a number in [0, 1)")
 
 
+POLICY_FLAGS = ("method", "ratio", "energy", "vbmf", "divisor")
+
+
+def policy_given(args) -> list[str]:
+    """The names of ``add_policy_args``' flags given on the command line (``--divisor 1``, no rounding,
+    is as good as not given)."""
+    return [
+        name
+        for name in POLICY_FLAGS
+        if getattr(args, name) not in (None, False) and (name, getattr(args, name)) != ("divisor", 1)
+    ]
+
+
 def policy_of(args) -> dict:
-    """The keywords of ``lowrank.auto_decomposition`` that ``add_policy_args``' flags give."""
-    # --divisor 1 (no rounding) adds nothing: the policy, and the fingerprint of its artifacts, stay as before it.
-    policy = {"method": args.method} | ({"divisor": args.divisor} if args.divisor > 1 else {})
+    """The decomposition that ``add_policy_args``' flags give (``launch.barrier.decompose``'s policy):
+    ``{}`` for AMCT's choice, ``{"from_ratio": 0.5}`` for msModelSlim's, or the keywords of
+    ``lowrank.auto_decomposition`` for lowrank's rules."""
+    if not policy_given(args):
+        return {} if args.seed_rule == "amct" else {"from_ratio": MSMODELSLIM_RATIO}
+    # --divisor 1 (no rounding) adds nothing: the policy, and the fingerprint of its artifacts, stay as without it.
+    divisor = {"divisor": args.divisor} if args.divisor > 1 else {}
+    policy = {"method": args.method or args.default_method} | divisor
     if args.vbmf:
         return policy | {"vbmf": True}
     if args.energy is not None:
         return policy | {"energy": args.energy}
-    return policy | {"ratio": args.ratio}
+    return policy | {"ratio": args.ratio or args.default_ratio}
 
 
 def add_output_args(parser: argparse.ArgumentParser, output_dir: str):
@@ -196,18 +228,17 @@ def flag(name: str) -> str:
     return f"--{name.replace('_', '-')}"
 
 
-def check_mode_args(args, pretrained=None, method="spatial", ratio=DEFAULT_RATIO) -> str:
+def check_mode_args(args, pretrained=None) -> str:
     """The run's mode (baseline, online or offline). Missing paths for it exit with an error naming
     their flag, before any work; online artifacts default to files in ``--output-dir``. Flags the mode
-    would ignore are refused: the rank rule (``add_policy_args``'s, whose defaults ``method`` and
-    ``ratio`` are add_decomposition_args') outside online mode, the pretrained weights offline.
-    ``pretrained`` names a flag other than ``--pretrained-path`` that also provides the weights."""
-    policy_defaults = {"method": method, "ratio": ratio, "energy": None, "vbmf": False, "divisor": 1}
-    policy_given = [name for name, default in policy_defaults.items() if getattr(args, name) != default]
+    would ignore are refused: the rank rule (``add_policy_args``') outside online mode, the pretrained
+    weights offline. ``pretrained`` names a flag other than ``--pretrained-path`` that also provides
+    the weights."""
+    rank_flags = policy_given(args)
     if not args.tensor_decompose:
         # The AMCT sample: these flags must be used together with --tensor-decompose.
         given = [name for name in ("run_mode", "decompose_info_path", "decomposed_weights_path") if getattr(args, name)]
-        given += policy_given
+        given += rank_flags
         if given:
             flags = ", ".join(map(flag, given))
             sys.exit(f"error: {flags} need(s) --tensor-decompose; without it the run trains the dense model")
@@ -220,7 +251,7 @@ def check_mode_args(args, pretrained=None, method="spatial", ratio=DEFAULT_RATIO
         for name in ("decompose_info_path", "decomposed_weights_path"):
             if not getattr(args, name):
                 sys.exit(f"error: {flag(name)} is required in offline mode")
-        unused = policy_given + [name for name in ("pretrained_path", pretrained) if name and getattr(args, name)]
+        unused = rank_flags + [name for name in ("pretrained_path", pretrained) if name and getattr(args, name)]
         if unused:
             sys.exit(
                 f"error: {', '.join(map(flag, unused))}: not used offline, where the structure and the weights come "

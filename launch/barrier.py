@@ -23,6 +23,7 @@ import contextlib
 import hashlib
 import inspect
 import json
+import os
 import socket
 import sys
 import time
@@ -166,7 +167,7 @@ def decompose_once(
         artifacts: where rank 0 saves the info file and the weights.
         load_pretrained: loads the pretrained weights into the dense model (rank 0, on a cache miss).
         pretrained_path: the pretrained weights file, part of the fingerprint.
-        policy: keywords of ``lowrank.auto_decomposition`` (``method`` included).
+        policy: what ``decompose`` takes.
         token: this run's token, from ``run_token()``.
         timeout: seconds the other ranks wait for rank 0's marker.
 
@@ -182,6 +183,24 @@ def decompose_once(
     model, changes = _load_artifacts(model, artifacts, marker)
     check_identical_parameters(model)
     return model, changes, marker.get("reused", False)
+
+
+def decompose(model: nn.Module, info_path, policy: dict) -> tuple[nn.Module, dict]:
+    """The decomposition of ``model`` with its weights, and its info file at ``info_path``, which
+    ``lowrank.decompose_network`` replays: ``lowrank.auto_decomposition(model, info_path, **policy)``
+    (AMCT's choice for ``{}``, lowrank's rules for their keywords), or for ``{"from_ratio": r}``
+    msModelSlim's ``Decompose(model, config_file=info_path).from_ratio(r)`` (its config file is the
+    info file). Returns the decomposed model and ``{name: [new names]}``."""
+    if "from_ratio" not in policy:
+        return lowrank.auto_decomposition(model, info_path, **policy)
+    decomposer = lowrank.Decompose(model, config_file=os.fspath(info_path)).from_ratio(policy["from_ratio"])
+    decomposed = decomposer.decompose_network()
+    changes = {}
+    for name in decomposer.decompose_config:
+        new = decomposed.get_submodule(name)
+        if isinstance(new, nn.Sequential):  # not one of the layers left alone
+            changes[name] = [f"{name}.{index}" for index in range(len(new))]
+    return decomposed, changes
 
 
 def _decompose_on_rank_zero(model, artifacts, load_pretrained, pretrained_path, policy, token, timeout):
@@ -209,7 +228,7 @@ def _decompose_on_rank_zero(model, artifacts, load_pretrained, pretrained_path, 
                 checksums = previous["checksums"]
             else:
                 load_pretrained(model)
-                model, changes = lowrank.auto_decomposition(model, artifacts.info_path, **policy)
+                model, changes = decompose(model, artifacts.info_path, policy)
                 save_state_dict(model.state_dict(), artifacts.weights_path)
                 checksums = artifacts.checksums()
             artifacts.write_marker(status="done", token=token, fingerprint=wanted, checksums=checksums, reused=reused)

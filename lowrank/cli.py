@@ -7,7 +7,8 @@ lowrank inspect decompose_info.json    # per layer: method, ranks, parameters an
 import argparse
 import sys
 
-from .info import DecomposeInfoError, read_document
+from .info import DecomposeInfoError, is_msmodelslim_config, read_document
+from .methods import conv_spec, specs_cost
 
 
 def _ratio(before, after):
@@ -22,15 +23,52 @@ def _latency_cells(record) -> tuple[str, str, str]:
     return f"{1e3 * dense:.3f}", f"{1e3 * decomposed:.3f}", f"{decomposed / dense:.2f}" if dense else "-"
 
 
+def _amct_layer(record) -> dict:
+    """An AMCT info file's record as the lowrank record the table reads: the spatial method, its rank
+    and its costs, from the original layer and the two weight shapes."""
+    info, nodes = record["ori_layer_info"], record["decom_nodes"]
+    first, last = nodes["first"]["weight_shape"], nodes["last"]["weight_shape"]
+    (sh, sw), (kh, kw) = info["stride"], info["kernel_size"]
+    vertical_first = first[3] == 1  # (r, Cin, kh, 1): AMCT's kernels are 3 or more on each side
+    strides = [(sh, 1), (1, sw)] if vertical_first else [(1, sw), (sh, 1)]
+    after = specs_cost([conv_spec(s[1], s[0], s[2:], stride=t) for s, t in zip((first, last), strides)])
+    dense = info["out_channels"] * info["in_channels"] // info["groups"] * kh * kw
+    return {
+        "name": info["name"],
+        "method": "spatial",
+        "ranks": [first[0]],
+        "params": [dense, after.params],
+        "macs_per_position": [dense, after.macs],
+    }
+
+
+def _msmodelslim_table(document) -> str:
+    """msModelSlim's config file: its layers and hidden channels (it records no shapes, so no costs)."""
+    rows = [("layer", "hidden channels")] + [
+        (name, " x ".join(map(str, value)) if isinstance(value, list) else str(value))
+        for name, value in document.items()
+    ]
+    width = max(len(row[0]) for row in rows)
+    lines = [f"{name.ljust(width)}  {value}" for name, value in rows]
+    lines.insert(1, "-" * len(max(lines, key=len)))
+    lines.append(
+        f"msModelSlim config file: {len(document)} layer(s); costs need the model (hidden_out x hidden_in for convs)"
+    )
+    return "\n".join(lines)
+
+
 def inspect_table(path) -> str:
-    """A table of the layers recorded in a lowrank info file, with totals and the skipped layers; with
-    the latency rule, also the times it measured."""
+    """A table of the layers recorded in an info file (lowrank's or AMCT's), with totals and the skipped
+    layers; with the latency rule, also the times it measured. For msModelSlim's config file, its layers
+    and hidden channels."""
     document = read_document(path)
+    if is_msmodelslim_config(document):
+        return _msmodelslim_table(document)
     if isinstance(document, list):
-        raise DecomposeInfoError(
-            f"{path}: an AMCT info file records no costs, which the table shows: inspect a lowrank info file "
-            "(written by auto_decomposition with decompose_info_path)"
-        )
+        try:
+            document = {"layers": [_amct_layer(record) for record in document]}
+        except (KeyError, TypeError, ValueError, IndexError) as error:
+            raise DecomposeInfoError(f"{path}: an AMCT record is incomplete or malformed: {error!r}") from None
     for index, layer in enumerate(document["layers"]):
         if not isinstance(layer, dict):
             raise DecomposeInfoError(f"{path}: layers[{index}] must be an object, got {layer!r}")

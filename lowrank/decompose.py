@@ -30,8 +30,8 @@ from torch.nn.utils import parametrize
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from . import latency
-from .info import DecomposeInfoError, Replacement, read_info, write_info
+from . import amct, latency, msmodelslim
+from .info import DecomposeInfoError, Replacement, is_msmodelslim_config, read_document, read_info, write_info
 from .io import unwritable
 from .log import logger
 from .methods import build_module, dense_cost, layer_spec, method_for, output_shape_changes
@@ -457,7 +457,9 @@ def _scan(model: nn.Module) -> tuple[dict[str, nn.Module], dict[str, str]]:
     return candidates, skipped
 
 
-def _why_not(model, name, module, references) -> str | None:
+def _why_not(model, name, module, references, amct_rules: bool = False) -> str | None:
+    """Why ``module`` cannot be replaced safely, or None. ``amct_rules``: as AMCT, Conv2d subclasses that
+    keep Conv2d's forward are replaced by plain convs, and tied weights stay tied (see ``_tie_groups``)."""
     names_of, owners, held = references
     if not isinstance(module, (nn.Conv2d, nn.Linear)):
         return f"{type(module).__name__} is not supported (Conv2d and Linear are)"
@@ -470,7 +472,8 @@ def _why_not(model, name, module, references) -> str | None:
         tensors = list(module.parametrizations)
         verb = "is" if len(tensors) == 1 else "are"
         return f"its {' and '.join(tensors)} {verb} parametrized (torch.nn.utils.parametrize)"
-    if type(module) not in (nn.Conv2d, nn.Linear):
+    inherits_forward = amct_rules and type(module).forward is nn.Conv2d.forward
+    if type(module) not in (nn.Conv2d, nn.Linear) and not inherits_forward:
         cls, base = type(module).__name__, "Conv2d" if isinstance(module, nn.Conv2d) else "Linear"
         if cls == base:  # torch.ao.nn.qat's fake-quantized layers: named in full
             cls, base = f"{type(module).__module__}.{cls}", f"torch.nn.{base}"
@@ -483,7 +486,7 @@ def _why_not(model, name, module, references) -> str | None:
         return f"it is also held as {where}, outside the registered submodules, which would keep the old layer"
     for param_name, param in module.named_parameters(recurse=False):
         tied = [owner for owner in owners[id(param)] if owner.rpartition(".")[0] != name]
-        if tied:
+        if tied and not amct_rules:
             return f"its parameters are tied with {tied[0]!r}"
         if id(param) in held:
             where = held[id(param)]
@@ -685,7 +688,7 @@ def _replacement_module(layer: nn.Module, specs: list[dict], initialise: bool = 
         new.to(memory_format=torch.channels_last)
     for module in new:
         module.weight.requires_grad_(weight.requires_grad)
-    if layer.bias is not None:  # on the last module, as frozen or trainable as it was (e.g. BitFit)
+    if getattr(layer, "bias", None) is not None:  # on the last module, as frozen or trainable as it was (BitFit)
         new[-1].bias.requires_grad_(layer.bias.requires_grad)
     return new.train(layer.training)
 
@@ -695,17 +698,37 @@ def _build(model: nn.Module, replacements: list[Replacement]) -> list[tuple[Repl
     """Each planned layer's nn.Sequential, on the layer's device and dtype, keeping its memory format,
     training mode and requires_grad; with the weights when the plan has them. The model is not changed,
     so that running out of memory here leaves it whole."""
-    built = []
+    built, tied = [], {}
     for replacement in replacements:
         layer = model.get_submodule(replacement.name)
-        new = _replacement_module(layer, replacement.specs, initialise=not replacement.weights)
-        if replacement.weights:  # every parameter of the uninitialised modules is filled in
-            for module, value in zip(new, replacement.weights, strict=True):
-                module.weight.copy_(value)
-            if layer.bias is not None:  # the only bias, on the last module
-                new[-1].bias.copy_(layer.bias)
+        new = _fill(
+            layer,
+            _replacement_module(layer, replacement.specs, initialise=not replacement.weights),
+            replacement.weights,
+        )
+        # Layers that shared a weight (or bias) Parameter share their replacements' (AMCT keeps them tied).
+        for original, attribute, news in ((layer.weight, "weight", new), (layer.bias, "bias", new[-1:])):
+            if original is None:
+                continue
+            if id(original) in tied:
+                for module, first in zip(news, tied[id(original)]):
+                    setattr(module, attribute, getattr(first, attribute))
+            else:
+                tied[id(original)] = list(news)
         built.append((replacement, new))
     return built
+
+
+@torch.no_grad()
+def _fill(layer: nn.Module, new: nn.Sequential, weights: list[torch.Tensor]) -> nn.Sequential:
+    """``new`` with ``weights`` copied in (cast to its dtype) and ``layer``'s bias on its last module;
+    as it is when there are no weights."""
+    if weights:  # every parameter of the uninitialised modules is filled in
+        for module, value in zip(new, weights, strict=True):
+            module.weight.copy_(value)
+        if getattr(layer, "bias", None) is not None:  # the only bias, on the last module
+            new[-1].bias.copy_(layer.bias)
+    return new
 
 
 def _swap(model: nn.Module, built: list[tuple[Replacement, nn.Sequential]]) -> tuple[nn.Module, dict[str, list[str]]]:
@@ -817,6 +840,68 @@ def _decompose(model, policy, method, with_weights, info_path, what) -> tuple[nn
     if info_path is not None:
         _write_info(info_path, model, replacements, skipped, policy, method, measurements)
     model, changes = _swap(model, built)
+    _log_done(changes, params_before, model, start, what)
+    return model, changes
+
+
+def _broken_ties(model: nn.Module, replacements: list[Replacement], references) -> dict[str, str]:
+    """The replacements whose weight or bias is tied to a layer that is not replaced with the same
+    structure (the tie could not be kept), by name, with the reason."""
+    _, owners, _ = references
+    planned = {replacement.name: replacement for replacement in replacements}
+    broken = {}
+    for replacement in replacements:
+        layer = model.get_submodule(replacement.name)
+        for param in (layer.weight, layer.bias):
+            others = [owner.rpartition(".")[0] for owner in owners[id(param)]] if param is not None else []
+            other = next((o for o in others if o not in planned or planned[o].specs != replacement.specs), None)
+            if other is not None:
+                broken[replacement.name] = f"its parameters are tied with {other!r}, which is not decomposed alike"
+    return broken
+
+
+def _decompose_amct(model: nn.Module, info_path) -> tuple[nn.Module, dict[str, list[str]]]:
+    """AMCT's ``auto_decomposition``: its layers, ranks, modes and weights (``lowrank.amct``), its info
+    file; layers that cannot be replaced safely (``_why_not``) are left alone too, with the reason."""
+    if info_path is not None:
+        _check_info_path(info_path, "decompose_info_path")
+    logger.info("auto_decomposition start.")
+    start, params_before = time.perf_counter(), count_parameters(model)
+    references = _references(model)
+    replacements = []
+    convs = [(name, module) for name, module in model.named_modules() if isinstance(module, nn.Conv2d)]
+    with logging_redirect_tqdm(loggers=[logger]):
+        for name, layer in tqdm(convs, desc="auto_decomposition", unit="layer", disable=None, leave=False):
+            logger.info("Processing: %r", name)
+            unsupported = amct.unsupported_dtype(layer)
+            if unsupported:
+                logger.warning("%s of layer %r, ignored.", unsupported, name)
+                continue
+            reason = amct.skip_reason(layer) or _why_not(model, name, layer, references, amct_rules=True)
+            if not reason and layer.weight.is_meta:
+                reason = "its weights are on the meta device (load them first)"
+            if reason:
+                logger.info("Skip: %r: %s", name, reason)
+                continue
+            if not bool(torch.isfinite(layer.weight).all()):
+                raise ValueError(f"{name!r}: weight tensor contains invalid number(inf or nan): nothing was decomposed")
+            replacements.append(amct.plan_layer(name, layer))
+    broken = _broken_ties(model, replacements, references)
+    for name, reason in broken.items():
+        logger.info("Skip: %r: %s", name, reason)
+    replacements = [replacement for replacement in replacements if replacement.name not in broken]
+    if not replacements:
+        unsaved = " Decomposition information file is not saved." if info_path is not None else ""
+        logger.info("No tensor meets decomposition conditions.%s", unsaved)
+    built = _build(model, replacements)
+    if info_path is not None and replacements:
+        amct.write_info(info_path, [amct.info_record(model.get_submodule(r.name), r) for r in replacements])
+    model, changes = _swap(model, built)
+    _log_done(changes, params_before, model, start, "auto_decomposition")
+    return model, changes
+
+
+def _log_done(changes, params_before, model, start, what) -> None:
     logger.info(
         "%d layer(s) decomposed, parameters %d -> %d, in %.2f s.",
         len(changes),
@@ -825,11 +910,17 @@ def _decompose(model, policy, method, with_weights, info_path, what) -> tuple[nn
         time.perf_counter() - start,
     )
     logger.info("%s complete.", what)
-    return model, changes
 
 
-def auto_decomposition(model: nn.Module, decompose_info_path=None, *, method: str = "spatial", **policy):
+def auto_decomposition(model: nn.Module, decompose_info_path=None, *, method: str | None = None, **policy):
     """Decomposes ``model``'s layers in place, weights included (AMCT's ``auto_decomposition``).
+
+    Called as AMCT calls it, ``auto_decomposition(model)`` or ``auto_decomposition(model, path)``, it
+    makes AMCT's choice (``lowrank.amct``): the k x k convs (k >= 3) AMCT decomposes, at its EVBMF rank
+    clamped and rounded to 16, in its four modes, with its weights and its info file (a JSON list of
+    records, which AMCT's ``decompose_network`` reads). Unlike AMCT, layers that cannot be replaced
+    safely (see below) are left alone, and a string padding (``'same'``, which AMCT refuses) is kept.
+    Any of the keywords below selects lowrank's own rules and info file instead.
 
     Args:
         model: any ``nn.Module``. Conv2d layers with a k x k kernel use ``method``; Linear layers and
@@ -837,10 +928,11 @@ def auto_decomposition(model: nn.Module, decompose_info_path=None, *, method: st
             the reason is logged and recorded in the info file.
         decompose_info_path: where to write the decomposition info file (structure only, no
             weights), which ``decompose_network`` replays. None: no file.
-        method: ``"spatial"`` (AMCT's, default), ``"tucker2"`` (msModelSlim's) or ``"svd"``.
-        **policy: the rank policy, see ``lowrank.policy``: one of ``rank``, ``ratio``, ``energy``,
+        method: ``"spatial"`` (AMCT's structure, the default of lowrank's rules), ``"tucker2"``
+            (msModelSlim's) or ``"svd"``.
+        **policy: lowrank's rank policy, see ``lowrank.policy``: one of ``rank``, ``ratio``, ``energy``,
             ``vbmf``, ``latency``; and ``layers``, ``exclude``, ``ratio_of``, ``divisor``, ``min_rank``.
-            Default: ``ratio=0.3`` of each layer's multiply-adds. ``latency=0.5`` times each candidate
+            With ``method`` alone: ``ratio=0.3`` of each layer's multiply-adds. ``latency=0.5`` times each candidate
             layer, dense and decomposed, on the model's device and keeps only replacements measured
             to run in at most half the dense layer's time; it needs ``example_input`` (a tensor, a tuple
             of the model's positional arguments or a dict of its keyword arguments, as the model will
@@ -853,8 +945,11 @@ def auto_decomposition(model: nn.Module, decompose_info_path=None, *, method: st
         the replaced layers. A ``Conv2d`` or ``Linear`` given as the model itself is left as it is and
         its replacement returned (``changes`` ``{"": ["0", "1"]}``), as in AMCT.
     """
-    method = _check_method(method)
     layers = _check_model(model)
+    if method is None and not policy:
+        decomposed, changes = _decompose_amct(layers, decompose_info_path)
+        return _returned(model, layers, decomposed), changes
+    method = _check_method(method or "spatial")
     decomposed, changes = _decompose(
         layers, _make_policy(policy), method, True, decompose_info_path, "auto_decomposition"
     )
@@ -874,13 +969,28 @@ def decompose_network(model: nn.Module, decompose_info_path):
     """
     layers = _check_model(model)
     _check_path(decompose_info_path, "decompose_info_path")
+    document = read_document(decompose_info_path)
+    if is_msmodelslim_config(document):  # msModelSlim's structures, as Decompose(...).from_file() builds them
+        config = msmodelslim.read_config(decompose_info_path, document)
+        unknown = msmodelslim.unmatched(layers, config)
+        if unknown:
+            raise DecomposeInfoError(
+                f"{decompose_info_path}: {unknown[0]!r} is not a Linear, Embedding or Conv2d of the model"
+            )
+        decomposed, changes = _decompose_msmodelslim(layers, config, False, None, -1)
+        return _returned(model, layers, decomposed), changes
     logger.info("decompose_network start.")
     replacements = read_info(decompose_info_path, layers)
+    amct_file = isinstance(document, list)  # AMCT's rules: subclasses, ties
     references = _references(layers)
-    for replacement in replacements:
-        reason = _why_not(layers, replacement.name, layers.get_submodule(replacement.name), references)
+    reasons = {
+        r.name: _why_not(layers, r.name, layers.get_submodule(r.name), references, amct_rules=amct_file)
+        for r in replacements
+    }
+    reasons |= _broken_ties(layers, replacements, references)
+    for name, reason in reasons.items():
         if reason:
-            raise DecomposeInfoError(f"{decompose_info_path}: layer {replacement.name!r} cannot be replaced: {reason}")
+            raise DecomposeInfoError(f"{decompose_info_path}: layer {name!r} cannot be replaced: {reason}")
     if not replacements:
         logger.info("No layer meets decomposition conditions.")
     decomposed, changes = _swap(layers, _build(layers, replacements))
@@ -891,31 +1001,61 @@ def decompose_network(model: nn.Module, decompose_info_path):
 class Decompose:
     """msModelSlim's interface: ``Decompose(model).from_ratio(0.5).decompose_network()``.
 
-    The ``from_*`` methods take msModelSlim's ``excludes`` (layer names or regular expressions to
-    leave alone) and ``divisor`` (ranks of the automatic rules rounded to a multiple of it; 64 by
-    default, as in msModelSlim; 1 turns rounding off; a fixed rank is used as given), and any other
-    policy option of ``auto_decomposition``.
+    msModelSlim's own calls give msModelSlim's result (``lowrank.msmodelslim``): ``from_ratio``,
+    ``from_fixed``, ``from_vbmf`` and ``from_dict`` with its ``excludes`` (exact layer names) and
+    ``divisor`` (64), ``from_file``, the ``decompose_config`` they set, and
+    ``decompose_network(do_decompose_weight=True, datasets=None, max_iter=-1)``: the same layers and
+    hidden channels, the same structures and state_dict keys (Linear -> 2 Linear, Embedding -> Embedding
+    + Linear, Conv2d -> 1x1, kxk, 1x1), the same weights, data-aware with ``datasets``, and the same
+    config file. lowrank's own rules are opt-in: ``method="spatial"`` or ``"svd"``, ``from_energy``,
+    ``from_latency``, or any policy option of ``auto_decomposition`` (``ratio_of``, ``min_rank``, ...)
+    given to a ``from_*`` method; they choose ranks when ``decompose_network`` runs, and save them in
+    ``config_file`` as a lowrank info file.
 
     Args:
         model: the model to decompose; ``decompose_network`` returns a decomposed copy and leaves
             it untouched.
-        config_file: where a ``from_*`` method saves the ranks it chose for each layer (a
-            decomposition info file, JSON), and where ``from_file()`` reads them back: the processes
-            of a multi-card job build the same structure from it, whatever their weights.
-        method: the method for k x k convolutions, ``"tucker2"`` by default as in msModelSlim;
-            ``"spatial"`` selects AMCT's.
+        config_file: a ``.json`` path where a ``from_*`` method saves the configuration it chose, and
+            where ``from_file()`` reads it back: the processes of a multi-card job build the same
+            structure from it, whatever their weights.
+        method: the method of lowrank's rules for k x k convolutions: ``"tucker2"`` (msModelSlim's,
+            default), ``"spatial"`` (AMCT's) or ``"svd"``; any but ``"tucker2"`` selects lowrank's rules.
     """
 
     def __init__(self, model: nn.Module, config_file=None, method: str = "tucker2"):
+        if not isinstance(model, nn.Module):
+            raise ValueError(f"Provided network is not a torch.nn.Module, got {type(model).__name__}")
         _check_model(model)
-        if config_file is not None:
-            _check_path(config_file, "config_file")
+        if config_file is not None and (
+            not isinstance(config_file, (str, os.PathLike)) or not os.fspath(config_file).endswith(".json")
+        ):
+            raise ValueError(
+                f"Parameter config_file is not a valid json file name (a path ending in .json), got {config_file!r}"
+            )
         self.model = model
         self.config_file = config_file
         self.method = _check_method(method)
-        self.policy = None
+        self.decompose_config = None  # msModelSlim's configuration: layer name -> hidden channels
+        self.policy = None  # or lowrank's rules
+
+    def _uses_own_rules(self, options: dict) -> bool:
+        return bool(options) or self.method != "tucker2"
+
+    def _choose(self, value, excludes, divisor) -> "Decompose":
+        """msModelSlim's configuration for ``value``, saved to ``config_file`` when there is one."""
+        divisor = msmodelslim.check_excludes_divisor(excludes, divisor)
+        if self.config_file is not None:
+            _check_info_path(self.config_file, "config_file")
+        config = msmodelslim.choose(_uncompiled(self.model), value, excludes, divisor)
+        if not config:
+            raise ValueError("Generated decompose_config is not valid, check model structure and parameters.")
+        if self.config_file is not None:
+            msmodelslim.write_config(self.config_file, msmodelslim.config_json(config))
+        self.decompose_config, self.policy = config, None
+        return self
 
     def _set(self, excludes, divisor, **options) -> "Decompose":
+        """lowrank's rules, with ``excludes`` as regular expressions (``exclude``)."""
         if "method" in options:
             raise ValueError(
                 f"Decompose takes the method when it is built: Decompose(model, method={options['method']!r})"
@@ -931,69 +1071,86 @@ class Decompose:
         if self.config_file is not None:
             replacements = _save_plan(_uncompiled(self.model), policy, self.method, self.config_file)
             policy = _replay_policy(replacements, self.config_file)
-        self.policy = policy
+        self.decompose_config, self.policy = None, policy
         return self
 
-    def from_ratio(self, channel_ratio: float, excludes=None, divisor: int = 64, ratio_of="rank", **options):
-        """Ranks that are ``channel_ratio`` of each layer's full ranks (msModelSlim's channel ratio), or,
-        with ``ratio_of="flops"`` or ``"params"``, whose cost is at most that fraction of the layer's."""
-        return self._set(excludes, divisor, ratio=channel_ratio, ratio_of=ratio_of, **options)
+    def from_ratio(self, channel_ratio: float, excludes=None, divisor: int = 64, **options) -> "Decompose":
+        """Each layer's hidden channels from a parameter budget: ``channel_ratio`` (a float in (0, 1)) of
+        its parameters, rounded to ``divisor``. With lowrank's options (``ratio_of="flops"``, ...), the
+        largest ranks whose cost is at most that fraction of the layer's."""
+        if self._uses_own_rules(options):
+            return self._set(excludes, divisor, ratio=channel_ratio, **options)
+        return self._choose(msmodelslim.ratio_value(channel_ratio), excludes, divisor)
 
-    def from_fixed(self, channel_fixed, excludes=None, divisor: int = 64, **options) -> "Decompose":
-        """The same rank for every layer (or one per rank of the method, e.g. ``(in_rank, out_rank)``),
-        used as given."""
-        return self._set(excludes, divisor, rank=channel_fixed, **options)
-
-    def from_energy(self, energy: float, excludes=None, divisor: int = 64, **options) -> "Decompose":
-        """The smallest ranks keeping ``energy`` of each layer's squared singular values."""
-        return self._set(excludes, divisor, energy=energy, **options)
+    def from_fixed(self, channel_fixed: int, excludes=None, divisor: int = 64, **options) -> "Decompose":
+        """The same hidden channels for every layer, rounded to ``divisor`` as msModelSlim does. With
+        lowrank's options, a fixed rank (or one per rank of the method) used as given."""
+        if self._uses_own_rules(options):
+            return self._set(excludes, divisor, rank=channel_fixed, **options)
+        return self._choose(msmodelslim.fixed_value(channel_fixed), excludes, divisor)
 
     def from_vbmf(self, excludes=None, divisor: int = 64, **options) -> "Decompose":
-        """Ranks estimated by EVBMF."""
-        return self._set(excludes, divisor, vbmf=True, **options)
+        """Hidden channels estimated by msModelSlim's VBMF, rounded to ``divisor``."""
+        if self._uses_own_rules(options):
+            return self._set(excludes, divisor, vbmf=True, **options)
+        return self._choose(msmodelslim.VBMF, excludes, divisor)
+
+    def from_dict(self, channel_dict: dict, excludes=None, divisor: int = 64, **options) -> "Decompose":
+        """Per layer, the value of the first key (a regular expression found anywhere in the name, in the
+        dict's order) that matches: an int, a ratio, ``"vbmf"`` or ``(hidden_out, hidden_in)``; layers
+        that no key matches are left alone. With lowrank's options, ``layers=`` of ``auto_decomposition``
+        (whole-name matches, lowrank's rules)."""
+        if self._uses_own_rules(options):
+            return self._set(excludes, divisor, layers=channel_dict, **options)
+        return self._choose(msmodelslim.dict_value(channel_dict), excludes, divisor)
+
+    def from_energy(self, energy: float, excludes=None, divisor: int = 64, **options) -> "Decompose":
+        """lowrank's rule: the smallest ranks keeping ``energy`` of each layer's squared singular values."""
+        return self._set(excludes, divisor, energy=energy, **options)
 
     def from_latency(self, latency: float, example_input, excludes=None, divisor: int = 64, **options):
-        """The largest ranks whose replacement is measured to run in at most ``latency`` of the dense
-        layer's time (0.5: 2x faster) on the input it receives when the model runs on ``example_input``;
-        layers that no rank makes that fast are left alone."""
+        """lowrank's rule: the largest ranks whose replacement is measured to run in at most ``latency``
+        of the dense layer's time (0.5: 2x faster) on the input it receives when the model runs on
+        ``example_input``; layers that no rank makes that fast are left alone."""
         return self._set(excludes, divisor, latency=latency, example_input=example_input, **options)
 
-    def from_dict(self, channel_dict: dict, excludes=None, divisor: int = 64, ratio_of="rank", **options):
-        """Only the layers whose names match a key (a regular expression), each with its own rule: a
-        rank or ranks, a channel ratio, ``"vbmf"``, a dict of policy options, or None to leave them
-        alone: ``{"layer1\\..*conv2": 0.5, "fc": 64, "layer2.*": (64, 32), "layer4.*": None}``."""
-        return self._set(excludes, divisor, layers=channel_dict, ratio_of=ratio_of, **options)
-
     def from_file(self) -> "Decompose":
-        """The ranks that a ``from_*`` method saved in ``config_file``, checked against the model."""
-        if self.config_file is None:
-            raise ValueError("from_file() needs Decompose(model, config_file=...), where a from_*() method saved ranks")
-        if not os.path.exists(self.config_file):
+        """The configuration a ``from_*`` method saved in ``config_file`` (msModelSlim's, or lowrank's
+        info file for lowrank's rules)."""
+        if self.config_file is None or not os.path.isfile(self.config_file):
             raise ValueError(
-                f"{self.config_file}: no such config file; a from_*() method of Decompose(model, "
-                "config_file=...) saves it first"
+                "Initialized config_file is not valid, or not initialized by other from_xxx functions: "
+                f"{self.config_file} is not a file"
             )
-        self.policy = _replay_policy(read_info(self.config_file, _uncompiled(self.model)), self.config_file)
+        document = read_document(self.config_file)
+        if is_msmodelslim_config(document):
+            self.decompose_config, self.policy = msmodelslim.read_config(self.config_file, document), None
+        else:  # lowrank's info file (lowrank's rules)
+            replacements = read_info(self.config_file, _uncompiled(self.model))
+            self.decompose_config, self.policy = None, _replay_policy(replacements, self.config_file)
         return self
 
     def decompose_network(self, do_decompose_weight: bool = True, datasets=None, max_iter: int = -1) -> nn.Module:
         """A decomposed copy of the model. With ``do_decompose_weight=False`` only the structure is
         built (default-initialised), for processes that then load the weights saved by the one that
-        decomposed them. ``datasets`` and ``max_iter`` are msModelSlim's data-aware decomposition,
-        which this library does not do: ranks and weights come from the weights alone."""
+        decomposed them.
+
+        ``datasets`` (msModelSlim's data-aware decomposition): an iterable of model inputs, a dict
+        passed as keyword arguments, a list or tuple as positional ones, a tensor as the one argument
+        (msModelSlim skips every statistic on a tensor). The Linear and Conv2d layers decomposed are
+        fitted to their inputs' second moment over one pass, in eval mode; ``max_iter`` > 0 reads that
+        many elements (-1: all)."""
+        if self.decompose_config is None and self.policy is None:
+            raise ValueError("decompose_config not initialized, call from_xxx functions first.")
         if not isinstance(do_decompose_weight, bool):  # "False" or None would silently pick one of the two
-            raise TypeError(f"do_decompose_weight must be True or False, got {do_decompose_weight!r}")
-        if datasets is not None or max_iter != -1:
+            raise TypeError(f"parameter do_decompose_weight need to be a boolean value, got {do_decompose_weight!r}")
+        msmodelslim.check_max_iter(max_iter)
+        if self.policy is not None and datasets is not None:
             raise ValueError(
-                "data-aware decomposition (datasets=, max_iter=) is not supported: ranks and weights come from the "
-                "weights alone; call decompose_network() without them"
+                "datasets= fits msModelSlim's configurations (from_ratio, from_fixed, from_vbmf, from_dict, from_file "
+                "without lowrank's options); lowrank's own rules decompose from the weights alone"
             )
-        if self.policy is None:
-            raise ValueError(
-                "choose a policy first: from_ratio, from_fixed, from_energy, from_vbmf, from_latency, from_dict or "
-                "from_file"
-            )
-        if not do_decompose_weight and self.policy.measures_latency:
+        if self.policy is not None and not do_decompose_weight and self.policy.measures_latency:
             raise ValueError(
                 "a latency rule picks ranks from timings, which differ between processes: save the deciding "
                 "process's ranks with Decompose(model, config_file=...) and build the others' structure with "
@@ -1007,8 +1164,52 @@ class Decompose:
                 "in place with lowrank.auto_decomposition"
             ) from None
         layers = _uncompiled(model)
-        decomposed, _ = _decompose(layers, self.policy, self.method, do_decompose_weight, None, "decompose_network")
+        if self.policy is not None:
+            decomposed, _ = _decompose(layers, self.policy, self.method, do_decompose_weight, None, "decompose_network")
+        else:
+            config = self.decompose_config
+            unknown = msmodelslim.unmatched(layers, config)
+            if unknown:  # msModelSlim ignores them silently
+                logger.warning("decompose_config names what is no Linear, Embedding or Conv2d: %s", ", ".join(unknown))
+            decomposed, _ = _decompose_msmodelslim(layers, config, do_decompose_weight, datasets, max_iter)
         return _returned(model, layers, decomposed)
+
+
+def _decompose_msmodelslim(model: nn.Module, config: dict, with_weights: bool, datasets, max_iter: int):
+    """msModelSlim's decomposition of ``model`` in place (``lowrank.msmodelslim``). Layers that its
+    structure cannot replace (where msModelSlim fails) or whose owner uses them other than by calling
+    them are left alone with a warning."""
+    logger.info("decompose_network start.")
+    start, params_before = time.perf_counter(), count_parameters(model)
+    planned = msmodelslim.plan(model, config)
+    for name, (layer, hidden) in list(planned.items()):
+        reason = msmodelslim.unbuildable(layer, hidden) or (_why_not_in_owners(model, name) if name else None)
+        if not reason and with_weights and layer.weight.is_meta:
+            reason = "its weights are on the meta device (load them first, or decompose the structure only)"
+        if reason:
+            logger.warning("Skip: %r: %s", name, reason)
+            del planned[name]
+        elif with_weights and not bool(torch.isfinite(layer.weight).all()):
+            raise ValueError(f"{name!r} has weights that are not finite (NaN or inf): nothing was decomposed")
+    second_moments = {}
+    if datasets is not None and with_weights:
+        fitted = {name: layer for name, (layer, _) in planned.items() if isinstance(layer, (nn.Linear, nn.Conv2d))}
+        second_moments = msmodelslim.collect_second_moments(model, fitted, datasets, max_iter)
+    built = {
+        name: _fill(planned[name][0], _replacement_module(planned[name][0], specs, initialise=not weights), weights)
+        for name, (specs, weights) in msmodelslim.decomposed_modules(planned, with_weights, second_moments).items()
+    }
+    changes = {}
+    for name, new in built.items():  # the model changes only once every replacement is built
+        if name:
+            parent_name, _, child_name = name.rpartition(".")
+            setattr(model.get_submodule(parent_name), child_name, new)
+        else:  # the model itself: returned, as auto_decomposition does
+            model = new
+        changes[name] = [f"{name}.{index}" if name else str(index) for index in range(len(new))]
+        logger.info("Decompose: %r -> %s", name, changes[name])
+    _log_done(changes, params_before, model, start, "decompose_network")
+    return model, changes
 
 
 def _save_plan(model, policy, method, path) -> list[Replacement]:

@@ -129,14 +129,20 @@ def load_json(path) -> object:
         raise DecomposeInfoError(f"{path}: JSON nested too deeply to be an info file") from None
 
 
+def is_msmodelslim_config(document) -> bool:
+    """Whether a parsed file is msModelSlim's config file: a JSON object of layer name -> hidden channels."""
+    return isinstance(document, dict) and "format" not in document
+
+
 def read_document(path) -> list | dict:
-    """The parsed file: AMCT's list of records, or our document after its format and version checks."""
+    """The parsed file: AMCT's list of records, msModelSlim's config (``is_msmodelslim_config``), or our
+    document after its format and version checks."""
     document = load_json(path)
-    if isinstance(document, list):
+    if isinstance(document, list) or is_msmodelslim_config(document):
         return document
     if not isinstance(document, dict):
         raise DecomposeInfoError(
-            f"{path}: expected a JSON object (lowrank) or list (AMCT), got {type(document).__name__}"
+            f"{path}: expected a JSON object (lowrank, msModelSlim) or list (AMCT), got {type(document).__name__}"
         )
     if document.get("format") != FORMAT:
         raise DecomposeInfoError(
@@ -156,6 +162,8 @@ def read_document(path) -> list | dict:
 def read_info(path: str | os.PathLike, model: nn.Module) -> list[Replacement]:
     """Reads and checks an info file (ours or AMCT's) against ``model``; returns the replacements."""
     document = read_document(path)
+    if is_msmodelslim_config(document):
+        raise DecomposeInfoError(f"{path}: msModelSlim's config file, which records no structures: not an info file")
     if isinstance(document, list):
         records = [_from_amct(path, model, index, record) for index, record in enumerate(document)]
     else:
@@ -168,7 +176,9 @@ def read_info(path: str | os.PathLike, model: nn.Module) -> list[Replacement]:
     return records
 
 
-def _model_layer(path, model, name, expected_type):
+def _model_layer(path, model, name, expected_type, subclasses=False):
+    """The layer ``name`` of ``model``, of ``expected_type`` (or, with ``subclasses``, of a subclass of
+    that torch.nn class, as AMCT accepts a Conv2d subclass)."""
     try:
         layer = model.get_submodule(name)
     except AttributeError:
@@ -180,7 +190,7 @@ def _model_layer(path, model, name, expected_type):
             else ""
         )
         raise DecomposeInfoError(f"{path}: layer {name!r} is not in the model{hint}") from None
-    if type(layer).__name__ != expected_type:
+    if type(layer).__name__ != expected_type and not (subclasses and isinstance(layer, getattr(nn, expected_type))):
         hint = " (is the model already decomposed?)" if isinstance(layer, nn.Sequential) else ""
         if isinstance(layer, LazyModuleMixin):  # it becomes its cls_to_become when it first runs
             hint = " (a lazy module: run the model once on an example input to initialise it first)"
@@ -316,7 +326,7 @@ def _from_amct(path, model, index, record) -> Replacement:
     mode = _require(path, where, record, "mode", str)
     if mode not in AMCT_MODES:
         raise DecomposeInfoError(f"{path}: {where}: unknown mode {mode!r}; AMCT modes: {', '.join(AMCT_MODES)}")
-    layer = _model_layer(path, model, name, "Conv2d")
+    layer = _model_layer(path, model, name, "Conv2d", subclasses=True)
     if layer.groups != 1:
         raise DecomposeInfoError(
             f"{path}: {where}: AMCT decomposes ungrouped convolutions; the model's has groups={layer.groups}"

@@ -56,8 +56,10 @@ def unwritable(path: str | os.PathLike, is_folder: bool = False) -> str | None:
     return None
 
 
-def atomic_write(path: str | os.PathLike, write: Callable[[object], None], binary: bool = True) -> None:
-    """Calls ``write(file)`` on a temporary file next to ``path``, then moves it onto ``path``."""
+def atomic_write(
+    path: str | os.PathLike, write: Callable[[object], None], binary: bool = True, mode: int = FILE_MODE
+) -> None:
+    """Calls ``write(file)`` on a temporary file next to ``path``, then moves it onto ``path`` (with ``mode``)."""
     path = Path(path)
     make_parent_dirs(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -66,7 +68,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[object], None], binar
             write(file)
             file.flush()
             os.fsync(file.fileno())
-        os.chmod(tmp, FILE_MODE)
+        os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

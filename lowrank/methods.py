@@ -16,7 +16,8 @@ from torch import nn
 
 from . import functional as F
 
-MODULE_TYPES = {"Conv2d": nn.Conv2d, "Linear": nn.Linear}
+# What the replacements are built from (Embedding: msModelSlim's embedding factor).
+MODULE_TYPES = {"Conv2d": nn.Conv2d, "Linear": nn.Linear, "Embedding": nn.Embedding}
 
 
 @dataclass(frozen=True)
@@ -55,7 +56,7 @@ def build_module(spec: dict, device=None, dtype=None) -> nn.Module:
     return MODULE_TYPES[spec["type"]](**spec["args"], device=device, dtype=dtype)
 
 
-def _conv_spec(
+def conv_spec(
     in_ch, out_ch, kernel, *, stride=(1, 1), padding=(0, 0), dilation=(1, 1), bias=False, padding_mode="zeros"
 ):
     args = {
@@ -72,7 +73,7 @@ def _conv_spec(
     return {"type": "Conv2d", "args": args}
 
 
-def _linear_spec(in_features, out_features, bias):
+def linear_spec(in_features, out_features, bias):
     return {"type": "Linear", "args": {"in_features": in_features, "out_features": out_features, "bias": bias}}
 
 
@@ -99,7 +100,9 @@ def specs_cost(specs: list[dict]) -> Cost:
 
 
 def layer_spec(layer: nn.Module) -> dict:
-    return {"type": type(layer).__name__, "args": layer_args(layer)}
+    """The spec of a plain ``Conv2d`` or ``Linear`` configured as ``layer`` (a subclass's too)."""
+    kind = "Linear" if isinstance(layer, nn.Linear) else "Conv2d"
+    return {"type": kind, "args": layer_args(layer)}
 
 
 def dense_cost(layer: nn.Module) -> Cost:
@@ -169,10 +172,10 @@ class SVD(Method):
         (rank,) = ranks
         if isinstance(layer, nn.Linear):
             return [
-                _linear_spec(layer.in_features, rank, False),
-                _linear_spec(rank, layer.out_features, layer.bias is not None),
+                linear_spec(layer.in_features, rank, False),
+                linear_spec(rank, layer.out_features, layer.bias is not None),
             ]
-        first = _conv_spec(
+        first = conv_spec(
             layer.in_channels,
             rank,
             layer.kernel_size,
@@ -181,7 +184,7 @@ class SVD(Method):
             dilation=layer.dilation,
             padding_mode=layer.padding_mode,
         )
-        last = _conv_spec(rank, layer.out_channels, (1, 1), bias=layer.bias is not None)
+        last = conv_spec(rank, layer.out_channels, (1, 1), bias=layer.bias is not None)
         return [first, last]
 
     def weights(self, layer, ranks):
@@ -240,7 +243,7 @@ class Spatial(Method):
             return [values[0], fill] if axis == 0 else [fill, values[1]]
 
         padding = layer.padding if isinstance(layer.padding, str) else keep(layer.padding, 0)
-        return _conv_spec(
+        return conv_spec(
             in_ch,
             out_ch,
             keep(layer.kernel_size, 1),
@@ -280,8 +283,8 @@ class Tucker2(Method):
     def specs(self, layer, ranks):
         in_rank, out_rank = ranks
         return [
-            _conv_spec(layer.in_channels, in_rank, (1, 1)),
-            _conv_spec(
+            conv_spec(layer.in_channels, in_rank, (1, 1)),
+            conv_spec(
                 in_rank,
                 out_rank,
                 layer.kernel_size,
@@ -290,7 +293,7 @@ class Tucker2(Method):
                 dilation=layer.dilation,
                 padding_mode=layer.padding_mode,
             ),
-            _conv_spec(out_rank, layer.out_channels, (1, 1), bias=layer.bias is not None),
+            conv_spec(out_rank, layer.out_channels, (1, 1), bias=layer.bias is not None),
         ]
 
     def weights(self, layer, ranks):

@@ -1,6 +1,8 @@
 """Offline decomposition, step 1 (the AMCT sample's ``decompose_model.py``): load the pretrained
 network (the MNIST ``Net`` or a torchvision model), decompose it, save the decomposition info file and
-the decomposed weights.
+the decomposed weights. Without rank flags, AMCT's choice (``lowrank.auto_decomposition(model, path)``,
+as the AMCT sample); with any of ``--method``, ``--ratio``, ``--energy``, ``--vbmf``, ``--divisor``,
+lowrank's rules.
 
     python recipes/decompose_model.py --pretrained-path runs/baseline/baseline.pth \\
         --decompose-info-path runs/offline/decompose_info.json \\
@@ -25,9 +27,8 @@ from pathlib import Path
 import torch
 import torchvision
 
-import lowrank
 from launch.args import add_policy_args, check_distinct, check_writable, policy_of
-from launch.barrier import Artifacts
+from launch.barrier import Artifacts, decompose
 from launch.mnist import Net
 from lowrank.io import atomic_write, load_state_dict, load_weights, make_parent_dirs, save_state_dict
 
@@ -84,7 +85,7 @@ def main(args):
         earlier_info = info_path.read_bytes() if info_path.is_file() else None
         earlier_weights = _identity(weights_path)
         try:
-            model, _ = lowrank.auto_decomposition(model, info_path, **policy_of(args))
+            model, _ = decompose(model, info_path, policy_of(args))
             save_state_dict(model.state_dict(), weights_path)
         except BaseException:
             # The two files go together: a new info file next to earlier weights would replay wrongly

@@ -97,9 +97,9 @@ NORMALIZE = transforms.Normalize(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 
 # Images per split of --synthetic (generated on the fly, so size costs nothing): 50 steps of 256
 # without an epoch's evaluation in between, for throughput runs; few classes, for smoke tests.
 SYNTHETIC = {"train": 12800, "val": 128, "classes": 10}
-# The rank rule's defaults: tucker2, as msModelSlim's, at half of each layer's FLOPs (msModelSlim's
-# sample, from_ratio(0.5), halves the ranks instead: more FLOPs kept).
-POLICY_DEFAULTS = {"method": "tucker2", "ratio": 0.5}
+# Without rank flags, msModelSlim's sample: Decompose(model).from_ratio(0.5). With any, lowrank's rules,
+# tucker2 (as msModelSlim's) at half of each layer's FLOPs unless --method or --ratio say otherwise.
+POLICY_DEFAULTS = {"seed": "msmodelslim", "method": "tucker2", "ratio": 0.5}
 
 
 def get_args_parser():
@@ -290,7 +290,7 @@ def warmup_cosine(warmup_steps, total_steps):
 def main(args):
     if args.weights and args.pretrained_path:
         sys.exit("error: --weights and --pretrained-path both give the pretrained weights: pass one")
-    mode = check_mode_args(args, pretrained="weights", **POLICY_DEFAULTS)
+    mode = check_mode_args(args, pretrained="weights")
     args.lr = args.lr if args.lr is not None else (0.1 if mode == "baseline" else 0.01)
     # The data and the class count of --weights are checked on every rank, before a training run without
     # --resume moves an earlier run's checkpoints aside, and before a rank waits for another that exited.

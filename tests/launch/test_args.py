@@ -22,9 +22,15 @@ def parse(*argv, **defaults):
     return parser.parse_args(argv)
 
 
-def test_the_rank_rule_flags_give_auto_decomposition_keywords():
-    assert policy_of(parse()) == {"method": "spatial", "ratio": 0.3}
-    assert policy_of(parse(method="tucker2", ratio=0.5)) == {"method": "tucker2", "ratio": 0.5}
+def test_the_rank_rule_flags_give_the_decomposition():
+    # No rank flag: the seed's tool, as its sample calls it.
+    assert policy_of(parse()) == {}  # AMCT's choice: auto_decomposition(model, path)
+    assert policy_of(parse("--divisor", "1")) == {}  # no rounding: as good as not given
+    msmodelslim = {"seed": "msmodelslim", "method": "tucker2", "ratio": 0.5}
+    assert policy_of(parse(**msmodelslim)) == {"from_ratio": 0.5}  # Decompose(model).from_ratio(0.5)
+    # Any rank flag: lowrank's rules, with the recipe's defaults for the others.
+    assert policy_of(parse("--method", "tucker2")) == {"method": "tucker2", "ratio": 0.3}
+    assert policy_of(parse("--divisor", "8", **msmodelslim)) == {"method": "tucker2", "divisor": 8, "ratio": 0.5}
     assert policy_of(parse("--ratio", "0.2")) == {"method": "spatial", "ratio": 0.2}
     assert policy_of(parse("--energy", "0.9", "--method", "tucker2")) == {"method": "tucker2", "energy": 0.9}
     assert policy_of(parse("--vbmf")) == {"method": "spatial", "vbmf": True}
@@ -137,7 +143,8 @@ def test_decomposition_flags_without_tensor_decompose_are_refused(tmp_path):
         ("offline", ["--energy", "0.9"], "error: --energy: not used offline, where the structure and the weights"),
         ("offline", ["--divisor", "8"], "error: --divisor: not used offline"),
         ("offline", ["--pretrained-path", "{pretrained}", "--method", "svd"], "error: --method, --pretrained-path:"),
-        ("offline", ["--ratio", "0.3"], None),  # the default, given: changes nothing
+        ("offline", ["--ratio", "0.3"], "error: --ratio: not used offline"),  # lowrank's rules, given
+        ("offline", ["--divisor", "1"], None),  # the default, given: changes nothing
         ("online", ["--pretrained-path", "{pretrained}", "--energy", "0.9"], None),
     ],
 )

@@ -16,8 +16,9 @@ from lowrank.methods import METHODS
 
 @pytest.fixture
 def info(net, tmp_path):
+    """lowrank's own info file: ratio=0.3 (a policy keyword selects lowrank's rules and file format)."""
     path = tmp_path / "out" / "decompose_info.json"
-    lowrank.auto_decomposition(net, path)
+    lowrank.auto_decomposition(net, path, ratio=0.3)
     return path
 
 
@@ -43,6 +44,11 @@ def test_info_file_content(info):
 def test_files_are_owner_and_group_only(info, tmp_path):
     assert stat.S_IMODE(os.stat(info).st_mode) == 0o640
     assert stat.S_IMODE(os.stat(info.parent).st_mode) == 0o750
+    amct = tmp_path / "amct" / "decompose_info.json"
+    lowrank.auto_decomposition(Net(), amct)  # AMCT's info file, written by its own writer
+    assert isinstance(json.loads(amct.read_text()), list)
+    assert stat.S_IMODE(os.stat(amct).st_mode) == 0o640
+    assert stat.S_IMODE(os.stat(amct.parent).st_mode) == 0o750
     save_state_dict({"w": torch.ones(2)}, tmp_path / "a" / "b" / "weights.pth")
     assert stat.S_IMODE(os.stat(tmp_path / "a" / "b" / "weights.pth").st_mode) == 0o640
     assert stat.S_IMODE(os.stat(tmp_path / "a").st_mode) == 0o750
@@ -201,7 +207,9 @@ def test_unreadable_files(tmp_path):
     with pytest.raises(DecomposeInfoError, match=f"{path}: malformed JSON at line 2, column 15"):
         lowrank.decompose_network(Net(), path)
     path.write_text('"text"')
-    with pytest.raises(DecomposeInfoError, match="expected a JSON object \\(lowrank\\) or list \\(AMCT\\), got str"):
+    with pytest.raises(
+        DecomposeInfoError, match=r"expected a JSON object \(lowrank, msModelSlim\) or list \(AMCT\), got str"
+    ):
         lowrank.decompose_network(Net(), path)
     with pytest.raises(FileNotFoundError, match="decomposition info file not found"):
         lowrank.decompose_network(Net(), tmp_path / "missing.json")

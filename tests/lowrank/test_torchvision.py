@@ -1,10 +1,11 @@
 """Every torchvision classification model must come out of auto_decomposition still running, with
-the same output shape. The default run covers one model of each family of layers quickly; the slow
-run covers the others."""
+the same output shape, under lowrank's rules (``ratio=0.3``) and under AMCT's (no policy keyword). The
+default run covers one model of each family of layers quickly; the slow run covers the others."""
 
 import pytest
 import torch
 import torchvision
+from torch import nn
 from torchvision.models.vision_transformer import VisionTransformer
 
 import lowrank
@@ -15,19 +16,40 @@ def check_still_runs(model, x, **policy):
     with torch.no_grad():
         expected = model(x).shape
         model, changes = lowrank.auto_decomposition(model, **policy)
-        assert changes
         assert model(x).shape == expected
     return changes
 
 
+def amct_candidates(model) -> set[str]:
+    """The convs AMCT's rules may decompose: k x k kernels (k >= 3), no dilation, no groups, stride <= 2."""
+    return {
+        name
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Conv2d)
+        and min(module.kernel_size) >= 3
+        and module.groups == 1
+        and max(module.dilation) == 1
+        and max(module.stride) <= 2
+    }
+
+
 @pytest.mark.parametrize("method", ["spatial", pytest.param("tucker2", marks=pytest.mark.slow)])
 def test_resnet18(method):
-    check_still_runs(torchvision.models.resnet18(num_classes=10), torch.randn(1, 3, 64, 64), method=method)
+    assert check_still_runs(torchvision.models.resnet18(num_classes=10), torch.randn(1, 3, 64, 64), method=method)
+
+
+def test_resnet18_amct_default():
+    # every k x k conv of a ResNet has the channels AMCT needs: all of them, and nothing else (1x1, fc)
+    model = torchvision.models.resnet18(num_classes=10)
+    candidates = amct_candidates(model)
+    changes = check_still_runs(model, torch.randn(1, 3, 64, 64))
+    assert set(changes) == candidates and len(candidates) == 17
 
 
 def test_mobilenet_v3_small():
-    # depthwise convs and squeeze-excitation 1x1 convs
-    check_still_runs(torchvision.models.mobilenet_v3_small(num_classes=10), torch.randn(1, 3, 64, 64))
+    # depthwise convs and squeeze-excitation 1x1 convs (AMCT's rules decompose none of them)
+    model = torchvision.models.mobilenet_v3_small(num_classes=10)
+    assert check_still_runs(model, torch.randn(1, 3, 64, 64), ratio=0.3)
 
 
 def test_tiny_vision_transformer_keeps_attention_projections():
@@ -35,6 +57,7 @@ def test_tiny_vision_transformer_keeps_attention_projections():
         image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=64, mlp_dim=256, num_classes=10
     )
     changes = check_still_runs(model, torch.randn(2, 3, 32, 32), min_rank=1)
+    assert changes
     assert not any(name.endswith("out_proj") for name in changes)
     assert any("mlp" in name for name in changes)
 
@@ -62,10 +85,24 @@ SLOW_MODELS = {
 }
 
 
+def slow_model(name):
+    kwargs = {"aux_logits": False, "init_weights": False} if name in ("googlenet", "inception_v3") else {}
+    size = SLOW_MODELS[name]
+    return torchvision.models.get_model(name, **kwargs), torch.randn(1, 3, size, size)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(SLOW_MODELS))
 def test_torchvision_model(name):
-    kwargs = {"aux_logits": False, "init_weights": False} if name in ("googlenet", "inception_v3") else {}
-    model = torchvision.models.get_model(name, **kwargs)
-    size = SLOW_MODELS[name]
-    check_still_runs(model, torch.randn(1, 3, size, size))
+    model, x = slow_model(name)
+    assert check_still_runs(model, x, ratio=0.3)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", [name for name in SLOW_MODELS if name != "wide_resnet50_2"])  # as resnet18, slower
+def test_torchvision_model_amct_default(name):
+    # Many of these models have no conv AMCT decomposes (depthwise, 1x1, patch embeddings): no changes.
+    model, x = slow_model(name)
+    candidates = amct_candidates(model)
+    changes = check_still_runs(model, x)
+    assert set(changes) <= candidates
