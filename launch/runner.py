@@ -413,6 +413,11 @@ def complete_checkpoints(output_dir) -> list[Path]:
     return sorted(complete, key=lambda path: int(_CHECKPOINT.fullmatch(path.name)[1]), reverse=True)
 
 
+def _shown(setting) -> str:
+    """A setting as the resume message shows it: a flag left out (None) as "not given"."""
+    return "not given" if setting is None else str(setting)
+
+
 def _saved_settings(checkpoint: Path) -> tuple[dict | None, str | None]:
     """A complete checkpoint's ``run.json``, or what is wrong with the checkpoint: an unreadable
     ``run.json``, or files missing or of another size than when it was saved (truncated by a full disk
@@ -518,7 +523,7 @@ def _resume_decision(args, world_size: int, recipe_settings) -> tuple[str | None
     elif current["deepspeed"] == "on":
         settings["world_size"] = TRAINING_SETTINGS["world_size"]
     changed = [
-        f"{source} {saved[key]} (now {current[key]})"
+        f"{source} {_shown(saved[key])} (now {_shown(current[key])})"
         for key, source in settings.items()
         if key in saved and key in current and saved[key] != current[key]
     ]

@@ -23,6 +23,8 @@ SUPPORTED_DTYPES = (torch.float16, torch.float32, torch.float64)
 def skip_reason(layer: nn.Conv2d) -> str | None:
     """Why AMCT leaves a Conv2d alone (dilated, grouped, a kernel side below 3, a stride above 2, too
     few channels for its kernel), or None."""
+    if isinstance(layer.weight, nn.parameter.UninitializedParameter):
+        return "its weights are not initialised yet (lazy module)"
     out_channels, in_per_group, kh, kw = layer.weight.shape
     min_channels = min(in_per_group * layer.groups, out_channels)
     min_kernel = min(kh, kw)

@@ -33,6 +33,9 @@ GRAM_FLOAT32_RESOLUTION = 1e-2
 # ... and runs in float64 when its float32 relative error is below this: the residual of a nearly
 # low-rank kernel is then within a few orders of float32's rounding of the kernel itself.
 FLOAT32_MIN_ERROR = 1e-2
+# Eigenvectors mapped from the smaller Gram matrix are divided by their singular values while the
+# smallest eigenvalue wanted is at least this fraction of the largest (orthonormalized by QR below it).
+MIN_EIGENVALUE_RATIO = 1e-6
 # Gram matrices are computed as this many row blocks of their lower triangle, the only part `eigh` and
 # `eigvalsh` read: 10 of the 16 block products, about 1.5x faster than the full product (the BLAS
 # that PyTorch ships has no syrk behind ``matmul``).
@@ -172,7 +175,8 @@ def _top_eigenvectors(matrix: torch.Tensor, rank: int, rows: bool) -> tuple[torc
 
     A float32 Gram matrix resolves eigenvalues only down to about 1e-7 of the largest: when the
     wanted ones fall below GRAM_FLOAT32_RESOLUTION of it (decaying spectra), it is formed again in
-    float64 from the same float32 entries, which is as accurate as a float32 SVD. When the Gram matrix
+    float64 from the same float32 entries, which is as accurate as a float32 SVD (and when float32's
+    ``eigh`` fails to converge, as it does on some whitened kernels). When the Gram matrix
     is larger than the other side's (a 2048-channel 1x1 conv projected on 256 directions), the
     eigenvectors come from the smaller one, ``M V`` orthonormalized: the same subspace, at a fraction of
     the ``eigh``.
@@ -181,14 +185,22 @@ def _top_eigenvectors(matrix: torch.Tensor, rank: int, rows: bool) -> tuple[torc
     tall = matrix if rows else matrix.T  # its left singular vectors are wanted
     small_side = tall.shape[1] < tall.shape[0] and rank <= tall.shape[1]
     gram_of = (lambda m: _gram(m.T)) if small_side else _gram
-    values, vectors = torch.linalg.eigh(gram_of(tall))
-    if dtype == torch.float32 and values[-rank] < GRAM_FLOAT32_RESOLUTION * values[-1]:
+    try:
+        values, vectors = torch.linalg.eigh(gram_of(tall))
+        in_float32 = dtype == torch.float32 and values[-rank] >= GRAM_FLOAT32_RESOLUTION * values[-1]
+    except torch.linalg.LinAlgError:  # float32 LAPACK fails on some wide-ranging ones (whitened kernels)
+        if dtype != torch.float32:
+            raise
+        in_float32 = False
+    if dtype == torch.float32 and not in_float32:
         tall = tall.double()
         values, vectors = torch.linalg.eigh(gram_of(tall))
-    vectors = vectors[:, -rank:]
-    if small_side:
-        vectors = torch.linalg.qr(tall @ vectors).Q
-    return vectors.to(dtype), values[-rank:].double().sum().item()
+    vectors, top = vectors[:, -rank:], values[-rank:]
+    if small_side:  # M v / sigma: orthonormal, unless a sigma is too small to divide by
+        mapped = tall @ vectors
+        well_scaled = top[0] > top[-1] * MIN_EIGENVALUE_RATIO
+        vectors = mapped / top.sqrt() if well_scaled else torch.linalg.qr(mapped).Q
+    return vectors.to(dtype), top.double().sum().item()
 
 
 def _hooi(
@@ -218,7 +230,7 @@ def _hooi(
 
 @torch.no_grad()
 def tucker2(
-    weight: torch.Tensor, in_rank: int, out_rank: int, max_iter: int = 100, tol: float = 1e-4
+    weight: torch.Tensor, in_rank: int, out_rank: int, max_iter: int = 100, tol: float = 1e-4, refine: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Tucker-2 of a (Cout, Cin, kh, kw) kernel over its two channel axes: HOOI started from HOSVD.
 
@@ -232,14 +244,15 @@ def tucker2(
 
     Iterates in float32 unless ``weight`` is float64, as tensorly does on a float32 kernel (the
     products and ``eigh`` run about twice as fast), and again in float64 when the error comes out
-    below FLOAT32_MIN_ERROR, where float32 rounding is a sizeable part of the residual. The factors
+    below FLOAT32_MIN_ERROR, where float32 rounding is a sizeable part of the residual (unless not
+    ``refine``: msModelSlim iterates in float32 alone, and so does ``signed_tucker2``). The factors
     are orthonormalized and the core computed in the iterations' dtype, then returned in float64.
     """
     dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
     scale = _unit_scale(weight)
     weight = weight.to(dtype) / scale
     u_out, u_in, error, kernel = _hooi(weight, in_rank, out_rank, max_iter, tol, dtype)
-    if dtype == torch.float32 and error < FLOAT32_MIN_ERROR:
+    if refine and dtype == torch.float32 and error < FLOAT32_MIN_ERROR:
         u_out, u_in, _, kernel = _hooi(weight, in_rank, out_rank, max_iter, tol, torch.float64)
     # The core is computed in the iterations' dtype: float32 rounding (about 1e-7 of ||W||) is
     # negligible next to an error of FLOAT32_MIN_ERROR or more.
@@ -510,7 +523,7 @@ def _positive_peaks(factor: torch.Tensor) -> torch.Tensor:
 def signed_tucker2(weight: torch.Tensor, out_rank: int, in_rank: int) -> tuple[torch.Tensor, ...]:
     """``tucker2`` with msModelSlim's sign rule (each factor column's largest-magnitude entry positive,
     the core's slices flipped alike): ``core`` (out_rank, in_rank, kh, kw), ``u_out``, ``u_in``, float64."""
-    core, u_out, u_in = tucker2(weight, in_rank, out_rank)
+    core, u_out, u_in = tucker2(weight, in_rank, out_rank, refine=False)
     # tucker2's factors come from eigh, in ascending order: msModelSlim's SVDs give the leading first.
     core, u_out, u_in = core.flip(0, 1), u_out.flip(1), u_in.flip(1)
     out_signs, in_signs = _positive_peaks(u_out), _positive_peaks(u_in)

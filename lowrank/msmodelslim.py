@@ -18,9 +18,10 @@ from torch import nn
 from tqdm import tqdm
 
 from . import functional as F
+from .info import DecomposeInfoError
 from .io import atomic_write
 from .log import logger
-from .methods import conv_spec, linear_spec
+from .methods import METHODS, linear_spec
 
 VBMF = "vbmf"
 REPLACED = (nn.Linear, nn.Embedding, nn.Conv2d)  # what the configuration decomposes
@@ -111,9 +112,9 @@ def _check_text(config: dict, path) -> None:
     for key, value in config.items():
         for text in (key, value):
             if isinstance(text, str) and not SAFE_TEXT.fullmatch(text):
-                raise ValueError(f"{path}: {text!r} has characters msModelSlim's config files refuse")
+                raise DecomposeInfoError(f"{path}: {text!r} has characters msModelSlim's config files refuse")
         if len(key) > MAX_KEY_LENGTH:
-            raise ValueError(f"{path}: a layer name longer than {MAX_KEY_LENGTH} characters: {key[:40]}...")
+            raise DecomposeInfoError(f"{path}: a layer name longer than {MAX_KEY_LENGTH} characters: {key[:40]}...")
 
 
 def write_config(path, config: dict) -> None:
@@ -125,15 +126,16 @@ def write_config(path, config: dict) -> None:
 
 def read_config(path, document) -> dict:
     """A config file's parsed ``document`` as msModelSlim uses it: the values as written (an int, or a
-    ``[hidden_out, hidden_in]`` list for a conv), checked to be ones it can build."""
+    ``[hidden_out, hidden_in]`` list for a conv), checked to be ones it can build (DecomposeInfoError,
+    a ValueError as msModelSlim raises, naming the file)."""
     if not isinstance(document, dict):
-        raise ValueError(
+        raise DecomposeInfoError(
             f"{path}: expected a JSON object of layer name -> hidden channels, got {type(document).__name__}"
         )
     _check_text(document, path)
     for name, value in document.items():
         if not valid_value(value) or isinstance(value, (str, bool, float)):
-            raise ValueError(
+            raise DecomposeInfoError(
                 f"{path}: layer {name!r}: hidden channels must be a positive int or a [hidden_out, hidden_in] pair of "
                 f"them, got {value!r}"
             )
@@ -210,20 +212,7 @@ def _specs(layer: nn.Module, hidden) -> list[dict]:
         }
         return [{"type": "Embedding", "args": args}, linear_spec(hidden, layer.embedding_dim, False)]
     hidden_out, hidden_in = hidden
-    core = conv_spec(
-        hidden_in,
-        hidden_out,
-        layer.kernel_size,
-        stride=layer.stride,
-        padding=layer.padding,
-        dilation=layer.dilation,
-        padding_mode=layer.padding_mode,
-    )
-    return [
-        conv_spec(layer.in_channels, hidden_in, (1, 1)),
-        core,
-        conv_spec(hidden_out, layer.out_channels, (1, 1), bias=layer.bias is not None),
-    ]
+    return METHODS["tucker2"].specs(layer, (hidden_in, hidden_out))  # its structure, 1x1 kernels included
 
 
 def _weights(layer: nn.Module, hidden, second_moment) -> list[torch.Tensor]:

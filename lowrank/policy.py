@@ -3,9 +3,7 @@
 A rule picks the ranks of one layer:
 - ``rank``: a fixed rank (an int, or one int per rank of the method, e.g. ``(in_rank, out_rank)``);
 - ``ratio``: the largest ranks whose cost is at most this fraction of the dense layer's
-  (``ratio_of="flops"``, multiply-adds, or ``"params"``) and below it in both, or, with
-  ``ratio_of="rank"``, this fraction of each full rank (msModelSlim's channel ratio: 0.5 halves the
-  middle channels);
+  (``ratio_of="flops"``, multiply-adds, or ``"params"``) and below it in both;
 - ``energy``: the smallest ranks that keep this fraction of the squared singular values;
 - ``vbmf``: ranks estimated by EVBMF (Nakajima et al. 2013), as in Kim et al. 2016;
 - ``latency``: the largest ranks whose replacement is measured to run in at most this fraction of
@@ -48,7 +46,7 @@ from .methods import METHODS, Method, dense_cost
 
 DEFAULT_RATIO = 0.3  # cuts a 3x3 conv about 3x in FLOPs: the seed's MNIST conv2 goes 128->57->128
 RULES = ("rank", "ratio", "energy", "vbmf", "latency")
-RATIO_OF = ("flops", "params", "rank")
+RATIO_OF = ("flops", "params")
 
 
 @dataclass(frozen=True)
@@ -314,11 +312,8 @@ class RankPolicy:
 
     def _ratio_ranks(self, method, layer, ratio):
         """Largest ranks, scaled together with the full ranks, whose cost fits ``ratio`` of the dense one
-        and is below it in parameters and multiply-adds alike (or that are at most ``ratio`` of the
-        full ranks)."""
+        and is below it in parameters and multiply-adds alike."""
         full = method.full_ranks(layer)
-        if self.ratio_of == "rank":
-            return tuple(max(1, math.floor(ratio * f)) for f in full)
         field_name = "macs" if self.ratio_of == "flops" else "params"
         dense = dense_cost(layer)
         budget = ratio * getattr(dense, field_name)

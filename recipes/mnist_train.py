@@ -21,7 +21,8 @@ that launcher and accepted; the launcher's LOCAL_RANK environment variable picks
         --save-path runs/baseline/baseline.pth
 
 ``mnist_baseline.py``, ``mnist_online.py`` and ``mnist_offline.py`` are this script with their mode
-implied.
+implied. The decomposition is AMCT's choice, as in the sample (``conv2`` at rank 64), unless a rank
+flag (``--method``, ``--ratio``, ``--energy``, ``--vbmf``, ``--divisor``) selects lowrank's rules.
 
 Errors: a missing path for the chosen mode names its flag before any work, and so does ``--backend
 nccl`` without ``--use-gpu`` or without GPUs, and a flag the mode would ignore (the rank rule,

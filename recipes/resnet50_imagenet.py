@@ -9,8 +9,11 @@ there is internet, torchvision's weights by name (``--weights IMAGENET1K_V2``). 
 flags are the MNIST recipes' (``--backend``, ``--init-method``, and ``--local-rank``, which
 ``python -m torch.distributed.launch`` passes).
 
-One GPU, online (decompose, then finetune at a tenth of the learning rate; ``--divisor 8`` rounds the
-ranks to multiples of 8, which GPUs' bf16 matrix units take without padding):
+The decomposition is msModelSlim's sample's, ``Decompose(model).from_ratio(0.5)``, unless a rank flag
+(``--method``, ``--ratio``, ``--energy``, ``--vbmf``, ``--divisor``) selects lowrank's rules (tucker2 at
+``--ratio 0.5`` of each layer's FLOPs by default). One GPU, online (decompose, then finetune at a tenth
+of the learning rate; ``--divisor 8`` rounds lowrank's ranks to multiples of 8, which GPUs' bf16
+matrix units take without padding):
 
     accelerate launch --num_processes 1 recipes/resnet50_imagenet.py --use-gpu --mixed-precision bf16 \\
         --data-path /data/imagenet --weights IMAGENET1K_V2 --tensor-decompose --run-mode online \\
@@ -28,7 +31,8 @@ Several nodes (run on each node with its --machine_rank; see slurm/resnet50_gpu.
 
 DeepSpeed ZeRO-2, in float32 and without channels_last: ``--config_file
 recipes/configs/deepspeed_zero2.yaml``. Offline: step 1 is ``python recipes/decompose_model.py --model
-resnet50 --method tucker2 --ratio 0.5 --pretrained-path ...``, step 2 this recipe with
+resnet50 --method tucker2 --ratio 0.5 --pretrained-path ...`` (lowrank's rules; without rank flags,
+AMCT's choice), step 2 this recipe with
 ``--tensor-decompose --run-mode offline --decompose-info-path ... --decomposed-weights-path ...``. A
 smoke test without data: ``--synthetic --image-size 64 --steps 4`` (random images, 10 classes), on the
 CPU without ``--use-gpu``; ``--lr`` is used as given, and the default 0.1 diverges at a global batch of 8:

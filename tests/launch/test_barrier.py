@@ -150,7 +150,7 @@ def test_parameters_digest_covers_zero_dim_buffers():
 
 
 def test_weights_that_do_not_fit_the_info_file_are_named(tmp_path):
-    model, _ = lowrank.auto_decomposition(small_model(), tmp_path / "info.json")
+    model, _ = lowrank.auto_decomposition(small_model(), tmp_path / "info.json", ratio=0.3)
     save_state_dict(small_model().state_dict(), tmp_path / "dense.pth")  # dense weights, not decomposed ones
     with pytest.raises(
         BarrierError,

@@ -132,6 +132,7 @@ def test_amcts_candidates_and_skip_rules(lowrank_log):
             "strip": nn.Conv2d(64, 64, (1, 3)),
             "stride3": nn.Conv2d(64, 64, 3, stride=3),
             "linear": nn.Linear(256, 256),
+            "lazy": nn.LazyConv2d(64, 3),
         }
     )
     _, changes = lowrank.auto_decomposition(model)

@@ -209,3 +209,20 @@ def test_weights_far_from_one_decompose_as_well_as_near_it(scale):
     assert relative_error(rebuilt, (kernel * scale).double()) == pytest.approx(expected, rel=1e-6)
     left, right = F.low_rank_factors(matrix * scale, 50)
     assert relative_error(left @ right, (matrix * scale).double()) < 1.001 * optimal_error(matrix, 50) / matrix.norm()
+
+
+def test_tucker2_falls_back_to_float64_where_float32_eigh_fails(monkeypatch):
+    # MKL's float32 eigh fails to converge on some whitened kernels (a data-aware decomposition).
+    torch.manual_seed(0)
+    weight = torch.randn(32, 24, 3, 3)
+    expected = F.signed_tucker2(weight, 8, 6)
+    eigh = torch.linalg.eigh
+
+    def failing_in_float32(matrix):
+        if matrix.dtype == torch.float32:
+            raise torch.linalg.LinAlgError("linalg.eigh: The algorithm failed to converge")
+        return eigh(matrix)
+
+    monkeypatch.setattr(torch.linalg, "eigh", failing_in_float32)
+    for got, want in zip(F.signed_tucker2(weight, 8, 6), expected):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)

@@ -272,7 +272,7 @@ main(main.__globals__["get_args_parser"]().parse_args(sys.argv[1:]))
         assert result.returncode == 128 + signal.SIGTERM, result.stderr
         if when == "before":
             assert info.read_text() == "earlier" and not weights.exists()
-    assert json.loads(info.read_text())["layers"] and weights.is_file()
+    assert json.loads(info.read_text())[0]["ori_layer_info"]["name"] == "conv2" and weights.is_file()  # AMCT's
 
 
 @pytest.mark.parametrize(
@@ -404,7 +404,7 @@ def test_preemption_saves_and_resume_continues(baseline, tmp_path):
     # Another rank rule does not resume this run's checkpoint: named before any work.
     other = run(accelerate_launch(*args(step + 6, "--resume", "--ratio", "0.5"), port=free_port()), check=False)
     assert other.returncode != 0
-    assert "was saved with other settings: --ratio 0.3 (now 0.5)" in other.stderr
+    assert "was saved with other settings: --ratio not given (now 0.5)" in other.stderr
     assert "auto_decomposition start." not in other.stdout + other.stderr
 
 
@@ -425,7 +425,7 @@ def test_online_under_deepspeed_zero(stage, baseline, tmp_path):
     shards = sorted(path.name for path in (out / "checkpoints" / "step_6").rglob("*optim_states.pt"))
     assert len(shards) == 2, shards  # each rank saved its optimizer shard
     results = json.loads((out / "results.json").read_text())
-    assert results["params"] == 782_474  # counted before ZeRO-3 shards the parameters
+    assert results["params"] == 787_850  # counted before ZeRO-3 shards the parameters (AMCT: conv2 at rank 64)
     weights = torch.load(out / "finetuned.pth", weights_only=True)  # whole, also under ZeRO-3
     assert weights["conv2.0.weight"].shape[1:] == (128, 3, 1) and weights["fc.weight"].shape == (10, 73728)
     if stage == 2:
