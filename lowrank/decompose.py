@@ -877,14 +877,18 @@ def _decompose_amct(model: nn.Module, info_path) -> tuple[nn.Module, dict[str, l
             if unsupported:
                 logger.warning("%s of layer %r, ignored.", unsupported, name)
                 continue
+            lazy = isinstance(layer.weight, nn.parameter.UninitializedParameter)
+            # As AMCT, before its skip rules: any conv with an invalid weight stops the call.
+            if not lazy and not layer.weight.is_meta and not bool(torch.isfinite(layer.weight).all()):
+                raise ValueError(
+                    f"weight tensor contains invalid number(inf or nan): layer {name!r}; nothing was decomposed"
+                )
             reason = amct.skip_reason(layer) or _why_not(model, name, layer, references, amct_rules=True)
             if not reason and layer.weight.is_meta:
                 reason = "its weights are on the meta device (load them first)"
             if reason:
                 logger.info("Skip: %r: %s", name, reason)
                 continue
-            if not bool(torch.isfinite(layer.weight).all()):
-                raise ValueError(f"{name!r}: weight tensor contains invalid number(inf or nan): nothing was decomposed")
             replacements.append(amct.plan_layer(name, layer))
     broken = _broken_ties(model, replacements, references)
     for name, reason in broken.items():

@@ -130,8 +130,9 @@ def load_json(path) -> object:
 
 
 def is_msmodelslim_config(document) -> bool:
-    """Whether a parsed file is msModelSlim's config file: a JSON object of layer name -> hidden channels."""
-    return isinstance(document, dict) and "format" not in document
+    """Whether a parsed file is msModelSlim's config file: a JSON object of layer name -> hidden channels
+    (a layer may be named "format": only ours has a string there)."""
+    return isinstance(document, dict) and not isinstance(document.get("format"), str)
 
 
 def read_document(path) -> list | dict:

@@ -9,7 +9,6 @@ A configuration maps layer names to hidden channels: an int for ``Linear`` and `
 """
 
 import json
-import numbers
 import re
 
 import numpy as np
@@ -32,7 +31,7 @@ def valid_value(value) -> bool:
     """msModelSlim's validity of a per-layer value: a pair of positive ints, a positive number or "vbmf"."""
     if isinstance(value, (list, tuple)):
         return len(value) == 2 and all(isinstance(item, int) for item in value) and min(value) > 0
-    if isinstance(value, numbers.Real):
+    if isinstance(value, (int, float)):  # as msModelSlim: NumPy's float64 is a float, its int64 is not
         return value > 0
     return isinstance(value, str) and value.lower() == VBMF
 
@@ -321,7 +320,7 @@ def dict_value(value) -> dict:
         raise ValueError(f"Parameter channel_dict is not a valid dict value: expected a non-empty dict, got {value!r}")
     try:
         return {re.compile(key): item for key, item in value.items()}
-    except (re.error, TypeError) as error:
+    except re.error as error:  # a key that is no string: re.compile's TypeError, as msModelSlim
         raise ValueError(f"Parameter channel_dict contains invalid key: {error}") from error
 
 

@@ -189,7 +189,7 @@ def test_unsupported_dtypes_are_warned_about_and_invalid_weights_abort(lowrank_l
     model, changes = lowrank.auto_decomposition(model)
     assert list(changes) == ["1"] and model[1][0].weight.dtype == torch.float16
     assert "Unsupported data type torch.bfloat16 of layer '0', ignored." in lowrank_log
-    broken = nn.Sequential(nn.Conv2d(64, 64, 3), nn.Conv2d(64, 64, 3))
+    broken = nn.Sequential(nn.Conv2d(64, 64, 3), nn.Conv2d(64, 64, 1))  # a 1x1 AMCT would skip: still checked
     with torch.no_grad():
         broken[1].weight[0, 0, 0, 0] = math.inf
     with pytest.raises(ValueError, match="weight tensor contains invalid number\\(inf or nan\\)"):
@@ -219,3 +219,19 @@ def test_lowranks_own_keywords_keep_lowranks_rules_and_info_file(tmp_path):
     model, changes = lowrank.auto_decomposition(Net(), str(tmp_path / "info.json"), ratio=0.3)
     assert json.loads((tmp_path / "info.json").read_text())["format"] == "lowrank-decompose-info"
     assert model.conv2[0].out_channels == 57  # the ratio rule's rank, not AMCT's 64
+
+
+def test_zeroed_filters_keep_amcts_svd_values():
+    # Pruned filters: an SVD leaves their values at rounding level, where a Gram matrix's eigenvalues
+    # would be exact zeros (EVBMF's free energy infinite, the estimate arbitrary).
+    torch.manual_seed(0)
+    layer = nn.Conv2d(121, 131, 3)
+    with torch.no_grad():
+        layer.weight.copy_(torch.einsum("or,rikl->oikl", torch.randn(131, 40), torch.randn(40, 121, 3, 3)))
+        layer.weight.add_(0.01 * torch.randn_like(layer.weight))
+        layer.weight[::3] = 0
+    matrix = F.amct_matrix(layer.weight, "SCFK")
+    values = torch.linalg.svdvals(matrix)
+    assert values.min() > 0  # rounding level, not 0
+    model, _ = lowrank.auto_decomposition(nn.Sequential(layer))
+    assert model[0][0].out_channels == F.amct_rank(values, *matrix.shape, 121)[0]

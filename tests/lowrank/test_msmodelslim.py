@@ -6,6 +6,7 @@ import logging
 import os
 import stat
 
+import numpy as np
 import pytest
 import torch
 import torchvision
@@ -297,3 +298,22 @@ def test_decompose_network_replays_msmodelslims_config_file(tmp_path):
     path.write_text(json.dumps({"feature.9": [16, 16]}))
     with pytest.raises(lowrank.DecomposeInfoError, match="'feature.9' is not a Linear, Embedding or Conv2d"):
         lowrank.decompose_network(sample_network(), path)
+
+
+def test_odd_but_valid_inputs_as_msmodelslim():
+    model = nn.Sequential(nn.Linear(256, 256), nn.Linear(256, 256))
+    model.add_module("format", nn.Linear(256, 256))  # a layer named as our info file's key
+    for value in (np.float32(0.25), np.int64(32)):  # NumPy scalars other than float64: not valid values
+        ours, theirs = both(model, "from_dict", ({"0": value, "1": 64},), {"divisor": 8})
+        assert ours.decompose_config == theirs.decompose_config == {"1": 64}
+    for tool in (lowrank, msmodelslim):
+        with pytest.raises(TypeError):
+            tool.Decompose(model).from_dict({1: 3})
+
+
+def test_a_layer_named_format_reads_back(tmp_path):
+    model = nn.Sequential()
+    model.add_module("format", nn.Linear(256, 256))
+    path = str(tmp_path / "ranks.json")
+    lowrank.Decompose(model, path).from_ratio(0.5)
+    assert lowrank.Decompose(model, path).from_file().decompose_config == {"format": 64}
