@@ -14,6 +14,7 @@ import numpy
 import pytest
 import torch
 import torchvision
+from msmodelslim.pytorch import low_rank_decompose as msmodelslim
 from PIL import Image
 
 from lowrank.io import save_state_dict
@@ -52,6 +53,21 @@ def imagenet(tmp_path_factory):
     torch.manual_seed(0)
     save_state_dict(torchvision.models.resnet50(num_classes=2).state_dict(), root / "pretrained.pth")
     return root
+
+
+def test_online_default_is_msmodelslims_from_ratio_and_every_rank_replays_its_config(imagenet, tmp_path):
+    out = tmp_path / "online"
+    args = [RECIPE, *SMALL, "--data-path", imagenet, "--pretrained-path", imagenet / "pretrained.pth"]
+    result = run(accelerate_launch(*args, "--tensor-decompose", "--output-dir", out, "--steps", "1", port=free_port()))
+    log = result.stdout + result.stderr
+    # Rank 0 runs msModelSlim's Decompose(model, config_file).from_ratio(0.5); the other replays that file.
+    assert log.count("[lowrank] decompose_network start.") == 2 and "auto_decomposition start." not in log
+    torch.manual_seed(0)
+    expected = msmodelslim.Decompose(torchvision.models.resnet50(num_classes=2)).from_ratio(0.5).decompose_config
+    written = json.loads((out / "decompose_info.json").read_text())
+    assert written == {name: list(value) if isinstance(value, tuple) else value for name, value in expected.items()}
+    assert int(re.search(r"\[Decompose\] (\d+) layer", result.stdout).group(1)) == len(expected)
+    assert json.loads((out / "results.json").read_text())["steps"] == 1
 
 
 def test_online_decomposes_on_rank_zero_and_resumes(imagenet, tmp_path):
