@@ -44,7 +44,7 @@ FORMAT = "lowrank-decompose-info"
 VERSION = 2
 READABLE_VERSIONS = (1, 2)  # version 2 added the optional latency records
 AMCT_MODES = ("FCFK", "FCSK", "SCFK", "SCSK")
-AMCT_NAME_KEYS = ("layer_name", "name", "op_name")
+AMCT_NAME_KEYS = ("name", "layer_name", "op_name")  # AMCT reads "name"; the others from older files
 
 
 class DecomposeInfoError(ValueError):

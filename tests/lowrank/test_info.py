@@ -284,7 +284,7 @@ def test_amct_info_files(tmp_path, first, last, kernels, lowrank_log):
         (amct_record([385, 128, 3, 1], [128, 385, 1, 3]), "layer 'conv2': rank 385 exceeds the layer's full rank 384"),
         (amct_record([40, 128, 3, 1], [128, 40, 1, 3], name="fc"), "layer 'fc' is Linear in the model but Conv2d"),
         ({"mode": "SCFK"}, "record 0 has no 'ori_layer_info'"),
-        ({"ori_layer_info": {}, "mode": "SCFK"}, "ori_layer_info has none of layer_name, name, op_name"),
+        ({"ori_layer_info": {}, "mode": "SCFK"}, "ori_layer_info has none of name, layer_name, op_name"),
         (
             {
                 "ori_layer_info": {"layer_name": "conv2", "in_channels": 64},
