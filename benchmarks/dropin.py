@@ -40,6 +40,7 @@ from msmodelslim.pytorch import low_rank_decompose as msmodelslim
 
 import lowrank
 from launch.mnist import Net
+from lowrank.msmodelslim import config_json
 
 SPEED_TARGET = 20.0
 ERROR_TARGET = 1.001  # lowrank's error at most msModelSlim's times this
@@ -66,10 +67,7 @@ def run_tool(tool, model, call, datasets, x, dense_output) -> dict:
         "config_s": chosen - start,
         "decompose_s": done - chosen,
         "total_s": done - start,
-        "config": {
-            name: list(value) if isinstance(value, tuple) else value
-            for name, value in decomposer.decompose_config.items()
-        },
+        "config": config_json(decomposer.decompose_config),
         "params": lowrank.count_parameters(decomposed),
         "error": relative_error(decomposed, dense_output, x),
     }

@@ -18,6 +18,7 @@ from msmodelslim.pytorch import low_rank_decompose as msmodelslim
 from PIL import Image
 
 from lowrank.io import save_state_dict
+from lowrank.msmodelslim import config_json
 from tests.conftest import RECIPES, accelerate_launch, free_port, run, torchrun
 
 RECIPE = RECIPES / "resnet50_imagenet.py"
@@ -65,7 +66,7 @@ def test_online_default_is_msmodelslims_from_ratio_and_every_rank_replays_its_co
     torch.manual_seed(0)
     expected = msmodelslim.Decompose(torchvision.models.resnet50(num_classes=2)).from_ratio(0.5).decompose_config
     written = json.loads((out / "decompose_info.json").read_text())
-    assert written == {name: list(value) if isinstance(value, tuple) else value for name, value in expected.items()}
+    assert written == config_json(expected)
     assert int(re.search(r"\[Decompose\] (\d+) layer", result.stdout).group(1)) == len(expected)
     assert json.loads((out / "results.json").read_text())["steps"] == 1
 
