@@ -38,6 +38,7 @@ from filelock import FileLock, Timeout
 from torch import nn
 
 import lowrank
+from lowrank.info import new_names
 from lowrank.io import (
     atomic_write,
     file_digest,
@@ -199,7 +200,7 @@ def decompose(model: nn.Module, info_path, policy: dict) -> tuple[nn.Module, dic
     for name in decomposer.decompose_config:
         new = decomposed.get_submodule(name)
         if isinstance(new, nn.Sequential):  # not one of the layers left alone
-            changes[name] = [f"{name}.{index}" for index in range(len(new))]
+            changes[name] = new_names(name, len(new))
     return decomposed, changes
 
 

@@ -31,7 +31,15 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from . import amct, latency, msmodelslim
-from .info import DecomposeInfoError, Replacement, is_msmodelslim_config, read_document, read_info, write_info
+from .info import (
+    DecomposeInfoError,
+    Replacement,
+    is_msmodelslim_config,
+    new_names,
+    read_document,
+    read_info,
+    write_info,
+)
 from .io import unwritable
 from .log import logger
 from .methods import build_module, dense_cost, layer_spec, method_for, output_shape_changes
@@ -459,7 +467,7 @@ def _scan(model: nn.Module) -> tuple[dict[str, nn.Module], dict[str, str]]:
 
 def _why_not(model, name, module, references, amct_rules: bool = False) -> str | None:
     """Why ``module`` cannot be replaced safely, or None. ``amct_rules``: as AMCT, Conv2d subclasses that
-    keep Conv2d's forward are replaced by plain convs, and tied weights stay tied (see ``_tie_groups``)."""
+    keep Conv2d's forward are replaced by plain convs, and tied weights stay tied (see ``_broken_ties``)."""
     names_of, owners, held = references
     if not isinstance(module, (nn.Conv2d, nn.Linear)):
         return f"{type(module).__name__} is not supported (Conv2d and Linear are)"
@@ -694,7 +702,7 @@ def _replacement_module(layer: nn.Module, specs: list[dict], initialise: bool = 
 
 
 @torch.no_grad()
-def _build(model: nn.Module, replacements: list[Replacement]) -> list[tuple[Replacement, nn.Sequential]]:
+def _build(model: nn.Module, replacements: list[Replacement]) -> list[tuple[str, nn.Sequential]]:
     """Each planned layer's nn.Sequential, on the layer's device and dtype, keeping its memory format,
     training mode and requires_grad; with the weights when the plan has them. The model is not changed,
     so that running out of memory here leaves it whole."""
@@ -715,7 +723,7 @@ def _build(model: nn.Module, replacements: list[Replacement]) -> list[tuple[Repl
                     setattr(module, attribute, getattr(first, attribute))
             else:
                 tied[id(original)] = list(news)
-        built.append((replacement, new))
+        built.append((replacement.name, new))
     return built
 
 
@@ -731,18 +739,18 @@ def _fill(layer: nn.Module, new: nn.Sequential, weights: list[torch.Tensor]) -> 
     return new
 
 
-def _swap(model: nn.Module, built: list[tuple[Replacement, nn.Sequential]]) -> tuple[nn.Module, dict[str, list[str]]]:
-    """Puts the built modules in place of their layers; returns the model and the changes. A model that
-    is itself the layer (name '') is left as it is and its replacement returned, as AMCT does."""
+def _swap(model: nn.Module, built: list[tuple[str, nn.Sequential]]) -> tuple[nn.Module, dict[str, list[str]]]:
+    """Puts the built modules in place of the layers of those names; returns the model and the changes.
+    A model that is itself the layer (name '') is left as it is and its replacement returned, as AMCT does."""
     changes = {}
-    for replacement, new in built:
-        if replacement.name:
-            parent_name, _, child_name = replacement.name.rpartition(".")
+    for name, new in built:
+        if name:
+            parent_name, _, child_name = name.rpartition(".")
             setattr(model.get_submodule(parent_name), child_name, new)
         else:
             model = new
-        changes[replacement.name] = replacement.new_names
-        logger.info("Decompose: %r -> %s", replacement.name, replacement.new_names)
+        changes[name] = new_names(name, len(new))
+        logger.info("Decompose: %r -> %s", name, changes[name])
     return model, changes
 
 
@@ -1199,19 +1207,11 @@ def _decompose_msmodelslim(model: nn.Module, config: dict, with_weights: bool, d
     if datasets is not None and with_weights:
         fitted = {name: layer for name, (layer, _) in planned.items() if isinstance(layer, (nn.Linear, nn.Conv2d))}
         second_moments = msmodelslim.collect_second_moments(model, fitted, datasets, max_iter)
-    built = {
-        name: _fill(planned[name][0], _replacement_module(planned[name][0], specs, initialise=not weights), weights)
+    built = [  # the model changes only once every replacement is built
+        (name, _fill(planned[name][0], _replacement_module(planned[name][0], specs, initialise=not weights), weights))
         for name, (specs, weights) in msmodelslim.decomposed_modules(planned, with_weights, second_moments).items()
-    }
-    changes = {}
-    for name, new in built.items():  # the model changes only once every replacement is built
-        if name:
-            parent_name, _, child_name = name.rpartition(".")
-            setattr(model.get_submodule(parent_name), child_name, new)
-        else:  # the model itself: returned, as auto_decomposition does
-            model = new
-        changes[name] = [f"{name}.{index}" if name else str(index) for index in range(len(new))]
-        logger.info("Decompose: %r -> %s", name, changes[name])
+    ]
+    model, changes = _swap(model, built)
     _log_done(changes, params_before, model, start, "decompose_network")
     return model, changes
 

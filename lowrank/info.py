@@ -51,6 +51,11 @@ class DecomposeInfoError(ValueError):
     """An info file that cannot be read or does not match the model."""
 
 
+def new_names(name: str, count: int) -> list[str]:
+    """The names of the ``count`` modules that replace layer ``name`` (``"0"``... for the model itself)."""
+    return [f"{name}.{index}" if name else str(index) for index in range(count)]
+
+
 @dataclass
 class Replacement:
     """The plan for one layer: the new modules' structure, and their costs next to the dense layer's."""
@@ -65,7 +70,7 @@ class Replacement:
 
     @property
     def new_names(self) -> list[str]:
-        return [f"{self.name}.{index}" if self.name else str(index) for index in range(len(self.specs))]
+        return new_names(self.name, len(self.specs))
 
     def to_json(self, layer: nn.Module) -> dict:
         modules = []
