@@ -57,9 +57,7 @@ def plan_layer(name: str, layer: nn.Conv2d) -> Replacement:
     layer_mode = mode(layer)
     matrix = F.amct_matrix(layer.weight, layer_mode)
     rows, cols = matrix.shape
-    # A true SVD, as AMCT's: null directions keep values at rounding level, where eigenvalues of the Gram
-    # matrix come out exactly 0 and make EVBMF's free energy infinite.
-    values = torch.linalg.svdvals(matrix)
+    values = F.evbmf_values(matrix, torch.linalg.svdvals)
     rank, estimate = F.amct_rank(values, rows, cols, min(layer.weight.shape[:2]))
     if estimate == 0:
         logger.warning("Estimated rank of %r is 0, please check if pretrained weight is correct.", name)

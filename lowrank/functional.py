@@ -7,6 +7,7 @@ twice as fast in float32.
 """
 
 import math
+from collections.abc import Callable
 
 import numpy as np
 import scipy.optimize
@@ -40,6 +41,8 @@ MIN_EIGENVALUE_RATIO = 1e-6
 # `eigvalsh` read: 10 of the 16 block products, about 1.5x faster than the full product (the BLAS
 # that PyTorch ships has no syrk behind ``matmul``).
 GRAM_BLOCKS = 4
+# Singular values below this fraction of the largest come from the tools' own SVDs (see evbmf_values).
+EVBMF_SVD_BELOW = 1e-3
 
 
 def _gram(matrix: torch.Tensor) -> torch.Tensor:
@@ -280,6 +283,18 @@ def singular_values(matrix: torch.Tensor) -> torch.Tensor:
     return eigenvalues.flip(0).clamp_min(0).sqrt()
 
 
+def evbmf_values(matrix: torch.Tensor, svd: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """The singular values EVBMF reads (descending, float64): ``singular_values``, several times faster
+    than an SVD and closer to the exact values than a float32 one, unless the smallest fall below
+    EVBMF_SVD_BELOW of the largest. There a tool's own SVD (``svd``) gives them: its rounding is a
+    sizeable part of such values, EVBMF's search bounds read them, and a Gram matrix's eigenvalues
+    would round to zero (which makes every noise variance's free energy infinite)."""
+    values = singular_values(matrix)
+    if values[-1] >= EVBMF_SVD_BELOW * values[0]:
+        return values
+    return svd(matrix).double()
+
+
 def energy_rank(values: torch.Tensor, energy: float) -> int:
     """Smallest rank whose leading singular values keep ``energy`` of the squared spectrum."""
     squares = values.double().square()
@@ -389,11 +404,14 @@ def amct_factors(weight: torch.Tensor, rank: int, mode: str) -> tuple[torch.Tens
     return first.unsqueeze(2), last.unsqueeze(3)
 
 
-def _evb_free_energy(sigma2: float, squares: np.ndarray, rows: int, cols: int, x_bound: float, log_terms: int):
+def _evb_free_energy(
+    sigma2: float, squares: np.ndarray, rows: int, cols: int, x_bound: float, log_terms: int, floor: float
+):
     """EVBMF's free energy at noise variance ``sigma2`` (Nakajima et al. 2013), as AMCT and msModelSlim
-    write it: ``log_terms`` extra ``ln sigma2`` terms (msModelSlim's rows - number of values)."""
+    write it: ``log_terms`` extra ``ln sigma2`` terms and ``cols * sigma2`` divided by no less than
+    ``floor`` (msModelSlim's rows - number of values, and its 1e-6 guard)."""
     alpha = rows / cols
-    x = squares / (cols * sigma2)
+    x = squares / max(cols * sigma2, floor)
     noise, signal = x[x <= x_bound], x[x > x_bound]
     shifted = signal - (1 + alpha)
     tau = 0.5 * (shifted + np.sqrt(shifted**2 - 4 * alpha))
@@ -403,7 +421,9 @@ def _evb_free_energy(sigma2: float, squares: np.ndarray, rows: int, cols: int, x
     return energy + log_terms * math.log(sigma2)
 
 
-def _evb_rank(values: np.ndarray, rows: int, cols: int, lower: float, upper: float, log_terms: int) -> int:
+def _evb_rank(
+    values: np.ndarray, rows: int, cols: int, lower: float, upper: float, log_terms: int, floor: float = 0.0
+) -> int:
     """Number of singular values above the EVB threshold, with the noise variance that minimises the
     free energy on [lower, upper] by bounded Brent (SciPy's, as both tools use)."""
     alpha = rows / cols
@@ -416,7 +436,7 @@ def _evb_rank(values: np.ndarray, rows: int, cols: int, lower: float, upper: flo
         found = scipy.optimize.minimize_scalar(
             _evb_free_energy,
             bounds=(lower, upper),
-            args=(squares, rows, cols, x_bound, log_terms),
+            args=(squares, rows, cols, x_bound, log_terms, floor),
             method="bounded",
             options={"xatol": 1e-5, "maxiter": 500},
         )
@@ -460,12 +480,13 @@ def make_divisible(value, divisor: int) -> int:
     return rounded + divisor if rounded < 0.9 * value else rounded
 
 
-def msmodelslim_evbmf_rank(matrix: np.ndarray) -> int:
-    """msModelSlim's EVBMF estimate for ``matrix`` as given (rows first, never transposed), from its
-    float32 singular values: clipped tail index, bounds swapped when inverted, and a ``ln sigma2`` term
-    per missing value when rows > columns."""
+def msmodelslim_evbmf_rank(matrix: torch.Tensor) -> int:
+    """msModelSlim's EVBMF estimate for a float32 ``matrix`` as given (rows first, never transposed):
+    clipped tail index, bounds swapped when inverted, and a ``ln sigma2`` term per missing value when
+    rows > columns. (``evbmf_values`` are closer to the exact values than msModelSlim's float32 SVD, so
+    the rank is its own.)"""
     rows, cols = matrix.shape
-    values = np.linalg.svd(matrix, compute_uv=False)[:rows]
+    values = evbmf_values(matrix, _numpy_singular_values).cpu().numpy()
     alpha = rows / max(cols, 1e-6)
     tau_bound = 2.5129 * math.sqrt(alpha)
     x_bound = (1 + tau_bound) * (1 + alpha / max(tau_bound, 1e-6))
@@ -474,15 +495,20 @@ def msmodelslim_evbmf_rank(matrix: np.ndarray) -> int:
     upper = squares.sum() / max(rows * cols, 1e-6)
     lower = max(squares[tail + 1] / max(cols * x_bound, 1e-6), squares[tail + 1 :].mean() / max(cols, 1e-6))
     lower, upper = min(lower, upper), max(lower, upper)
-    return _evb_rank(values, rows, cols, lower, upper, log_terms=rows - len(values))
+    return _evb_rank(values, rows, cols, lower, upper, log_terms=rows - len(values), floor=1e-6)
+
+
+def _numpy_singular_values(matrix: torch.Tensor) -> torch.Tensor:
+    """NumPy's SVD values in the matrix's dtype, as msModelSlim computes them: with the vectors, whose
+    LAPACK path gives other values at rounding level than a values-only SVD."""
+    return torch.from_numpy(np.linalg.svd(matrix.cpu().numpy(), full_matrices=False)[1])
 
 
 def msmodelslim_vbmf_ranks(weight: torch.Tensor) -> tuple[int, int]:
     """msModelSlim's ``(out, in)`` VBMF ranks of a weight (at least 1 each), on its float32 values."""
-    array = weight.detach().float().cpu().numpy()
-    swapped = np.swapaxes(array, 0, 1)
-    out_rank = msmodelslim_evbmf_rank(array.reshape(array.shape[0], -1))
-    in_rank = msmodelslim_evbmf_rank(swapped.reshape(swapped.shape[0], -1))
+    weight = weight.detach().float().cpu()
+    out_rank = msmodelslim_evbmf_rank(weight.reshape(weight.shape[0], -1))
+    in_rank = msmodelslim_evbmf_rank(weight.transpose(0, 1).reshape(weight.shape[1], -1))
     return max(out_rank, 1), max(in_rank, 1)
 
 

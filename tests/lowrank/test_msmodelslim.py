@@ -14,6 +14,7 @@ from msmodelslim.pytorch import low_rank_decompose as msmodelslim
 from torch import nn
 
 import lowrank
+import lowrank.functional as F
 
 logging.getLogger("msmodelslim").setLevel(logging.WARNING)  # its Tucker routine logs every layer
 
@@ -317,3 +318,36 @@ def test_a_layer_named_format_reads_back(tmp_path):
     path = str(tmp_path / "ranks.json")
     lowrank.Decompose(model, path).from_ratio(0.5)
     assert lowrank.Decompose(model, path).from_file().decompose_config == {"format": 64}
+
+
+@pytest.mark.parametrize(
+    "zeroed,scale", [(False, 1.0), (True, 1.0), (False, 1e-4)], ids=["planted-rank", "pruned-filters", "tiny-weights"]
+)
+def test_vbmf_ranks_of_structured_weights_match_msmodelslim(zeroed, scale):
+    # Random weights give VBMF ranks below any divisor; planted ranks under noise give informative
+    # ones. Pruned filters leave values at rounding level, which only msModelSlim's own SVD reproduces;
+    # tiny weights meet its 1e-6 guard on divisions.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(96, 120, 3), nn.Flatten(), nn.Linear(120, 200))
+    with torch.no_grad():
+        for layer, planted in ((model[0], 24), (model[2], 16)):
+            shape = layer.weight.shape
+            low_rank = torch.randn(shape[0], planted) @ torch.randn(planted, shape[1:].numel())
+            layer.weight.copy_(scale * (low_rank.reshape(shape) + 0.05 * torch.randn(shape)))
+            if zeroed:
+                layer.weight[::4] = 0
+    ours, theirs = both(model, "from_vbmf", (), {"divisor": 1})
+    assert ours.decompose_config == theirs.decompose_config
+    assert all(value not in (1, (1, 1)) for value in ours.decompose_config.values())  # informative ranks
+
+
+def test_vbmf_free_energy_is_msmodelslims_with_its_division_guard():
+    from msmodelslim.common.low_rank_decompose import vbmf
+
+    values = np.linalg.svd(np.random.default_rng(0).normal(size=(40, 90)).astype(np.float32), compute_uv=False)
+    rows, cols, alpha = 40, 90, 40 / 90
+    x_bound = (1 + 2.5129 * np.sqrt(alpha)) * (1 + alpha / (2.5129 * np.sqrt(alpha)))
+    params = vbmf.EvbSigma2Params(low=rows, median=cols, svd_ss=values, residual=0, inner_thresh=x_bound)
+    for sigma2 in (1.0, 1e-3, 1e-9):  # the last below the guard: 90 * sigma2 < 1e-6
+        ours = F._evb_free_energy(sigma2, values.astype(np.float64) ** 2, rows, cols, x_bound, 0, floor=1e-6)
+        assert ours == pytest.approx(vbmf.evb_sigma2(sigma2, params), rel=1e-6)
