@@ -1,8 +1,10 @@
+import importlib.util
 import logging
 import os
 import socket
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -14,7 +16,31 @@ ROOT = Path(__file__).parents[1]
 RECIPES = ROOT / "recipes"
 CONFIGS = RECIPES / "configs"
 DATA = ROOT.parent / "shared" / "data"  # the MNIST copy beside the checkout (no download in tests)
-needs_data = pytest.mark.skipif(not (DATA / "MNIST" / "raw").is_dir(), reason=f"no MNIST copy at {DATA}")
+IN_CI = os.environ.get("CI") == "true"
+
+
+def missing_fixture(reason: str) -> None:
+    """Skips the running test for want of something this machine lacks, except under CI=true, where it
+    is an error: a CI run without the data, a package or the Slurm cluster must not pass untested."""
+    if IN_CI:
+        pytest.fail(f"{reason} (CI=true: a required fixture is missing, so this is an error, not a skip)")
+    pytest.skip(reason)
+
+
+def requires(missing: str | None):
+    """Marks a test that needs a fixture of this machine: ``missing`` says what is absent (None when
+    nothing is), and the test is then skipped or, under CI=true, failed (``missing_fixture``)."""
+    return pytest.mark.requires(missing=missing)
+
+
+def pytest_runtest_setup(item):
+    for mark in item.iter_markers("requires"):
+        if mark.kwargs["missing"]:
+            missing_fixture(mark.kwargs["missing"])
+
+
+needs_data = requires(None if (DATA / "MNIST" / "raw").is_dir() else f"no MNIST copy at {DATA}")
+needs_deepspeed = requires(None if importlib.util.find_spec("deepspeed") else "deepspeed is not installed")
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "LOWRANK_LOG_LEVEL": "info"}
 
 
@@ -76,6 +102,23 @@ def run(command, timeout=600, check=True):
     if check and result.returncode != 0:
         raise AssertionError(f"{command} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
     return result
+
+
+def find_processes(script: str, environment: Callable[[dict], bool]) -> list[int]:
+    """The pids of the processes running ``script`` (in their command line) whose environment passes
+    ``environment``: a job's training processes (``RANK`` set), told apart from their launcher."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline, environ = ((entry / name).read_bytes().split(b"\0") for name in ("cmdline", "environ"))
+        except OSError:  # gone meanwhile, or not ours to read
+            continue
+        variables = dict(item.decode(errors="replace").split("=", 1) for item in environ if b"=" in item)
+        if any(script in part.decode(errors="replace") for part in cmdline) and environment(variables):
+            found.append(int(entry.name))
+    return found
 
 
 def relative_error(actual, expected):

@@ -1,7 +1,11 @@
 import json
 
 import pytest
+import torch
 
+import lowrank
+from launch.mnist import Net, load_mnist
+from lowrank.io import load_state_dict
 from tests.benchmarks.conftest import run_quick
 from tests.conftest import DATA, needs_data
 
@@ -17,5 +21,15 @@ def test_quick_accuracy_benchmark_runs_the_recipes(tmp_path):
     (row,) = figures["rows"]
     assert row["method"] == "spatial" and row["policy"] == "ratio=0.3" and row["recipe"] == "mnist_online.py"
     assert row["flops"] < figures["baseline"]["flops"] and list(row["ranks"]) == ["conv2"]
-    assert 0 <= row["accuracy_before"] <= 1 and 0 <= row["accuracy_finetuned"] <= 1
+    # The figure before finetuning is the decomposed model's own: its info file and weights give it here.
+    folder = tmp_path / "runs" / "spatial_ratio=0.3"
+    model, _ = lowrank.decompose_network(Net(), folder / "decompose_info.json")
+    model.load_state_dict(load_state_dict(folder / "decomposed_weights.pth"))
+    model.eval()
+    test_set = load_mnist(DATA, train=False)
+    images, labels = next(iter(torch.utils.data.DataLoader(test_set, batch_size=len(test_set))))
+    with torch.no_grad():
+        correct = (model(images).argmax(1) == labels).sum().item()
+    assert row["accuracy_before"] == correct / len(test_set)
+    assert 0 <= row["accuracy_finetuned"] <= 1
     assert output.with_suffix(".png").stat().st_size > 0

@@ -3,7 +3,6 @@ NCCL, bf16 and channels_last, and under DeepSpeed ZeRO. Skipped without a GPU (C
 tests cover the same code there); run them where there is one: ``pytest -m gpu``."""
 
 import copy
-import importlib.util
 import json
 import re
 import shutil
@@ -14,7 +13,7 @@ import torchvision
 
 import lowrank
 from lowrank.io import save_state_dict
-from tests.conftest import RECIPES, accelerate_launch, free_port, relative_error, run, torchrun
+from tests.conftest import RECIPES, accelerate_launch, free_port, needs_deepspeed, relative_error, run, torchrun
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
@@ -110,7 +109,7 @@ def test_recipe_online_on_one_gpu_with_nccl_bf16_and_resume(pretrained, tmp_path
     assert "[Train] Step[4/4]" in resumed.stdout
 
 
-@pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed is not installed")
+@needs_deepspeed
 @pytest.mark.parametrize("stage", [2, 3])
 def test_recipe_online_under_deepspeed_zero_on_the_gpu(stage, pretrained, tmp_path):
     out = tmp_path / f"zero{stage}"

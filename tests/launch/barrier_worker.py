@@ -1,6 +1,10 @@
 """Runs the barrier in each process of a torchrun job; each rank writes RESULTS/<rank>.json.
 
 torchrun --nproc_per_node 2 tests/launch/barrier_worker.py OUT_DIR PRETRAINED RESULTS [--timeout S] [--hang S]
+    [--change-weights-file | --change-loaded-weights]
+
+The last two make rank 1 meet what the barrier must refuse: the weights file changed after rank 0 wrote
+it (another job on the same paths), or weights that differ from rank 0's once loaded (another copy).
 """
 
 import argparse
@@ -14,6 +18,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from launch import barrier
 from launch.barrier import Artifacts, decompose_once, parameters_digest, run_token
 from lowrank.io import load_state_dict
 
@@ -29,9 +34,14 @@ def main():
     parser.add_argument("results")
     parser.add_argument("--timeout", type=float, default=60)
     parser.add_argument("--hang", type=float, default=0, help="rank 0 sleeps this long before loading the weights")
+    tampering = parser.add_mutually_exclusive_group()
+    tampering.add_argument("--change-weights-file", action="store_true")
+    tampering.add_argument("--change-loaded-weights", action="store_true")
     args = parser.parse_args()
     dist.init_process_group("gloo")
     rank = dist.get_rank()
+    if rank == 1:
+        tamper(args)
 
     def load_pretrained(model):
         time.sleep(args.hang)
@@ -41,7 +51,6 @@ def main():
     torch.manual_seed(rank)  # different random init on each rank: the barrier must make them identical
     model = small_model()
     token = run_token()
-    start = time.monotonic()
     results = Path(args.results)
     results.mkdir(parents=True, exist_ok=True)
     try:
@@ -49,7 +58,7 @@ def main():
             model, artifacts, load_pretrained, args.pretrained, {"method": "spatial", "ratio": 0.3}, token, args.timeout
         )
     except Exception as error:
-        failure = {"rank": rank, "error": f"{type(error).__name__}: {error}", "seconds": time.monotonic() - start}
+        failure = {"rank": rank, "error": f"{type(error).__name__}: {error}"}
         (results / f"{rank}.json").write_text(json.dumps(failure))
         sys.exit(1)
     dist.destroy_process_group()
@@ -63,6 +72,29 @@ def main():
         "gloo_threads_after_destroy": gloo_threads(),
     }
     (results / f"{rank}.json").write_text(json.dumps(result))
+
+
+def tamper(args):
+    """On this rank, the weights file changes once rank 0 has said it is done, or the weights loaded
+    from it change before the ranks compare theirs."""
+    wait_for_marker, load_decomposed = barrier._wait_for_marker, barrier.load_decomposed
+
+    def marker_then_changed_file(artifacts, *rest):
+        marker = wait_for_marker(artifacts, *rest)
+        with open(artifacts.weights_path, "ab") as file:
+            file.write(b"appended by another job")
+        return marker
+
+    def loaded_then_changed(*arguments):
+        model, changes = load_decomposed(*arguments)
+        with torch.no_grad():
+            next(model.parameters()).add_(1e-3)
+        return model, changes
+
+    if args.change_weights_file:
+        barrier._wait_for_marker = marker_then_changed_file
+    if args.change_loaded_weights:
+        barrier.load_decomposed = loaded_then_changed
 
 
 def gloo_threads() -> int:

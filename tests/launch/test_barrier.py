@@ -1,10 +1,11 @@
 """The rank-zero barrier with real processes: torchrun, 2 gloo workers on CPU."""
 
+import importlib
 import json
 import os
+import re
 import subprocess
 import sys
-import time
 import uuid
 from pathlib import Path
 
@@ -71,13 +72,10 @@ def test_rank_zero_decomposes_the_others_load(tmp_path):
 def test_a_failure_on_rank_zero_stops_every_rank_with_its_message(tmp_path):
     weights = tmp_path / "baseline.pth"
     weights.write_bytes(b"not a checkpoint")
-    started = time.monotonic()
     code, results, err = run(tmp_path / "art", weights)
     assert code != 0
-    assert time.monotonic() - started < 60
     assert "cannot read weights file" in results[0]["error"]
     assert "rank 0 failed to decompose the model: ValueError: cannot read weights file" in results[1]["error"]
-    assert results[1]["seconds"] < 10
 
 
 def test_the_others_time_out_with_a_clear_message(tmp_path):
@@ -118,6 +116,23 @@ def test_tampered_weights_are_detected(tmp_path):
     # rank 0 sees the checksum mismatch, so it decomposes again instead of reusing
     assert code == 0, err
     assert not results[0]["reused"]
+
+
+@pytest.mark.parametrize(
+    "tampering,message",
+    [
+        ("--change-weights-file", r"decomposed_weights.pth changed after rank 0 wrote it \(checksum mismatch\)"),
+        ("--change-loaded-weights", r"ranks \[1\] hold different weights from rank 0 once the model is built"),
+    ],
+    ids=["file-changed", "weights-differ"],
+)
+def test_the_other_ranks_refuse_artifacts_that_changed_or_weights_that_differ(tmp_path, tampering, message):
+    weights = pretrained(tmp_path / "baseline.pth", 0)
+    code, results, err = run(tmp_path / "art", weights, tampering)
+    assert code != 0
+    assert re.search(f"BarrierError: .*{message}", results[1]["error"]), results
+    if tampering == "--change-loaded-weights":  # every rank compares: rank 0 stops with the same error
+        assert re.search(f"BarrierError: .*{message}", results[0]["error"]), results
 
 
 def test_concurrent_jobs_on_the_same_paths_never_mix(tmp_path):
@@ -213,10 +228,9 @@ def test_the_others_stop_waiting_soon_after_rank_zero_dies(tmp_path, monkeypatch
     finally:
         rank_zero.kill()  # as the out-of-memory killer does
         rank_zero.wait()
-    started = time.monotonic()
+    # Told from the liveness check, not the timeout, whose message differs.
     with pytest.raises(BarrierError, match="rank 0 stopped while decomposing .* left no result"):
-        barrier._wait_for_marker(artifacts, "this-run", timeout=60)
-    assert time.monotonic() - started < 5
+        barrier._wait_for_marker(artifacts, "this-run", timeout=3600)
     # From another node, a free lock proves nothing: some shared filesystems keep locks node-local.
     artifacts.write_marker(status="running", token="this-run", host="another-node")
     with pytest.raises(BarrierError, match="within 1 s"):
@@ -234,3 +248,67 @@ def test_the_others_tell_a_stopped_rank_zero_from_a_failed_one(tmp_path):
     with pytest.raises(BarrierError, match=r"it was stopped \(SystemExit: 75\) by a signal \(a time limit, a preempt"):
         barrier._wait_for_marker(artifacts, "this-run", timeout=1)
     assert not artifacts.info_path.exists() and not artifacts.weights_path.exists()
+
+
+MODEL_SOURCE = """
+import torch
+from tests.launch.barrier_worker import small_model
+
+
+class Net(torch.nn.Sequential):
+    def __init__(self):
+        super().__init__(*small_model())
+
+    def forward(self, x):
+        return torch.{activation}(super().forward(x))
+"""
+
+
+def edited_model_class(folder, activation):
+    """The class ``Net`` of the module ``folder/edited_net.py``, written (again) with ``activation`` in
+    its forward: what a user's edit of their model's source gives the next run."""
+    (folder / "edited_net.py").write_text(MODEL_SOURCE.format(activation=activation))
+    sys.modules.pop("edited_net", None)
+    sys.path.insert(0, str(folder))
+    try:
+        module = importlib.import_module("edited_net")
+    finally:
+        sys.path.remove(str(folder))  # the module stays imported: inspect finds its source through it
+    return module.Net
+
+
+def decompose_alone(out_dir, weights, policy, model=None):
+    """``decompose_once`` in this process (rank 0 of a job of one): whether it reused the artifacts."""
+    artifacts = Artifacts(out_dir / "decompose_info.json", out_dir / "decomposed_weights.pth")
+    model = model if model is not None else small_model()
+    _, _, reused = decompose_once(
+        model, artifacts, lambda m: m.load_state_dict(lowrank.io.load_state_dict(weights)), weights, policy, run_token()
+    )
+    return reused
+
+
+@pytest.mark.parametrize("change", ["policy", "method", "model structure", "model source", "lowrank version"])
+def test_artifacts_of_another_policy_method_model_or_version_are_never_reused(tmp_path, monkeypatch, change):
+    weights = pretrained(tmp_path / "baseline.pth", 0)
+    policy = {"method": "spatial", "ratio": 0.3}
+
+    def model(activation="relu"):
+        if change == "model source":  # the same repr and parameters, another forward
+            return edited_model_class(tmp_path, activation)()
+        layers = small_model()
+        if activation != "relu":
+            layers[1] = torch.nn.GELU()  # the same parameters, another model
+        return layers
+
+    assert not decompose_alone(tmp_path / "art", weights, policy, model())
+    assert decompose_alone(tmp_path / "art", weights, policy, model())  # the same inputs: reused
+    if change == "policy":
+        policy = {**policy, "ratio": 0.5}
+    elif change == "method":
+        policy = {**policy, "method": "svd"}
+    elif change == "lowrank version":
+        monkeypatch.setattr(lowrank, "__version__", lowrank.__version__ + ".post1")
+    if change == "model source":
+        assert repr(model("sigmoid")) == repr(model())
+    changed = model("sigmoid") if change.startswith("model") else model()
+    assert not decompose_alone(tmp_path / "art", weights, policy, changed)

@@ -1,7 +1,6 @@
 """The runner's training under real launchers: ``accelerate launch`` of tests/launch/runner_worker.py
 with 2 gloo processes, DeepSpeed's ZeRO-2 and ZeRO-3 on the CPU against plain DDP."""
 
-import importlib.util
 import json
 import re
 from pathlib import Path
@@ -9,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import accelerate_launch, free_port, run, torchrun
+from tests.conftest import accelerate_launch, free_port, needs_deepspeed, run, torchrun
 
 pytestmark = pytest.mark.integration
 WORKER = Path(__file__).with_name("runner_worker.py")
@@ -30,7 +29,7 @@ def ddp(tmp_path_factory):
     return train(tmp_path_factory.mktemp("ddp"), "ddp")
 
 
-@pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed is not installed")
+@needs_deepspeed
 @pytest.mark.parametrize("stage", ["zero2", "zero3"])
 def test_deepspeed_trains_as_ddp_with_the_same_flags(stage, ddp, tmp_path):
     rank_0, rank_1 = train(tmp_path, stage)

@@ -103,16 +103,31 @@ def test_decompose_structure_only_matches_and_loads(net, tmp_path):
     assert torch.equal(structure(X), with_weights(X))
 
 
-@pytest.mark.parametrize("choose", ["from_fixed", "from_vbmf", "from_dict"])
-def test_decompose_policies(net, choose):
+@pytest.mark.parametrize(
+    "choose,conv2,fc",
+    [
+        # 16 rounds to the default divisor, 64; fc (73728 -> 10) would not get cheaper at 64.
+        ("from_fixed", [64, 64, 128], None),
+        # lowrank's VBMF rule (min_rank is its keyword): tiny estimates on random weights, conv2 at the
+        # divisor, fc at min_rank.
+        ("from_vbmf", [64, 64, 128], [1, 10]),
+        # (hidden_out, hidden_in), as msModelSlim orders them: the 1x1 into the core gives hidden_in.
+        ("from_dict", [20, 10, 128], [1, 10]),
+    ],
+)
+def test_decompose_policies_give_their_exact_ranks(net, choose, conv2, fc):
     decomposer = lowrank.Decompose(net)
     decomposer = {
         "from_fixed": lambda: decomposer.from_fixed(16),
         "from_vbmf": lambda: decomposer.from_vbmf(min_rank=1),
-        "from_dict": lambda: decomposer.from_dict({"conv2": (10, 20), "fc.*": "vbmf"}),
+        "from_dict": lambda: decomposer.from_dict({"conv2": (10, 20), "fc.*": "vbmf"}, divisor=1),
     }[choose]()
     model = decomposer.decompose_network()
-    assert isinstance(model.conv2, nn.Sequential)
+    assert [layer.out_channels for layer in model.conv2] == conv2
+    if fc is None:
+        assert isinstance(model.fc, nn.Linear)
+    else:
+        assert [layer.out_features for layer in model.fc] == fc
     assert model(X).shape == (2, 10)
 
 

@@ -1,5 +1,7 @@
 import pytest
+import tensorly
 import torch
+from tensorly.decomposition import partial_tucker
 
 from lowrank import functional as F
 from tests.conftest import relative_error
@@ -84,8 +86,6 @@ def test_tucker2_full_rank_reproduces_kernel():
 
 
 def test_tucker2_improves_on_hosvd_and_matches_tensorly():
-    tensorly = pytest.importorskip("tensorly")
-    from tensorly.decomposition import partial_tucker
 
     weight = torch.randn(32, 24, 3, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     ours = relative_error(tucker_rebuild(*F.tucker2(weight, 10, 12)), weight)
@@ -160,8 +160,6 @@ def low_rank_plus_noise(shape, rank, noise, seed):
 
 
 def tensorly_error(weight, in_rank, out_rank):
-    tensorly = pytest.importorskip("tensorly")
-    from tensorly.decomposition import partial_tucker
 
     tensorly.set_backend("pytorch")
     try:

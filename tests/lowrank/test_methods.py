@@ -41,15 +41,27 @@ def replacement(method, layer, ranks):
     return modules
 
 
+CONV_METHODS = ("svd", "spatial", "tucker2")
+SUPPORTED_CONV_CASES = [
+    (method, case)
+    for case in CONV_CASES
+    for method in CONV_METHODS
+    if not METHODS[method].unsupported(nn.Conv2d(6, 8, **CONV_CASES[case]))
+]
+
+
+def test_only_1x1_kernels_are_refused_and_only_by_the_spatial_methods():
+    refused = {(method, case) for case in CONV_CASES for method in CONV_METHODS} - set(SUPPORTED_CONV_CASES)
+    pointwise = ("pointwise", "pointwise_padded_strided", "pointwise_reflect")
+    assert refused == {(method, case) for method in ("spatial", "tucker2") for case in pointwise}
+
+
 @pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")
-@pytest.mark.parametrize("method_name", ["svd", "spatial", "tucker2"])
-@pytest.mark.parametrize("case", list(CONV_CASES))
+@pytest.mark.parametrize("method_name,case", SUPPORTED_CONV_CASES)
 def test_full_rank_conv_matches_dense(method_name, case):
     torch.manual_seed(0)
     layer = nn.Conv2d(6, 8, **CONV_CASES[case])
     method = METHODS[method_name]
-    if method.unsupported(layer):
-        pytest.skip(method.unsupported(layer))
     x = torch.randn(2, 6, 13, 11)
     decomposed = replacement(method, layer, method.full_ranks(layer))
     assert relative_error(decomposed(x), layer(x)) < 1e-5

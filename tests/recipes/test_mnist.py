@@ -1,23 +1,38 @@
 """The MNIST recipes end to end, through their real launchers on CPU with a few steps."""
 
-import importlib.util
 import json
 import os
+import re
 import runpy
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
+from pathlib import Path
 
 import pytest
 import torch
 from filelock import FileLock
+from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from launch.barrier import Artifacts
 from launch.mnist import Net
-from tests.conftest import DATA, ENV, RECIPES, ROOT, accelerate_launch, free_port, needs_data, run, torchrun
+from tests.conftest import (
+    DATA,
+    ENV,
+    RECIPES,
+    ROOT,
+    accelerate_launch,
+    find_processes,
+    free_port,
+    needs_data,
+    needs_deepspeed,
+    run,
+    torchrun,
+)
 
 FEW = [
     "--data-path",
@@ -314,13 +329,13 @@ def test_decompose_model_waits_for_another_job_writing_the_same_paths(baseline, 
     info, weights = tmp_path / "decompose_info.json", tmp_path / "decomposed_weights.pth"
     command = [sys.executable, str(RECIPES / "decompose_model.py"), "--pretrained-path", str(baseline)]
     command += ["--decompose-info-path", str(info), "--decomposed-weights-path", str(weights)]
+    waiting = f"waiting for {info}.lock: another job is writing these artifacts"
     with FileLock(Artifacts(info, weights).lock_path):  # held by another job (an online run, or step 1)
-        job = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV, cwd=ROOT)
-        time.sleep(8)
+        job = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV, cwd=ROOT)
+        output = read_until(job.stdout, waiting, timeout=300)
         assert job.poll() is None and not info.exists()
-    _, err = job.communicate(timeout=300)
-    assert job.returncode == 0, err
-    assert f"waiting for {info}.lock: another job is writing these artifacts" in err
+    output += job.communicate(timeout=300)[0]
+    assert job.returncode == 0, output
     assert info.is_file() and weights.is_file()
 
 
@@ -329,7 +344,6 @@ def test_decompose_model_waits_for_another_job_writing_the_same_paths(baseline, 
 def test_rank_zero_failure_stops_every_rank(tmp_path):
     corrupt = tmp_path / "corrupt.pth"
     corrupt.write_bytes(b"garbage")
-    started = time.monotonic()
     result = run(
         accelerate_launch(
             RECIPES / "mnist_online.py", *FEW, "--pretrained-path", corrupt, "--output-dir", tmp_path, port=free_port()
@@ -342,7 +356,47 @@ def test_rank_zero_failure_stops_every_rank(tmp_path):
         "rank 1: rank 0 failed to decompose the model: InputFileError: --pretrained-path: cannot read" in result.stderr
     )
     assert "lowrank/io.py" not in result.stderr  # an error message, not a traceback
-    assert time.monotonic() - started < 300
+
+
+def online_run(baseline, out, steps, *extra):
+    """The arguments of an online run that logs every step and checkpoints into ``out``."""
+    flags = ["--data-path", DATA, "--steps", steps, "--log-steps", "1", "--train-batch-size", "32"]
+    flags += ["--test-batch-size", "500", "--pretrained-path", baseline, "--output-dir", out]
+    return [RECIPES / "mnist_online.py", *flags, *extra]
+
+
+def start_in_own_session(command):
+    return subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV, cwd=ROOT, start_new_session=True
+    )
+
+
+def read_until(stream, text: str, timeout: float) -> str:
+    """The lines of ``stream`` up to the first that holds ``text``; fails after ``timeout`` s without it."""
+    found, lines = threading.Event(), []
+
+    def read():
+        for line in stream:
+            lines.append(line)
+            if text in line:
+                found.set()
+                return
+
+    threading.Thread(target=read, daemon=True).start()
+    assert found.wait(timeout), f"no {text!r} within {timeout} s:\n{''.join(lines)}"
+    return "".join(lines)
+
+
+def signal_at_step(process, step: int, signal_it) -> str:
+    """Reads the job's output (started by ``start_in_own_session``) until rank 0 logs ``step``, calls
+    ``signal_it()``, and returns the whole output once the job has ended."""
+    try:
+        output = read_until(process.stdout, f"[Train] Step[{step}/", timeout=300)
+        signal_it()
+        return output + process.communicate(timeout=300)[0]
+    finally:
+        if process.poll() is None:  # failed or timed out: nothing of the job outlives the test
+            os.killpg(process.pid, signal.SIGKILL)
 
 
 @pytest.mark.integration
@@ -351,43 +405,11 @@ def test_preemption_saves_and_resume_continues(baseline, tmp_path):
     out = tmp_path / "preempt"
 
     def args(steps, *extra):
-        return [
-            RECIPES / "mnist_online.py",
-            "--data-path",
-            DATA,
-            "--steps",
-            steps,
-            "--log-steps",
-            "1",
-            "--train-batch-size",
-            "32",
-            "--test-batch-size",
-            "500",
-            "--pretrained-path",
-            baseline,
-            "--output-dir",
-            out,
-            *extra,
-        ]
+        return online_run(baseline, out, steps, *extra)
 
-    process = subprocess.Popen(
-        accelerate_launch(*args(1000), port=free_port()),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env=ENV,
-        cwd=ROOT,
-        start_new_session=True,
-    )
-    lines = []
-    for line in process.stdout:
-        lines.append(line)
-        if "[Train] Step[3/1000]" in line:
-            os.killpg(process.pid, signal.SIGTERM)  # as a scheduler does to the whole job step
-            break
-    lines.extend(process.stdout)
-    process.wait(timeout=300)
-    log = "".join(lines)
+    process = start_in_own_session(accelerate_launch(*args(1000), port=free_port()))
+    # As a scheduler signals the whole job step.
+    log = signal_at_step(process, 3, lambda: os.killpg(process.pid, signal.SIGTERM))
     assert "[Preempted] SIGTERM: checkpoint saved to" in log, log
     saved = sorted((out / "checkpoints").glob("step_*"))
     assert len(saved) == 1
@@ -410,7 +432,44 @@ def test_preemption_saves_and_resume_continues(baseline, tmp_path):
 
 @pytest.mark.integration
 @needs_data
-@pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed is not installed")
+def test_one_rank_signalled_stops_every_rank_and_the_resumed_run_ends_as_an_uninterrupted_one(baseline, tmp_path):
+    steps = 30
+    run(accelerate_launch(*online_run(baseline, tmp_path / "whole", steps), port=free_port()))
+
+    out, port = tmp_path / "preempted", free_port()
+    process = start_in_own_session(accelerate_launch(*online_run(baseline, out, steps), port=port))
+
+    def signal_rank_one():
+        (pid,) = find_processes(
+            "mnist_online.py", lambda env: (env.get("MASTER_PORT"), env.get("RANK")) == (str(port), "1")
+        )
+        os.kill(pid, signal.SIGTERM)
+
+    log = signal_at_step(process, 3, signal_rank_one)
+    # Rank 1 alone got the signal: the ranks agreed at the next step, and every one saved and exited 75.
+    saved = re.search(r"\[Preempted\] signal on another rank: checkpoint saved to (\S+), exiting with 75", log)
+    assert saved, log
+    checkpoint = Path(saved[1])
+    assert sorted(path.name for path in checkpoint.glob("random_states_*")) == [
+        "random_states_0.pkl",
+        "random_states_1.pkl",
+    ]
+    assert set(re.findall(r"exitcode\s*:\s*(-?\d+)", log)) <= {"75"}, log
+    assert int(checkpoint.name.split("_")[1]) < steps
+
+    run(accelerate_launch(*online_run(baseline, out, steps, "--resume"), port=free_port()))
+    whole, resumed = (
+        load_file(folder / "checkpoints" / f"step_{steps}" / "model.safetensors")
+        for folder in (tmp_path / "whole", out)
+    )
+    assert whole.keys() == resumed.keys()
+    for key, value in whole.items():
+        assert torch.equal(resumed[key], value), key  # bit for bit
+
+
+@pytest.mark.integration
+@needs_data
+@needs_deepspeed
 @pytest.mark.parametrize("stage", [2, 3])
 def test_online_under_deepspeed_zero(stage, baseline, tmp_path):
     """DeepSpeed on the CPU: Accelerate reports process_index 0 on every rank there, the runner must

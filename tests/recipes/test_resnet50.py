@@ -1,7 +1,6 @@
 """The ResNet-50 recipe end to end on CPU with 2 gloo processes, on a tiny ImageFolder written here."""
 
 import ast
-import importlib.util
 import json
 import re
 import runpy
@@ -19,7 +18,7 @@ from PIL import Image
 
 from lowrank.io import save_state_dict
 from lowrank.msmodelslim import config_json
-from tests.conftest import RECIPES, accelerate_launch, free_port, run, torchrun
+from tests.conftest import RECIPES, accelerate_launch, free_port, needs_deepspeed, run, torchrun
 
 RECIPE = RECIPES / "resnet50_imagenet.py"
 SMALL = [
@@ -162,7 +161,7 @@ def test_the_docstring_smoke_command_does_not_diverge(tmp_path):
     assert len(losses) == 4 and max(losses) < 3.5 and test_loss < 3.5, result.stdout  # ln(10) = 2.3 at chance
 
 
-@pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed is not installed")
+@needs_deepspeed
 @pytest.mark.parametrize(
     "flags, message",
     [

@@ -7,6 +7,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -20,7 +21,7 @@ import torchvision
 
 from launch.mnist import Net
 from lowrank.io import save_state_dict
-from tests.conftest import DATA, ROOT, free_port, needs_data
+from tests.conftest import DATA, ROOT, find_processes, free_port, missing_fixture, needs_data
 
 SLURM = ROOT / "slurm"
 CLUSTER = SLURM / "local-cluster.sh"
@@ -222,7 +223,7 @@ def cluster(tmp_path_factory):
     try:
         started = subprocess.run([CLUSTER, "start"], env=env, capture_output=True, text=True, timeout=1200)
         if started.returncode == 2:
-            pytest.skip(f"no local Slurm cluster: {started.stderr.strip()}")
+            missing_fixture(f"no local Slurm cluster: {started.stderr.strip()}")
         assert started.returncode == 0, f"local-cluster.sh start failed:\n{started.stdout}{started.stderr}"
         yield {
             **env,
@@ -287,13 +288,20 @@ def read(log) -> str:
     return log.read_text() if log.exists() else f"(no log at {log})"
 
 
-def wait_for_line(log, pattern, job, env, timeout=JOB_TIMEOUT):
+def wait_for_line(log, pattern, job, env, timeout=JOB_TIMEOUT, interval=0.5):
     deadline = time.monotonic() + timeout
     while not re.search(pattern, read(log), re.M):
         state = job_info(job, env)["JobState"]
         if state in FINAL_STATES or time.monotonic() > deadline:
             raise AssertionError(f"job {job} ({state}) never logged {pattern!r}:\n{read(log)}")
-        time.sleep(0.5)
+        time.sleep(interval)
+
+
+def sigterm_pending(pid: int) -> bool:
+    """Whether SIGTERM waits for process ``pid`` (stopped, it cannot take it yet)."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    masks = re.findall(r"^(?:SigPnd|ShdPnd):\s*([0-9a-f]+)$", status, re.M)
+    return any(int(mask, 16) >> (signal.SIGTERM - 1) & 1 for mask in masks)
 
 
 def times(info):
@@ -370,12 +378,28 @@ def test_offline_chain_runs_step_2_after_step_1(cluster, pretrained, tmp_path):
 @pytest.mark.slow
 @needs_data
 def test_preempted_job_checkpoints_requeues_and_resumes(cluster, pretrained, tmp_path):
-    steps = 50  # the signal lands within a second or two; an idle core does about 10 steps a second
+    steps = 50
     env = job_env(cluster, tmp_path, pretrained, f"--steps {steps}")
     job, log = submit(env, tmp_path)
-    wait_for_line(log, rf"^0: \[Train\] Step\[2/{steps}\]", job, env)
-    # What --signal=B:USR1@<seconds> sends before the time limit: USR1 to the batch shell only.
-    run(["scancel", "--batch", "--signal=USR1", job], env)
+    wait_for_line(log, rf"^0: \[Train\] Step\[2/{steps}\]", job, env, interval=0.1)
+    # The training processes wait, stopped, until the signal has come all the way to them: the run
+    # cannot end before it lands, however long the batch shell and the launchers take to pass it on.
+    workers = find_processes(
+        "mnist_online.py", lambda environ: environ.get("SLURM_JOB_ID") == job and "RANK" in environ
+    )
+    assert len(workers) == 2, workers
+    for pid in workers:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        # What --signal=B:USR1@<seconds> sends before the time limit: USR1 to the batch shell only.
+        run(["scancel", "--batch", "--signal=USR1", job], env)
+        deadline = time.monotonic() + JOB_TIMEOUT
+        while not all(map(sigterm_pending, workers)):
+            assert time.monotonic() < deadline, f"SIGTERM never reached the training processes:\n{read(log)}"
+            time.sleep(0.2)
+    finally:
+        for pid in workers:
+            os.kill(pid, signal.SIGCONT)
     info = wait_for_job(job, env, log)
     assert_completed(info, log)
     assert info["Restarts"] == "1", info
