@@ -43,6 +43,7 @@ from .info import (
 from .io import unwritable
 from .log import logger
 from .methods import build_module, dense_cost, layer_spec, method_for, output_shape_changes
+from .modules import CONV2D_CONFIG, LINEAR_CONFIG, Factorized, replacement_class
 from .policy import RankPolicy
 from .stats import count_parameters
 
@@ -117,24 +118,9 @@ def _read_path(node: ast.AST, in_forward: bool, root: str = "self") -> str | Non
     return path if in_forward else None
 
 
-# The configuration of a layer, which its replacement carries too (see _replacement_module): it
-# describes the product of the new layers as a whole (same channels or features, kernel extent,
-# stride, padding, dilation), so an owner may read it, as timm's ConvNormAct does for its
-# in_channels. Setting it would change the layer but not the replacement.
-LAYER_CONFIG = (
-    "in_channels",
-    "out_channels",
-    "kernel_size",
-    "stride",
-    "padding",
-    "dilation",
-    "groups",
-    "padding_mode",
-    "output_padding",
-    "transposed",
-    "in_features",
-    "out_features",
-)
+# The configuration of a layer, which its replacement carries too, read-only (lowrank.modules): an
+# owner may read it, as timm's ConvNormAct does for its in_channels; setting it raises.
+LAYER_CONFIG = CONV2D_CONFIG + LINEAR_CONFIG
 # Attributes that the replacement (an nn.Sequential) has too: an owner may read those.
 REPLACEMENT_ATTRIBUTES = frozenset(dir(nn.Sequential())) | frozenset(LAYER_CONFIG)
 WEIGHT_READ = "reads its weights directly"
@@ -647,7 +633,7 @@ def _measure_ranks(name, layer, method, policy, rule, inputs, measurements):
     probes = []
 
     def time_ranks(ranks):
-        module = layer if ranks is None else _replacement_module(layer, method.specs(layer, ranks))
+        module = layer if ranks is None else _replacement_module(layer, method.specs(layer, ranks), method.name)
         seconds = latency.seconds(module, inputs)
         probes.append({"ranks": None if ranks is None else list(ranks), "seconds": seconds})
         return seconds
@@ -675,16 +661,14 @@ def _measure_ranks(name, layer, method, policy, rule, inputs, measurements):
     return ranks, reason
 
 
-def _replacement_module(layer: nn.Module, specs: list[dict], initialise: bool = True) -> nn.Sequential:
-    """The nn.Sequential of ``specs`` on ``layer``'s device and dtype, in its memory format, training
-    mode and requires_grad, carrying its LAYER_CONFIG: default-initialised, or uninitialised for
+def _replacement_module(layer: nn.Module, specs: list[dict], method: str, initialise: bool = True) -> Factorized:
+    """The replacement (``modules.replacement_class``) of ``specs`` on ``layer``'s device and dtype, in
+    its memory format, training mode and requires_grad: default-initialised, or uninitialised for
     weights copied in next (which saves the work and leaves the caller's random state alone)."""
     weight = layer.weight
     device = weight.device if initialise else "meta"
-    new = nn.Sequential(*(build_module(spec, device=device, dtype=weight.dtype) for spec in specs))
-    for name in LAYER_CONFIG:
-        if hasattr(layer, name):
-            setattr(new, name, getattr(layer, name))
+    modules = (build_module(spec, device=device, dtype=weight.dtype) for spec in specs)
+    new = replacement_class(layer, method)(*modules, layer=layer)
     if not initialise:
         new.to_empty(device=weight.device)
     if (
@@ -711,7 +695,7 @@ def _build(model: nn.Module, replacements: list[Replacement]) -> list[tuple[str,
         layer = model.get_submodule(replacement.name)
         new = _fill(
             layer,
-            _replacement_module(layer, replacement.specs, initialise=not replacement.weights),
+            _replacement_module(layer, replacement.specs, replacement.method, initialise=not replacement.weights),
             replacement.weights,
         )
         # Layers that shared a weight (or bias) Parameter share their replacements' (AMCT keeps them tied).
@@ -1207,10 +1191,11 @@ def _decompose_msmodelslim(model: nn.Module, config: dict, with_weights: bool, d
     if datasets is not None and with_weights:
         fitted = {name: layer for name, (layer, _) in planned.items() if isinstance(layer, (nn.Linear, nn.Conv2d))}
         second_moments = msmodelslim.collect_second_moments(model, fitted, datasets, max_iter)
-    built = [  # the model changes only once every replacement is built
-        (name, _fill(planned[name][0], _replacement_module(planned[name][0], specs, initialise=not weights), weights))
-        for name, (specs, weights) in msmodelslim.decomposed_modules(planned, with_weights, second_moments).items()
-    ]
+    built = []  # the model changes only once every replacement is built
+    for name, (specs, weights) in msmodelslim.decomposed_modules(planned, with_weights, second_moments).items():
+        layer = planned[name][0]
+        new = _replacement_module(layer, specs, msmodelslim.method_of(layer), initialise=not weights)
+        built.append((name, _fill(layer, new, weights)))
     model, changes = _swap(model, built)
     _log_done(changes, params_before, model, start, "decompose_network")
     return model, changes

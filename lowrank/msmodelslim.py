@@ -191,6 +191,11 @@ def collect_second_moments(model: nn.Module, layers: dict[str, nn.Module], datas
     return means
 
 
+def method_of(layer: nn.Module) -> str:
+    """The method of msModelSlim's structure for ``layer``: Tucker-2 for a conv, a split SVD otherwise."""
+    return "tucker2" if isinstance(layer, nn.Conv2d) else "svd"
+
+
 def _specs(layer: nn.Module, hidden) -> list[dict]:
     """The replacement's modules: Linear -> Linear(in, h) + Linear(h, out); Embedding -> Embedding(num, h)
     + Linear(h, dim); Conv2d -> 1x1 (in -> hidden_in), the layer's kernel (-> hidden_out), 1x1 (-> out)."""

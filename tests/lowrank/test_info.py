@@ -218,7 +218,7 @@ def test_unreadable_files(tmp_path):
 def test_an_already_decomposed_model_is_named(info, net):
     with pytest.raises(
         DecomposeInfoError,
-        match="is Sequential in the model but Conv2d in the file \\(is the model already decomposed\\?\\)",
+        match="is SpatialConv2d in the model but Conv2d in the file \\(is the model already decomposed\\?\\)",
     ):
         lowrank.decompose_network(net, info)
 

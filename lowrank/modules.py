@@ -1,0 +1,152 @@
+"""The modules a decomposed layer becomes: an ``nn.Sequential`` of standard layers (so the state_dict
+keys stay ``name.0.weight``, ``name.1.weight``, ...) that still answers what its owner asks of the dense
+layer. It carries the layer's configuration (``in_channels``, ``kernel_size``, ``padding``...) as
+read-only attributes, and exposes ``weight`` (and ``bias``) as the dense equivalent of its factors,
+computed on access: code that reads ``self.conv.weight`` (fusing, attention, dtype checks) keeps working,
+though only the factors run in ``forward``, which exports as plain convolutions and linear layers.
+"""
+
+import torch
+from torch import nn
+
+CONV2D_CONFIG = (
+    "in_channels",
+    "out_channels",
+    "kernel_size",
+    "stride",
+    "padding",
+    "dilation",
+    "groups",
+    "padding_mode",
+    "output_padding",
+    "transposed",
+)
+LINEAR_CONFIG = ("in_features", "out_features")
+EMBEDDING_CONFIG = (
+    "num_embeddings",
+    "embedding_dim",
+    "padding_idx",
+    "max_norm",
+    "norm_type",
+    "scale_grad_by_freq",
+    "sparse",
+)
+
+
+class Factorized(nn.Sequential):
+    """Base of the replacements: the factors in data-flow order, and the dense layer's configuration
+    (the names of ``CONFIG`` read from ``layer``), read-only."""
+
+    method = ""
+    CONFIG: tuple[str, ...] = ()
+
+    def __init__(self, *modules: nn.Module, layer: nn.Module | None = None):
+        super().__init__(*modules)
+        # Kept outside nn.Module's attribute handling; a slice of a Sequential (``new[-1:]``) has none.
+        config = {name: getattr(layer, name) for name in self.CONFIG} if layer is not None else {}
+        self.__dict__["_config"] = config
+
+    def __getattr__(self, name: str):
+        config = self.__dict__.get("_config", {})
+        if name in config:
+            return config[name]
+        return super().__getattr__(name)
+
+    def __setattr__(self, name: str, value) -> None:
+        if name in self.__dict__.get("_config", {}):
+            raise AttributeError(
+                f"{type(self).__name__}.{name} is read-only: it describes the dense layer these factors replace "
+                f"({name}={self._config[name]!r}), and setting it would not change them; decompose the layer "
+                "again with the new setting instead"
+            )
+        super().__setattr__(name, value)
+
+    def __delattr__(self, name: str) -> None:
+        if name in self.__dict__.get("_config", {}):
+            raise AttributeError(f"{type(self).__name__}.{name} is read-only and cannot be deleted")
+        super().__delattr__(name)
+
+
+class FactorizedLinear(Factorized):
+    """Linear layers whose product is the dense layer's: ``weight`` = last.weight @ ... @ first.weight."""
+
+    CONFIG = LINEAR_CONFIG
+
+    @property
+    def weight(self) -> torch.Tensor:
+        weight = self[0].weight
+        for module in list(self)[1:]:
+            weight = module.weight @ weight
+        return weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self[-1].bias
+
+
+class FactorizedConv2d(Factorized):
+    """Convolutions whose composition is the dense layer's: along each spatial axis at most one of them
+    has a kernel, stride, padding or dilation other than the identity's (the structures of every method
+    here), so the composed kernel is each factor's taps laid side by side, contracted over channels."""
+
+    CONFIG = CONV2D_CONFIG
+
+    @property
+    def weight(self) -> torch.Tensor:
+        kernel = self[0].weight
+        for conv in list(self)[1:]:
+            out_ch, _, kh, kw = conv.weight.shape
+            in_ch, ph, pw = kernel.shape[1], kernel.shape[2], kernel.shape[3]
+            # One of kh and ph (and of kw and pw) is 1: the taps multiply out without overlapping.
+            kernel = torch.einsum("omby,mipq->oibpyq", conv.weight, kernel).reshape(out_ch, in_ch, kh * ph, kw * pw)
+        return kernel
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self[-1].bias
+
+
+class SVDLinear(FactorizedLinear):
+    """``Linear(in, out)`` as ``Linear(in, r)`` then ``Linear(r, out)``."""
+
+    method = "svd"
+
+
+class SVDConv2d(FactorizedConv2d):
+    """A conv as its kernel to r channels, then a 1x1 conv."""
+
+    method = "svd"
+
+
+class SpatialConv2d(FactorizedConv2d):
+    """A kh x kw conv as a kh x 1 and a 1 x kw conv (either order): AMCT's structure."""
+
+    method = "spatial"
+
+
+class Tucker2Conv2d(FactorizedConv2d):
+    """A conv as 1x1 (in -> r_in), the layer's kernel (r_in -> r_out), 1x1 (r_out -> out): msModelSlim's
+    structure (1x1 convs too)."""
+
+    method = "tucker2"
+
+
+class SVDEmbedding(Factorized):
+    """``Embedding(num, dim)`` as ``Embedding(num, r)`` then ``Linear(r, dim)``: msModelSlim's structure;
+    ``weight`` is the (num, dim) table."""
+
+    method = "svd"
+    CONFIG = EMBEDDING_CONFIG
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self[0].weight @ self[1].weight.T
+
+
+def replacement_class(layer: nn.Module, method: str) -> type[Factorized]:
+    """The class of ``layer``'s replacement by ``method`` (svd, spatial or tucker2)."""
+    if isinstance(layer, nn.Embedding):
+        return SVDEmbedding
+    if isinstance(layer, nn.Linear):
+        return SVDLinear
+    return {"svd": SVDConv2d, "spatial": SpatialConv2d, "tucker2": Tucker2Conv2d}[method]
