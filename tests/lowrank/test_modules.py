@@ -4,8 +4,10 @@
 import copy
 import pickle
 
+import onnx
 import pytest
 import torch
+from onnx.reference import ReferenceEvaluator
 from torch import nn
 from torch.func import functional_call
 
@@ -120,13 +122,29 @@ def test_state_dict_keys_are_the_plain_sequentials():
     ]
 
 
-def test_torch_export_sees_only_the_factors():
+@pytest.fixture(scope="module")
+def exportable():
+    """A decomposed conv and linear layer, and an input."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(16 * 6 * 6, 10))
     decomposed, _ = lowrank.auto_decomposition(model, method="spatial", ratio=0.5, min_rank=1)
-    x = torch.randn(2, 8, 6, 6)
-    exported = torch.export.export(decomposed.eval(), (x,))
+    return decomposed.eval(), torch.randn(2, 8, 6, 6)
+
+
+def test_torch_export_sees_only_the_factors(exportable):
+    decomposed, x = exportable
+    exported = torch.export.export(decomposed, (x,))
     targets = [str(node.target) for node in exported.graph.nodes if node.op == "call_function"]
     assert sum("conv2d" in target for target in targets) == 2
     assert sum("linear" in target for target in targets) == 2
     torch.testing.assert_close(exported.module()(x), decomposed(x))
+
+
+def test_onnx_export_is_plain_convolutions_and_matrix_products(exportable):
+    decomposed, x = exportable
+    program = torch.onnx.export(decomposed, (x,), dynamo=True, verbose=False)
+    onnx.checker.check_model(program.model_proto)
+    operators = [node.op_type for node in program.model_proto.graph.node]
+    assert operators.count("Conv") == 2 and sum(op in ("Gemm", "MatMul") for op in operators) == 2, operators
+    (output,) = ReferenceEvaluator(program.model_proto).run(None, {program.model_proto.graph.input[0].name: x.numpy()})
+    torch.testing.assert_close(torch.from_numpy(output), decomposed(x), rtol=1e-4, atol=1e-5)
