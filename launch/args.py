@@ -3,12 +3,13 @@ runner's outputs), and their check before any work."""
 
 import argparse
 import math
-import sys
 import urllib.parse
 from pathlib import Path
 
 from lowrank.io import unwritable
 from lowrank.policy import DEFAULT_RATIO
+
+from .entry import RunError
 
 # What a recipe decomposes with when no rank flag is given: its seed's tool, called as the seed calls it.
 SEED_RULES = {
@@ -229,7 +230,7 @@ def flag(name: str) -> str:
 
 
 def check_mode_args(args, pretrained=None) -> str:
-    """The run's mode (baseline, online or offline). Missing paths for it exit with an error naming
+    """The run's mode (baseline, online or offline). Missing paths for it raise a RunError naming
     their flag, before any work; online artifacts default to files in ``--output-dir``. Flags the mode
     would ignore are refused: the rank rule (``add_policy_args``') outside online mode, the pretrained
     weights offline. ``pretrained`` names a flag other than ``--pretrained-path`` that also provides
@@ -241,26 +242,26 @@ def check_mode_args(args, pretrained=None) -> str:
         given += rank_flags
         if given:
             flags = ", ".join(map(flag, given))
-            sys.exit(f"error: {flags} need(s) --tensor-decompose; without it the run trains the dense model")
+            raise RunError(f"{flags} need(s) --tensor-decompose; without it the run trains the dense model")
     mode = (args.run_mode or "online") if args.tensor_decompose else "baseline"
     args.run_mode = mode if mode != "baseline" else None
     if mode == "online" and not args.pretrained_path and not (pretrained and getattr(args, pretrained)):
         alternative = f" (or {flag(pretrained)})" if pretrained else ""
-        sys.exit(f"error: --pretrained-path{alternative} is required in online mode")
+        raise RunError(f"--pretrained-path{alternative} is required in online mode")
     if mode == "offline":
         for name in ("decompose_info_path", "decomposed_weights_path"):
             if not getattr(args, name):
-                sys.exit(f"error: {flag(name)} is required in offline mode")
+                raise RunError(f"{flag(name)} is required in offline mode")
         unused = rank_flags + [name for name in ("pretrained_path", pretrained) if name and getattr(args, name)]
         if unused:
-            sys.exit(
-                f"error: {', '.join(map(flag, unused))}: not used offline, where the structure and the weights come "
+            raise RunError(
+                f"{', '.join(map(flag, unused))}: not used offline, where the structure and the weights come "
                 "from --decompose-info-path and --decomposed-weights-path: give them to step 1 (decompose_model.py)"
             )
     for name in ("pretrained_path", "decompose_info_path", "decomposed_weights_path"):
         path = getattr(args, name)
         if path and (mode == "offline" or name == "pretrained_path") and not Path(path).is_file():
-            sys.exit(f"error: {flag(name)} {path} does not exist")
+            raise RunError(f"{flag(name)} {path} does not exist")
     if mode == "online":
         args.decompose_info_path = args.decompose_info_path or str(Path(args.output_dir) / "decompose_info.json")
         args.decomposed_weights_path = args.decomposed_weights_path or str(
@@ -276,7 +277,7 @@ def check_mode_args(args, pretrained=None) -> str:
     check_distinct(args, *inputs, "decompose_info_path", "decomposed_weights_path", "save_path")
     problem = unwritable(Path(args.output_dir, "checkpoints"), is_folder=True)
     if problem:
-        sys.exit(f"error: --output-dir: {problem}")
+        raise RunError(f"--output-dir: {problem}")
     return mode
 
 
@@ -286,7 +287,7 @@ def _given_paths(args, names) -> dict:
 
 
 def check_distinct(args, *names) -> None:
-    """Exits with an error when two of the path flags ``names`` (attribute names of ``args``; unset ones
+    """Raises a RunError when two of the path flags ``names`` (attribute names of ``args``; unset ones
     are skipped) name the same file, where one would overwrite the other, or one lies inside the other,
     which would have to be a folder."""
     paths = {}
@@ -294,24 +295,24 @@ def check_distinct(args, *names) -> None:
         for other, other_name in paths.items():
             first, second = flag(other_name), flag(name)
             if path == other:
-                sys.exit(f"error: {first} and {second} are the same file {path}: give each its own")
+                raise RunError(f"{first} and {second} are the same file {path}: give each its own")
             if path in other.parents or other in path.parents:
-                sys.exit(f"error: {first} {other} and {second} {path}: one lies inside the other: give each its own")
+                raise RunError(f"{first} {other} and {second} {path}: one lies inside the other: give each its own")
         paths[path] = name
 
 
 def check_outside_output_dir(args, files) -> None:
-    """Exits with an error when one of the ``files`` flags (attribute names of ``args``; unset ones are
+    """Raises a RunError when one of the ``files`` flags (attribute names of ``args``; unset ones are
     skipped) names ``--output-dir`` itself, a folder holding it, or a path the run writes there
     (``checkpoints/``, ``results.json``): found at the start, not when the run saves at its end."""
     output_dir = Path(args.output_dir).resolve()
     taken = {output_dir / "checkpoints": "its checkpoints", output_dir / "results.json": "its results"}
     for name, path in _given_paths(args, files).items():
         if path == output_dir or path in output_dir.parents:
-            sys.exit(f"error: {flag(name)} {path} is --output-dir or holds it: give it a file name of its own")
+            raise RunError(f"{flag(name)} {path} is --output-dir or holds it: give it a file name of its own")
         for place, what in taken.items():
             if path == place or place in path.parents:
-                sys.exit(f"error: {flag(name)} {path} is where --output-dir keeps {what}: give it another path")
+                raise RunError(f"{flag(name)} {path} is where --output-dir keeps {what}: give it another path")
 
 
 def check_writable(args, files, folders=()) -> None:
@@ -322,4 +323,4 @@ def check_writable(args, files, folders=()) -> None:
         path = getattr(args, name, None)
         problem = path and unwritable(path, is_folder)
         if problem:
-            sys.exit(f"error: {flag(name)} {problem}")
+            raise RunError(f"{flag(name)} {problem}")

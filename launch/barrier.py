@@ -235,7 +235,7 @@ def _decompose_on_rank_zero(model, artifacts, load_pretrained, pretrained_path, 
             artifacts.write_marker(status="done", token=token, fingerprint=wanted, checksums=checksums, reused=reused)
         except BaseException as error:
             message = f"{type(error).__name__}: {error}"
-            if not isinstance(error, Exception):  # SystemExit (the runner's preemption exit), KeyboardInterrupt
+            if not isinstance(error, Exception):  # Preempted (a SystemExit), KeyboardInterrupt
                 message = f"it was stopped ({message}) by a signal (a time limit, a preemption) or Ctrl-C: see its log"
             artifacts.write_marker(status="failed", token=token, message=message)
             raise

@@ -10,9 +10,9 @@
 - ``train``: a step-based loop (a step is one optimizer step, gradient accumulation included) with
   the AMCT sample's log lines (``[Train] Step[20/200] Loss: ...``), TensorBoard scalars through
   Accelerate's tracker (flushed at every log), checkpoints named after their step, periodic
-  evaluation, and preemption: on SIGTERM or SIGUSR1 every rank saves a checkpoint and the process
-  exits with ``PREEMPTED_EXIT_CODE`` so that a scheduler can requeue it; ``--resume`` continues from
-  the latest checkpoint.
+  evaluation, and preemption: on SIGTERM or SIGUSR1 every rank saves a checkpoint and raises
+  ``Preempted``, which ``launch.entry.run_main`` turns into exit code 75 so that a scheduler can
+  requeue it; ``--resume`` continues from the latest checkpoint.
 - ``evaluate``: ``[Test] Loss: 0.047416, Accuracy: 98.39% (9839/10000)`` (and top-5 when asked) over
   the whole test set, whatever the number of processes.
 
@@ -24,7 +24,6 @@ takes rank 0's buffers (BatchNorm's running statistics), which DeepSpeed, unlike
 import contextlib
 import functools
 import json
-import logging
 import math
 import os
 import re
@@ -60,8 +59,8 @@ from .barrier import (
     load_decomposed,
     run_token,
 )
+from .entry import PREEMPTED_EXIT_CODE, Preempted, RunError, end_without_finalization
 
-PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: stopped by SIGTERM/SIGUSR1; --resume continues from the latest checkpoint
 MODES = ("baseline", "online", "offline")
 
 
@@ -90,8 +89,8 @@ def create_accelerator(*, use_gpu: bool, output_dir, backend=None, init_method="
 
     A multi-process run's process group uses ``backend`` ("gloo" or "nccl"; None: Accelerate's choice,
     gloo on the CPU and nccl on GPUs) and ``init_method`` (env://, tcp://HOST:PORT or file:///PATH, the
-    rank and world size taken from the launcher's RANK and WORLD_SIZE); a single process has none. Exits
-    with an error naming ``--backend`` for nccl without GPUs, and when the process group runs another
+    rank and world size taken from the launcher's RANK and WORLD_SIZE); a single process has none. Raises
+    a RunError naming ``--backend`` for nccl without GPUs, and when the process group runs another
     backend than the one asked for (DeepSpeed on the CPU picks its own: gloo, or ccl with oneCCL).
 
     Under ``accelerate launch --use_deepspeed`` on a machine without GPUs, Accelerate 1.15 reports one
@@ -99,25 +98,25 @@ def create_accelerator(*, use_gpu: bool, output_dir, backend=None, init_method="
     data sharding and DeepSpeed's batch size would all be wrong, so the state is set from
     torch.distributed, which knows the real ranks.
 
-    Exits with an error for a setting Accelerate refuses, and for fp16 on the CPU, where Accelerate
+    Raises a RunError for a setting Accelerate refuses, and for fp16 on the CPU, where Accelerate
     would train in float32.
 
-    Exits with an error when the launcher sets another gradient accumulation than the recipe's
+    Raises a RunError when the launcher sets another gradient accumulation than the recipe's
     ``gradient_accumulation_steps`` (default 1), which Accelerate would use instead. Under DeepSpeed the
     gradients are not clipped unless the config sets ``gradient_clipping``, as without DeepSpeed.
     """
     deepspeed = _deepspeed() == "on"
     if deepspeed and not use_gpu and torch.cuda.is_available():
-        sys.exit("error: DeepSpeed runs on this machine's GPUs: pass --use-gpu, or launch without DeepSpeed")
+        raise RunError("DeepSpeed runs on this machine's GPUs: pass --use-gpu, or launch without DeepSpeed")
     gpu = use_gpu and torch.cuda.is_available()  # --use-gpu on a machine without GPUs: the CPU, as in the seed
     if backend == "nccl" and not gpu:
-        sys.exit(
-            "error: --backend nccl runs on GPUs: add --use-gpu, or use --backend gloo on the CPU"
+        raise RunError(
+            "--backend nccl runs on GPUs: add --use-gpu, or use --backend gloo on the CPU"
             if not use_gpu
-            else "error: --backend nccl needs GPUs and torch sees none on this machine: use --backend gloo (the CPU)"
+            else "--backend nccl needs GPUs and torch sees none on this machine: use --backend gloo (the CPU)"
         )
     if backend == "nccl" and not dist.is_nccl_available():
-        sys.exit("error: --backend nccl: this torch build has no NCCL: use --backend gloo")
+        raise RunError("--backend nccl: this torch build has no NCCL: use --backend gloo")
     cpu = not gpu and not deepspeed  # cpu=True would turn DeepSpeed off; on a CPU-only machine it runs there
     # When Accelerate creates a process group (its own test): given to a single process, a backend
     # makes it ask torch.distributed for a world size that does not exist.
@@ -129,8 +128,8 @@ def create_accelerator(*, use_gpu: bool, output_dir, backend=None, init_method="
             os.environ.get("MASTER_ADDR"),
             os.environ.get("MASTER_PORT"),
         ):
-            sys.exit(
-                f"error: --init-method {init_method}: the launcher already listens there (its MASTER_ADDR and "
+            raise RunError(
+                f"--init-method {init_method}: the launcher already listens there (its MASTER_ADDR and "
                 "MASTER_PORT, from --master_addr/--master_port): give another port, or use env://"
             )
         if url.scheme != "env" and not cpu:
@@ -139,7 +138,7 @@ def create_accelerator(*, use_gpu: bool, output_dir, backend=None, init_method="
             separator = "&" if "?" in init_method else "?"
             rank, size = os.environ.get("RANK"), os.environ.get("WORLD_SIZE")
             if rank is None or size is None:
-                sys.exit(f"error: --init-method {init_method} needs the launcher's RANK and WORLD_SIZE: use env://")
+                raise RunError(f"--init-method {init_method} needs the launcher's RANK and WORLD_SIZE: use env://")
             init_method = f"{init_method}{separator}rank={rank}&world_size={size}"
         # DeepSpeed without GPUs picks its own backend (gloo, or ccl with oneCCL; the check after Accelerator()
         # compares it with --backend); otherwise the one Accelerate would pick by default.
@@ -154,17 +153,17 @@ def create_accelerator(*, use_gpu: bool, output_dir, backend=None, init_method="
             **kwargs,
         )
     except ValueError as error:  # a setting it refuses (bf16 on a GPU without it, fp8 without its library): named
-        sys.exit(f"error: {error} (from the recipe's flags or the launcher's config)")
+        raise RunError(f"{error} (from the recipe's flags or the launcher's config)") from None
     # Accelerate autocasts to fp16 on GPUs only: on the CPU it would train in float32 without a word.
     if accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu":
-        sys.exit(
-            "error: mixed precision fp16 (from the recipe's flags or the launcher's config) runs on GPUs only, and "
+        raise RunError(
+            "mixed precision fp16 (from the recipe's flags or the launcher's config) runs on GPUs only, and "
             "this run is on the CPU: use bf16 or no"
         )
     grouped = dist.is_available() and dist.is_initialized()  # a process group, which Accelerator() may create
     if backend is not None and grouped and dist.get_backend() != backend:
-        sys.exit(
-            f"error: --backend {backend}: the process group runs {dist.get_backend()} (under DeepSpeed, DeepSpeed "
+        raise RunError(
+            f"--backend {backend}: the process group runs {dist.get_backend()} (under DeepSpeed, DeepSpeed "
             "picks it): drop --backend"
         )
     if grouped and accelerator.num_processes != dist.get_world_size():
@@ -189,15 +188,15 @@ def create_accelerator(*, use_gpu: bool, output_dir, backend=None, init_method="
 
 
 def _check_gradient_accumulation(accelerator, requested: int) -> None:
-    """Exits with an error when the launcher's gradient accumulation overrides the recipe's: Accelerate
+    """Raises a RunError when the launcher's gradient accumulation overrides the recipe's: Accelerate
     takes ACCELERATE_GRADIENT_ACCUMULATION_STEPS (which ``accelerate launch`` sets from the config's
     ``gradient_accumulation_steps``) over its keyword, and a DeepSpeed config file's value over both."""
     plugin = accelerator.state.deepspeed_plugin
     configured = [accelerator.gradient_accumulation_steps, plugin and plugin.get_value("gradient_accumulation_steps")]
     other = next((steps for steps in configured if steps not in (None, "auto", requested)), None)
     if other is not None:
-        sys.exit(
-            f"error: the launcher sets gradient accumulation to {other} step(s), which Accelerate would use instead "
+        raise RunError(
+            f"the launcher sets gradient accumulation to {other} step(s), which Accelerate would use instead "
             f"of the recipe's {requested} (--gradient-accumulation-steps where the recipe has it): remove "
             'gradient_accumulation_steps from the Accelerate config file (set it to "auto" in a DeepSpeed config '
             "file), and drop accelerate launch --gradient_accumulation_steps and ACCELERATE_GRADIENT_ACCUMULATION_STEPS"
@@ -227,7 +226,7 @@ def prepare_model(
     # follows (batch order, dropout) is the same whichever path a rank or a rerun took.
     # Bad input files and rank 0's failures end the process with their message (which names the file),
     # not a traceback.
-    with torch.random.fork_rng(devices=[]), _exit_on(InputFileError, BarrierError):
+    with torch.random.fork_rng(devices=[]), _as_run_error(InputFileError, BarrierError):
         if mode == "baseline":
             if pretrained_path:
                 load_pretrained(model)
@@ -248,12 +247,12 @@ def prepare_model(
 
 
 @contextlib.contextmanager
-def _exit_on(*errors):
-    """Turns ``errors`` into an error exit with their message, after the rank it comes from."""
+def _as_run_error(*errors):
+    """Turns ``errors`` into a RunError with their message, after the rank it comes from."""
     try:
         yield
     except errors as error:
-        sys.exit(f"error: rank {global_rank()}: {error}")
+        raise RunError(f"rank {global_rank()}: {error}") from None
 
 
 class Progress:
@@ -275,8 +274,8 @@ class Progress:
 class Preemption:
     """SIGTERM/SIGUSR1, from ``install`` on (``create_accelerator``). While ``recording`` (the training
     loop) a signal is remembered, and ``requested`` makes every rank agree, so that they all save a
-    checkpoint together at the next step; at any other time (setup, evaluation, saving) the process
-    exits at once with PREEMPTED_EXIT_CODE, its latest checkpoint standing."""
+    checkpoint together at the next step; at any other time (setup, evaluation, saving) it raises
+    ``Preempted`` at once, the latest checkpoint standing."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
@@ -293,7 +292,7 @@ class Preemption:
         self.received = signal.Signals(signum).name
         if not self.recording:
             log(f"[Preempted] {self.received} outside the training steps: exiting with {PREEMPTED_EXIT_CODE}")
-            raise SystemExit(PREEMPTED_EXIT_CODE)
+            raise Preempted
 
     @contextlib.contextmanager
     def recorded(self):
@@ -345,7 +344,7 @@ def rank_zero_first(load, what: str):
     error, loaded = attempt() if global_rank() == 0 else (None, None)
     error = from_rank_zero(error)
     if error:  # rank 0's: the others did not try
-        sys.exit(f"error: {what}: {error}")
+        raise RunError(f"{what}: {error}")
     if global_rank() != 0:
         error, loaded = attempt()
     errors = [error]
@@ -354,7 +353,7 @@ def rank_zero_first(load, what: str):
         dist.all_gather_object(errors, error)
     rank, error = next(((rank, error) for rank, error in enumerate(errors) if error), (None, None))
     if error:  # a path missing on another node, or not shared with it
-        sys.exit(f"error: {what}: rank {rank}: {error}")
+        raise RunError(f"{what}: rank {rank}: {error}")
     return loaded
 
 
@@ -471,7 +470,7 @@ def _lock_output_dir(output_dir) -> str | None:
         lock.acquire(timeout=0)
     except Timeout:
         return (
-            f"error: another job is using --output-dir {output_dir} (it holds {path}): wait for it to end, or "
+            f"another job is using --output-dir {output_dir} (it holds {path}): wait for it to end, or "
             "give this one another --output-dir. If none is, a job killed where the filesystem has no file "
             "locks left the file: delete it"
         )
@@ -529,7 +528,7 @@ def _resume_decision(args, world_size: int, recipe_settings) -> tuple[str | None
     ]
     if changed:
         return None, (
-            f"error: --resume: {checkpoint} was saved with other settings: {', '.join(changed)}. Resume with "
+            f"--resume: {checkpoint} was saved with other settings: {', '.join(changed)}. Resume with "
             "the same settings, or give another --output-dir"
         )
     return str(checkpoint), None
@@ -547,10 +546,10 @@ def checkpoint_to_resume(args, world_size: int, recipe_settings=()) -> Path | No
     decision = _resume_decision(args, world_size, recipe_settings) if global_rank() == 0 else None
     checkpoint, error = from_rank_zero(decision)
     if error:
-        sys.exit(error)
+        raise RunError(error)
     if checkpoint and not Path(checkpoint).is_dir():
-        sys.exit(
-            f"error: rank {global_rank()}: rank 0 resumes from {checkpoint}, which this process does not see: "
+        raise RunError(
+            f"rank {global_rank()}: rank 0 resumes from {checkpoint}, which this process does not see: "
             "--output-dir must be on a filesystem every node shares"
         )
     return Path(checkpoint) if checkpoint else None
@@ -560,12 +559,12 @@ def load_checkpoint(accelerator, checkpoint: Path, progress) -> None:
     try:
         accelerator.load_state(checkpoint)
     except RuntimeError as error:  # e.g. another decomposition than the one the checkpoint was saved with
-        sys.exit(
-            f"error: {checkpoint} does not fit the model built now (was it saved with another decomposition, "
+        raise RunError(
+            f"{checkpoint} does not fit the model built now (was it saved with another decomposition, "
             f"info file or pretrained weights?): {error}"
-        )
+        ) from None
     except Exception as error:  # damaged in a way its sizes do not show (safetensors, pickle, ...)
-        sys.exit(f"error: {checkpoint} cannot be loaded: {type(error).__name__}: {error}")
+        raise RunError(f"{checkpoint} cannot be loaded: {type(error).__name__}: {error}") from None
     log(f"[Resume] from {checkpoint} at step {progress.step}")
 
 
@@ -616,18 +615,18 @@ def _naming_a_failed_save(what: str, folder, consequence: str, partial: Path | N
             shutil.rmtree(partial, ignore_errors=True)
         existing = next(path for path in (Path(folder).absolute(), *Path(folder).absolute().parents) if path.exists())
         free = shutil.disk_usage(existing).free / 2**30
-        sys.exit(
-            f"error: rank {global_rank()}: could not save {what}: {type(error).__name__}: {error} "
+        raise RunError(
+            f"rank {global_rank()}: could not save {what}: {type(error).__name__}: {error} "
             f"({free:.2f} GiB free on its disk); {consequence}"
-        )
+        ) from None
 
 
 def check_train_batches(samples: int, batch_size: int, processes: int) -> None:
-    """Exits with an error when the training set holds no full batch for every process (the loaders
+    """Raises a RunError when the training set holds no full batch for every process (the loaders
     drop the last, partial one)."""
     if samples < batch_size * processes:
-        sys.exit(
-            f"error: --train-batch-size {batch_size} x {processes} process(es) needs at least "
+        raise RunError(
+            f"--train-batch-size {batch_size} x {processes} process(es) needs at least "
             f"{batch_size * processes} training samples; the training set has {samples}"
         )
 
@@ -679,9 +678,9 @@ def train(
     ``gradient_accumulation_steps`` batches each). ``eval_fn()`` runs every ``eval_steps`` steps before
     the last; ``throughput_unit`` (e.g. "images/s") adds the throughput of the training alone (not of
     checkpoints and evaluations) to the log line. Saves a checkpoint after the last step, so that a
-    signal during the final evaluation (which exits at once) loses no training, and returns; or exits
-    with PREEMPTED_EXIT_CODE after saving a checkpoint when the job is preempted (also by a signal
-    during that last save, once it is complete)."""
+    signal during the final evaluation (which stops at once) loses no training, and returns; or raises
+    ``Preempted`` after saving a checkpoint when the job is preempted (also by a signal during that
+    last save, once it is complete)."""
     model.train()
     first_step = progress.step
     samples, started = 0, time.perf_counter()
@@ -739,7 +738,8 @@ def train(
 def _exit_preempted(accelerator, checkpoint: Path) -> None:
     cause = preemption.received or "signal on another rank"
     log(f"[Preempted] {cause}: checkpoint saved to {checkpoint}, exiting with {PREEMPTED_EXIT_CODE}")
-    end_run(accelerator, PREEMPTED_EXIT_CODE)
+    end_run(accelerator)
+    raise Preempted
 
 
 @torch.no_grad()
@@ -808,27 +808,16 @@ def finish(accelerator, model, progress, args, results: dict) -> None:
     end_run(accelerator)
 
 
-def end_run(accelerator, code: int = 0) -> None:
-    """Ends the trackers and the process group, then exits with ``code`` unless it is 0 and there is a
-    single process, which returns.
-
-    A multi-process run ends its process here, its output flushed, without the interpreter's
-    finalization: a gloo worker thread still releasing a collective's tensors when finalization
-    begins aborts the process ("terminate called without an active exception", exit -6) now and then,
-    after all the work is done, and a scheduler would count the job as failed. destroy_process_group
-    cannot stop those threads while the prepared model keeps the group (pytorch/pytorch#190489)."""
-    multi_process = accelerator.num_processes > 1
+def end_run(accelerator) -> None:
+    """Ends the trackers, the output folder's lock and, through ``launch.entry.run``, the process: a
+    multi-process run ends it without the interpreter's finalization (``entry.end_without_finalization``;
+    destroy_process_group cannot stop gloo's threads while the prepared model keeps the group)."""
     accelerator.end_training()
     # Released here, not by os._exit: on a filesystem without file locks the lock is a file to delete.
     while _output_dir_locks:
         _output_dir_locks.popitem()[1].release()
-    if multi_process:
-        logging.shutdown()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
-    if code:
-        sys.exit(code)
+    if accelerator.num_processes > 1:
+        end_without_finalization()
 
 
 def log_decomposition(accelerator, dense_model, cost, changes, seconds, example_input, info_path=None) -> dict:

@@ -29,6 +29,7 @@ import torchvision
 
 from launch.args import add_policy_args, check_distinct, check_writable, policy_of
 from launch.barrier import Artifacts, decompose
+from launch.entry import RunError, run_main
 from launch.mnist import Net
 from lowrank.io import atomic_write, load_state_dict, load_weights, make_parent_dirs, save_state_dict
 
@@ -54,8 +55,8 @@ def get_args_parser():
 def main(args):
     models = torchvision.models.list_models(module=torchvision.models)  # the classification ones
     if args.model != "mnist" and args.model not in models:
-        sys.exit(
-            f"error: --model {args.model} is neither 'mnist' nor one of torchvision's classifiers: {', '.join(models)}"
+        raise RunError(
+            f"--model {args.model} is neither 'mnist' nor one of torchvision's classifiers: {', '.join(models)}"
         )
     check_distinct(args, "pretrained_path", "decompose_info_path", "decomposed_weights_path")
     check_writable(args, ["decompose_info_path", "decomposed_weights_path"])
@@ -76,7 +77,7 @@ def main(args):
             model = torchvision.models.get_model(args.model, num_classes=classes)
         load_weights(model, state_dict, args.pretrained_path)
     except (FileNotFoundError, ValueError) as error:  # they name the file and what is wrong with it
-        sys.exit(f"error: --pretrained-path (for --model {args.model}): {error}")
+        raise RunError(f"--pretrained-path (for --model {args.model}): {error}") from None
     info_path = Path(args.decompose_info_path)
     make_parent_dirs(info_path)
     # The lock that online runs take on the same paths: two jobs never interleave their two files.
@@ -110,4 +111,4 @@ def _identity(path: Path) -> tuple[int, int] | None:
 
 
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    run_main(main, get_args_parser().parse_args())

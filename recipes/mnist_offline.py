@@ -13,5 +13,7 @@ Also under ``torchrun --nproc_per_node 2`` and plain ``python``; see mnist_train
 
 from mnist_train import get_args_parser, main
 
+from launch.entry import run_main
+
 if __name__ == "__main__":
-    main(get_args_parser(run_mode="offline", lr=0.001).parse_args())
+    run_main(main, get_args_parser(run_mode="offline", lr=0.001).parse_args())

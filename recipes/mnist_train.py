@@ -48,6 +48,7 @@ from launch.args import (
     positive_float,
     positive_int,
 )
+from launch.entry import run_main
 from launch.mnist import Net, load_mnist
 from launch.runner import (
     Progress,
@@ -167,4 +168,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    run_main(main, get_args_parser().parse_args())

@@ -56,7 +56,6 @@ import argparse
 import copy
 import functools
 import math
-import sys
 from pathlib import Path
 
 import torch
@@ -78,6 +77,7 @@ from launch.args import (
     positive_int,
     probability,
 )
+from launch.entry import RunError, run_main
 from launch.runner import (
     Progress,
     ShuffleByEpoch,
@@ -213,19 +213,17 @@ def load_data(args):
     folders = {split: Path(args.data_path) / split for split in ("train", "val")}
     missing = [str(folder) for folder in folders.values() if not folder.is_dir()]
     if missing:
-        raise SystemExit(f"error: --data-path {args.data_path} has no {' and no '.join(missing)} (ImageFolder layout)")
+        raise RunError(f"--data-path {args.data_path} has no {' and no '.join(missing)} (ImageFolder layout)")
     splits = {}
     for split, transform in (("train", train_transform), ("val", val_transform)):
         try:
             splits[split] = datasets.ImageFolder(folders[split], transform, loader=load_image)
         except FileNotFoundError as error:  # no class folder, or one without images
-            raise SystemExit(f"error: --data-path {args.data_path}: {folders[split]}: {error}") from None
+            raise RunError(f"--data-path {args.data_path}: {folders[split]}: {error}") from None
     train_set, val_set = splits["train"], splits["val"]
     unknown = sorted(set(val_set.classes) - set(train_set.classes))
     if unknown:
-        raise SystemExit(
-            f"error: --data-path {args.data_path}: val/ holds class folders that train/ lacks: {_some(unknown)}"
-        )
+        raise RunError(f"--data-path {args.data_path}: val/ holds class folders that train/ lacks: {_some(unknown)}")
     # Each folder numbers its own classes (sorted names): val/'s labels are given train/'s numbers, which
     # differ where val/ lacks a class.
     number = {val_set.class_to_idx[name]: train_set.class_to_idx[name] for name in val_set.classes}
@@ -233,9 +231,7 @@ def load_data(args):
     val_set.targets = [label for _, label in val_set.samples]
     val_set.classes, val_set.class_to_idx = train_set.classes, train_set.class_to_idx
     if len(train_set.classes) < 2:  # the loss would be 0 and the accuracy 100% whatever the model
-        raise SystemExit(
-            f"error: --data-path {args.data_path} has a single class folder: a classifier needs two or more"
-        )
+        raise RunError(f"--data-path {args.data_path} has a single class folder: a classifier needs two or more")
     return train_set, val_set
 
 
@@ -261,8 +257,8 @@ def check_weights(name, classes) -> None:
     classes than the dataset's."""
     categories = len(torchvision.models.ResNet50_Weights[name].meta["categories"])
     if categories != classes:
-        raise SystemExit(
-            f"error: --weights {name} has {categories} classes, the dataset {classes}; "
+        raise RunError(
+            f"--weights {name} has {categories} classes, the dataset {classes}; "
             "pass a --pretrained-path with a matching classifier"
         )
 
@@ -293,7 +289,7 @@ def warmup_cosine(warmup_steps, total_steps):
 
 def main(args):
     if args.weights and args.pretrained_path:
-        sys.exit("error: --weights and --pretrained-path both give the pretrained weights: pass one")
+        raise RunError("--weights and --pretrained-path both give the pretrained weights: pass one")
     mode = check_mode_args(args, pretrained="weights")
     args.lr = args.lr if args.lr is not None else (0.1 if mode == "baseline" else 0.01)
     # The data and the class count of --weights are checked on every rank, before a training run without
@@ -314,16 +310,16 @@ def main(args):
     # statistics (float32), a mix torch's batch_norm refuses at the first forward pass.
     deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
     if deepspeed and accelerator.mixed_precision != "no":
-        raise SystemExit(
-            f"error: mixed precision {accelerator.mixed_precision} (--mixed-precision or the launcher's config) "
+        raise RunError(
+            f"mixed precision {accelerator.mixed_precision} (--mixed-precision or the launcher's config) "
             "does not run under DeepSpeed, which casts BatchNorm's weights but not its running statistics: "
             "pass --mixed-precision no, or launch without DeepSpeed (Accelerate's autocast)"
         )
     # DeepSpeed broadcasts the parameters as bytes (a view that needs a unit last stride, which a
     # channels_last 4-D weight lacks) and ZeRO copies them into flat, contiguous buffers.
     if deepspeed and args.channels_last:
-        raise SystemExit(
-            "error: --channels-last does not run under DeepSpeed, which takes contiguous (NCHW) weights: drop "
+        raise RunError(
+            "--channels-last does not run under DeepSpeed, which takes contiguous (NCHW) weights: drop "
             "--channels-last, or launch without DeepSpeed"
         )
     if args.channels_last is None:
@@ -332,8 +328,8 @@ def main(args):
     schedule = ("epochs", "steps", "lr_warmup_epochs", "label_smoothing")
     checkpoint = checkpoint_to_resume(args, accelerator.num_processes, recipe_settings=schedule)
     if args.test_only and mode == "baseline" and not (checkpoint or args.pretrained_path or args.weights):
-        sys.exit(
-            "error: --test-only would evaluate a randomly initialised model: give --pretrained-path or --weights, "
+        raise RunError(
+            "--test-only would evaluate a randomly initialised model: give --pretrained-path or --weights, "
             "or --resume with a checkpoint in --output-dir"
         )
     set_seed(args.seed)
@@ -421,4 +417,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    run_main(main, get_args_parser().parse_args())

@@ -9,6 +9,7 @@ import sys
 import torch.distributed as dist
 
 from launch import runner
+from launch.entry import run_main
 
 
 def main():
@@ -25,4 +26,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

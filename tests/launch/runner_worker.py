@@ -14,6 +14,7 @@ from torch import nn
 
 from launch import runner
 from launch.barrier import global_rank
+from launch.entry import run_main
 
 
 def main():
@@ -69,4 +70,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

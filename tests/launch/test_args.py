@@ -14,6 +14,7 @@ from launch.args import (
     positive_int,
     probability,
 )
+from launch.entry import RunError
 
 
 def parse(*argv, **defaults):
@@ -88,26 +89,26 @@ def test_output_paths_that_cannot_be_written_are_named_before_any_work(tmp_path)
         add_decomposition_args(parser, run_mode="online")
         add_output_args(parser, output_dir=str(tmp_path / "out"))
         args = parser.parse_args(["--pretrained-path", str(pretrained), *argv])
-        with pytest.raises(SystemExit) as stopped:
+        with pytest.raises(RunError) as stopped:
             check_mode_args(args)
-        return str(stopped.value.code)
+        return str(stopped.value)
 
-    assert check("--output-dir", str(a_file)) == f"error: --output-dir {a_file} is a file"
+    assert check("--output-dir", str(a_file)) == f"--output-dir {a_file} is a file"
     assert (
         check("--save-path", str(a_file / "w.pth"))
-        == f"error: --save-path {a_file / 'w.pth'}: {a_file} is a file, not a folder"
+        == f"--save-path {a_file / 'w.pth'}: {a_file} is a file, not a folder"
     )
     (tmp_path / "folder").mkdir()
-    assert check("--save-path", str(tmp_path / "folder")) == f"error: --save-path {tmp_path / 'folder'} is a folder"
-    assert check("--decompose-info-path", str(a_file / "x" / "info.json")).startswith("error: --decompose-info-path")
+    assert check("--save-path", str(tmp_path / "folder")) == f"--save-path {tmp_path / 'folder'} is a folder"
+    assert check("--decompose-info-path", str(a_file / "x" / "info.json")).startswith("--decompose-info-path")
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "checkpoints").write_text("")  # where the first checkpoint would go, hours later
     assert check("--output-dir", str(tmp_path / "run")) == (
-        f"error: --output-dir: {tmp_path / 'run' / 'checkpoints'} is a file"
+        f"--output-dir: {tmp_path / 'run' / 'checkpoints'} is a file"
     )
     # A folder that refuses new files (root ignores permissions; /proc refuses it too)
     assert check("--save-path", "/proc/final.pth").startswith(
-        "error: --save-path /proc/final.pth: cannot create files in /proc ("
+        "--save-path /proc/final.pth: cannot create files in /proc ("
     )
 
 
@@ -121,13 +122,13 @@ def test_decomposition_flags_without_tensor_decompose_are_refused(tmp_path):
         args = parser.parse_args(argv)
         try:
             return check_mode_args(args)
-        except SystemExit as stopped:
-            return str(stopped.code)
+        except RunError as stopped:
+            return str(stopped)
 
     assert check("--run-mode", "offline") == (
-        "error: --run-mode need(s) --tensor-decompose; without it the run trains the dense model"
+        "--run-mode need(s) --tensor-decompose; without it the run trains the dense model"
     )
-    assert check("--decompose-info-path", "i.json").startswith("error: --decompose-info-path need(s)")
+    assert check("--decompose-info-path", "i.json").startswith("--decompose-info-path need(s)")
     assert check() == "baseline"
     pretrained = tmp_path / "dense.pth"
     pretrained.write_bytes(b"")
@@ -138,12 +139,12 @@ def test_decomposition_flags_without_tensor_decompose_are_refused(tmp_path):
 @pytest.mark.parametrize(
     "run_mode, argv, message",
     [
-        (None, ["--ratio", "0.5"], "error: --ratio need(s) --tensor-decompose; without it the run trains the dense"),
-        (None, ["--vbmf", "--method", "tucker2"], "error: --method, --vbmf need(s) --tensor-decompose"),
-        ("offline", ["--energy", "0.9"], "error: --energy: not used offline, where the structure and the weights"),
-        ("offline", ["--divisor", "8"], "error: --divisor: not used offline"),
-        ("offline", ["--pretrained-path", "{pretrained}", "--method", "svd"], "error: --method, --pretrained-path:"),
-        ("offline", ["--ratio", "0.3"], "error: --ratio: not used offline"),  # lowrank's rules, given
+        (None, ["--ratio", "0.5"], "--ratio need(s) --tensor-decompose; without it the run trains the dense"),
+        (None, ["--vbmf", "--method", "tucker2"], "--method, --vbmf need(s) --tensor-decompose"),
+        ("offline", ["--energy", "0.9"], "--energy: not used offline, where the structure and the weights"),
+        ("offline", ["--divisor", "8"], "--divisor: not used offline"),
+        ("offline", ["--pretrained-path", "{pretrained}", "--method", "svd"], "--method, --pretrained-path:"),
+        ("offline", ["--ratio", "0.3"], "--ratio: not used offline"),  # lowrank's rules, given
         ("offline", ["--divisor", "1"], None),  # the default, given: changes nothing
         ("online", ["--pretrained-path", "{pretrained}", "--energy", "0.9"], None),
     ],
@@ -163,9 +164,9 @@ def test_flags_the_mode_would_ignore_are_refused(tmp_path, run_mode, argv, messa
     if message is None:
         assert check_mode_args(args) == run_mode
     else:
-        with pytest.raises(SystemExit) as stopped:
+        with pytest.raises(RunError) as stopped:
             check_mode_args(args)
-        assert str(stopped.value.code).startswith(message)
+        assert str(stopped.value).startswith(message)
 
 
 def test_the_two_artifacts_cannot_be_one_file(tmp_path):
@@ -175,10 +176,10 @@ def test_the_two_artifacts_cannot_be_one_file(tmp_path):
     same = tmp_path / "same"
     same.write_text("")
     args = parser.parse_args(["--decompose-info-path", str(same), "--decomposed-weights-path", f"{tmp_path}/./same"])
-    with pytest.raises(SystemExit) as stopped:
+    with pytest.raises(RunError) as stopped:
         check_mode_args(args)
-    assert str(stopped.value.code) == (
-        f"error: --decompose-info-path and --decomposed-weights-path are the same file {same}: give each its own"
+    assert str(stopped.value) == (
+        f"--decompose-info-path and --decomposed-weights-path are the same file {same}: give each its own"
     )
 
 
@@ -200,10 +201,10 @@ def test_an_artifact_inside_another_is_refused(tmp_path):
             f"{info}/w.pth",
         ]
     )
-    with pytest.raises(SystemExit) as stopped:
+    with pytest.raises(RunError) as stopped:
         check_mode_args(args)
-    assert str(stopped.value.code) == (
-        f"error: --decompose-info-path {info} and --decomposed-weights-path {info}/w.pth: one lies inside the other: "
+    assert str(stopped.value) == (
+        f"--decompose-info-path {info} and --decomposed-weights-path {info}/w.pth: one lies inside the other: "
         "give each its own"
     )
     assert not info.exists()
@@ -235,7 +236,7 @@ def test_the_save_path_and_the_artifacts_cannot_be_an_input(tmp_path, run_mode, 
             f"{tmp_path}/out/w.pth",
         ]
     args = parser.parse_args([*paths, *(arg.format(out=tmp_path / "out", pretrained=pretrained) for arg in argv)])
-    with pytest.raises(SystemExit, match=f"error: {flags} are the same file .*: give each its own"):
+    with pytest.raises(RunError, match=f"{flags} are the same file .*: give each its own"):
         check_mode_args(args)
 
 
@@ -266,9 +267,9 @@ def test_files_cannot_take_the_output_dirs_places(tmp_path, argv, message):
     if message is None:
         assert check_mode_args(args) == "baseline"
     else:
-        with pytest.raises(SystemExit) as stopped:
+        with pytest.raises(RunError) as stopped:
             check_mode_args(args)
-        assert str(stopped.value.code).startswith(f"error: {message.format(out=out, out_parent=out.parent)}")
+        assert str(stopped.value).startswith(f"{message.format(out=out, out_parent=out.parent)}")
 
 
 def test_a_baseline_may_train_its_pretrained_weights_in_place(tmp_path):

@@ -16,6 +16,7 @@ from filelock import FileLock
 import lowrank
 from launch import barrier
 from launch.barrier import Artifacts, BarrierError, decompose_once, load_decomposed, parameters_digest, run_token
+from launch.entry import Preempted
 from lowrank.io import save_state_dict
 from tests.conftest import torchrun
 from tests.launch.barrier_worker import small_model
@@ -241,11 +242,11 @@ def test_the_others_tell_a_stopped_rank_zero_from_a_failed_one(tmp_path):
     artifacts = Artifacts(tmp_path / "decompose_info.json", tmp_path / "decomposed_weights.pth")
 
     def preempted(model):  # the runner's SIGTERM handler, while rank 0 decomposes
-        raise SystemExit(75)
+        raise Preempted
 
-    with pytest.raises(SystemExit):
+    with pytest.raises(Preempted):
         decompose_once(small_model(), artifacts, preempted, pretrained(tmp_path / "p.pth", 0), {}, "this-run")
-    with pytest.raises(BarrierError, match=r"it was stopped \(SystemExit: 75\) by a signal \(a time limit, a preempt"):
+    with pytest.raises(BarrierError, match=r"it was stopped \(Preempted: 75\) by a signal \(a time limit, a preempt"):
         barrier._wait_for_marker(artifacts, "this-run", timeout=1)
     assert not artifacts.info_path.exists() and not artifacts.weights_path.exists()
 

@@ -20,6 +20,7 @@ from safetensors import SafetensorError
 
 import lowrank
 from launch import runner
+from launch.entry import RunError
 from launch.runner import (
     PREEMPTED_EXIT_CODE,
     Preemption,
@@ -89,21 +90,21 @@ def test_resume_needs_the_same_settings(trainer, tmp_path):
     saved = save_checkpoint(accelerator, tmp_path, progress, run_args(tmp_path))
     assert checkpoint_to_resume(run_args(tmp_path, steps=10), world_size=1) == saved  # --steps may change
     with pytest.raises(
-        SystemExit,
+        RunError,
         match=r"saved with other settings: --ratio 0.3 \(now 0.5\), the number of "
         r"processes 1 \(now 2\)",
     ):
         checkpoint_to_resume(run_args(tmp_path, ratio=0.5), world_size=2)
     # The optimizer's state, restored on a resume, holds the learning rate: a new one would not be used.
     save_checkpoint(accelerator, tmp_path, progress, run_args(tmp_path, lr=0.1))
-    with pytest.raises(SystemExit, match=r"--lr 0.1 \(now 0.5\)"):
+    with pytest.raises(RunError, match=r"--lr 0.1 \(now 0.5\)"):
         checkpoint_to_resume(run_args(tmp_path, lr=0.5), world_size=1)
     # Saved before --divisor existed: its ranks were not rounded, and rounded ones would not fit them.
     run_json = saved / "run.json"
     run_json.write_text(
         json.dumps({key: value for key, value in json.loads(run_json.read_text()).items() if key != "divisor"})
     )
-    with pytest.raises(SystemExit, match=r"--divisor 1 \(now 8\)"):
+    with pytest.raises(RunError, match=r"--divisor 1 \(now 8\)"):
         checkpoint_to_resume(run_args(tmp_path, lr=0.1, divisor=8), world_size=1)
     assert checkpoint_to_resume(run_args(tmp_path, lr=0.1, divisor=1), world_size=1) == saved
     assert checkpoint_to_resume(run_args(tmp_path / "empty"), world_size=1) is None
@@ -114,12 +115,12 @@ def test_a_resume_keeps_the_recipes_settings_and_an_evaluation_only_the_models(t
     progress.step = 5
     saved = save_checkpoint(accelerator, tmp_path, progress, run_args(tmp_path, epochs=2, lr=0.1))
     # A recipe's learning-rate schedule: a resumed scheduler keeps its step, and would switch curves.
-    with pytest.raises(SystemExit, match=r"saved with other settings: --epochs 2 \(now 3\)"):
+    with pytest.raises(RunError, match=r"saved with other settings: --epochs 2 \(now 3\)"):
         checkpoint_to_resume(run_args(tmp_path, epochs=3, lr=0.1), world_size=1, recipe_settings=("epochs",))
     # An evaluation depends on the model's structure alone, not on the training's settings.
     evaluation = run_args(tmp_path, epochs=3, lr=0.5, test_only=True)
     assert checkpoint_to_resume(evaluation, world_size=2, recipe_settings=("epochs",)) == saved
-    with pytest.raises(SystemExit, match=r"saved with other settings: --ratio 0.3 \(now 0.5\)\."):
+    with pytest.raises(RunError, match=r"saved with other settings: --ratio 0.3 \(now 0.5\)\."):
         checkpoint_to_resume(run_args(tmp_path, ratio=0.5, lr=0.5, test_only=True), world_size=2)
 
 
@@ -129,15 +130,15 @@ def test_a_deepspeed_checkpoint_resumes_under_deepspeed_with_as_many_processes(t
     saved = save_checkpoint(accelerator, tmp_path, progress, run_args(tmp_path))
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")  # as accelerate launch --use_deepspeed sets it
     for evaluating in (False, True):
-        with pytest.raises(SystemExit, match=r"saved with other settings: the launcher's DeepSpeed off \(now on\)\."):
+        with pytest.raises(RunError, match=r"saved with other settings: the launcher's DeepSpeed off \(now on\)\."):
             checkpoint_to_resume(run_args(tmp_path, test_only=evaluating), world_size=1)
     saved = save_checkpoint(accelerator, tmp_path, progress, run_args(tmp_path))
     # Its ZeRO shards are per process: an evaluation too needs as many.
-    with pytest.raises(SystemExit, match=r"the number of processes 1 \(now 2\)"):
+    with pytest.raises(RunError, match=r"the number of processes 1 \(now 2\)"):
         checkpoint_to_resume(run_args(tmp_path, test_only=True), world_size=2)
     assert checkpoint_to_resume(run_args(tmp_path, test_only=True), world_size=1) == saved
     monkeypatch.delenv("ACCELERATE_USE_DEEPSPEED")
-    with pytest.raises(SystemExit, match=r"DeepSpeed on \(now off\)"):
+    with pytest.raises(RunError, match=r"DeepSpeed on \(now off\)"):
         checkpoint_to_resume(run_args(tmp_path), world_size=1)
     # Saved before run.json recorded the launcher: told by DeepSpeed's model folder.
     run_json = saved / "run.json"
@@ -145,7 +146,7 @@ def test_a_deepspeed_checkpoint_resumes_under_deepspeed_with_as_many_processes(t
         json.dumps({key: value for key, value in json.loads(run_json.read_text()).items() if key != "deepspeed"})
     )
     (saved / "pytorch_model").mkdir()
-    with pytest.raises(SystemExit, match=r"DeepSpeed on \(now off\)"):
+    with pytest.raises(RunError, match=r"DeepSpeed on \(now off\)"):
         checkpoint_to_resume(run_args(tmp_path), world_size=1)
 
 
@@ -159,7 +160,7 @@ def test_a_deepspeed_checkpoint_resumes_under_the_same_zero_stage(trainer, tmp_p
     monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "3")
     # Named before any work, not by DeepSpeed's bare AssertionError once the model is built.
     for evaluating in (False, True):
-        with pytest.raises(SystemExit, match=r"saved with other settings: DeepSpeed's ZeRO stage 2 \(now 3\)\."):
+        with pytest.raises(RunError, match=r"saved with other settings: DeepSpeed's ZeRO stage 2 \(now 3\)\."):
             checkpoint_to_resume(run_args(tmp_path, test_only=evaluating), world_size=1)
     monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2")
     assert checkpoint_to_resume(run_args(tmp_path), world_size=1) == saved
@@ -213,7 +214,7 @@ def test_a_damaged_checkpoint_gives_way_to_the_one_before(trainer, tmp_path, cap
 
 def test_a_second_job_on_the_same_output_dir_is_refused(trainer, tmp_path):
     running_there = FileLock(tmp_path / ".lock")  # held by a job still running there
-    with running_there, pytest.raises(SystemExit, match=f"error: another job is using --output-dir {tmp_path}"):
+    with running_there, pytest.raises(RunError, match=f"another job is using --output-dir {tmp_path}"):
         checkpoint_to_resume(run_args(tmp_path), world_size=1)
     assert checkpoint_to_resume(run_args(tmp_path), world_size=1) is None  # once it has ended
     runner.end_run(trainer[0])  # this run ends: the next one may start there
@@ -230,7 +231,7 @@ def test_a_failed_save_is_named_and_leaves_no_partial_checkpoint(trainer, tmp_pa
         raise SafetensorError("Error while serializing: I/O error: No space left on device")
 
     monkeypatch.setattr(accelerator, "save_state", disk_full)
-    with pytest.raises(SystemExit, match=r"could not save the checkpoint .*step_0: SafetensorError: .* GiB free on"):
+    with pytest.raises(RunError, match=r"could not save the checkpoint .*step_0: SafetensorError: .* GiB free on"):
         save_checkpoint(accelerator, tmp_path, progress, run_args(tmp_path))
     assert os.listdir(tmp_path / "checkpoints") == []
 
@@ -282,7 +283,7 @@ def test_checkpoints_of_the_previous_release_resume(trainer, tmp_path):
 def test_a_training_set_without_a_full_batch_per_process_is_named():
     check_train_batches(64, 32, 2)
     with pytest.raises(
-        SystemExit,
+        RunError,
         match="--train-batch-size 32 x 2 process\\(es\\) needs at least 64 training samples; the training set has 63",
     ):
         check_train_batches(63, 32, 2)
@@ -392,7 +393,7 @@ def test_a_launcher_overriding_the_gradient_accumulation_is_refused(tmp_path, mo
     # What accelerate launch exports for gradient_accumulation_steps in its config: Accelerate prefers it.
     monkeypatch.setenv("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "1")
     with pytest.raises(
-        SystemExit,
+        RunError,
         match=r"the launcher sets gradient accumulation to 1 step\(s\), which Accelerate would use instead of the "
         r"recipe's 2 \(--gradient-accumulation-steps",
     ):
@@ -404,14 +405,14 @@ def test_a_setting_accelerate_refuses_is_named_without_a_traceback(tmp_path, mon
         raise ValueError("bf16 mixed precision requires PyTorch >= 1.10 and a supported device.")
 
     monkeypatch.setattr(runner, "Accelerator", refuse)
-    with pytest.raises(SystemExit, match=r"error: bf16 mixed precision requires .* \(from the recipe's flags or"):
+    with pytest.raises(RunError, match=r"bf16 mixed precision requires .* \(from the recipe's flags or"):
         runner.create_accelerator(use_gpu=False, output_dir=tmp_path)
 
 
 def test_fp16_on_the_cpu_is_refused(tmp_path, monkeypatch):
     """Accelerate autocasts to fp16 on GPUs only: the run would train in float32 without a word."""
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "fp16")  # as accelerate launch --mixed_precision fp16 sets it
-    with pytest.raises(SystemExit, match=r"error: mixed precision fp16 .* runs on GPUs only, and this run is on"):
+    with pytest.raises(RunError, match=r"mixed precision fp16 .* runs on GPUs only, and this run is on"):
         runner.create_accelerator(use_gpu=False, output_dir=tmp_path)
 
 
@@ -420,7 +421,7 @@ def test_an_init_method_on_the_launchers_own_port_is_refused(tmp_path, monkeypat
     launcher = {"LOCAL_RANK": "0", "RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29511"}
     for name, value in launcher.items():
         monkeypatch.setenv(name, value)
-    with pytest.raises(SystemExit, match=r"--init-method tcp://127.0.0.1:29511: the launcher already listens there"):
+    with pytest.raises(RunError, match=r"--init-method tcp://127.0.0.1:29511: the launcher already listens there"):
         runner.create_accelerator(use_gpu=False, output_dir=tmp_path, init_method="tcp://127.0.0.1:29511")
 
 
@@ -429,7 +430,7 @@ def test_a_checkpoint_of_another_model_is_named(trainer, tmp_path):
     path = save_checkpoint(accelerator, tmp_path, progress, run_args(tmp_path))
     other = Accelerator(cpu=True)
     other.prepare(torch.nn.Linear(5, 2))
-    with pytest.raises(SystemExit, match=f"error: {path} does not fit the model built now"):
+    with pytest.raises(RunError, match=f"{path} does not fit the model built now"):
         load_checkpoint(other, path, Progress())
 
 
@@ -437,8 +438,8 @@ def test_pretrained_weights_of_another_model_are_named(tmp_path):
     weights = tmp_path / "other.pth"
     save_state_dict(torch.nn.Linear(5, 2).state_dict(), weights)
     with pytest.raises(
-        SystemExit,
-        match=f"error: rank 0: --pretrained-path: {weights} does not fit the model: "
+        RunError,
+        match=f"rank 0: --pretrained-path: {weights} does not fit the model: "
         r"1 key of another shape \(weight 2x5 \(model: 2x3\)\)$",
     ):
         prepare_model(torch.nn.Linear(3, 2), "baseline", pretrained_path=weights)
@@ -448,7 +449,7 @@ def test_damaged_pretrained_weights_are_named_and_nothing_is_written(tmp_path):
     garbage = tmp_path / "garbage.pth"
     garbage.write_bytes(b"garbage")
     info, weights = tmp_path / "out" / "decompose_info.json", tmp_path / "out" / "decomposed_weights.pth"
-    with pytest.raises(SystemExit, match=f"error: rank 0: --pretrained-path: cannot read weights file {garbage}"):
+    with pytest.raises(RunError, match=f"rank 0: --pretrained-path: cannot read weights file {garbage}"):
         prepare_model(
             torch.nn.Sequential(torch.nn.Linear(64, 64)), "online", pretrained_path=garbage, info_path=info,
             weights_path=weights, policy={"ratio": 0.3},
@@ -475,7 +476,7 @@ def test_damaged_offline_files_are_named_by_their_flag(tmp_path, damage, message
     else:
         save_state_dict(torch.nn.Sequential(torch.nn.Linear(64, 64)).state_dict(), weights)
     message = message.format(info=info, weights=weights)
-    with pytest.raises(SystemExit, match=f"error: rank 0: {message}"):
+    with pytest.raises(RunError, match=f"rank 0: {message}"):
         prepare_model(torch.nn.Sequential(torch.nn.Linear(64, 64)), "offline", info_path=info, weights_path=weights)
 
 
@@ -488,7 +489,7 @@ def test_a_full_disk_at_the_end_is_named(trainer, tmp_path, monkeypatch):
     monkeypatch.setattr(runner, "save_state_dict", disk_full)
     args = run_args(tmp_path, save_path=str(tmp_path / "weights.pth"))
     with pytest.raises(
-        SystemExit, match=f"could not save --save-path {args.save_path}: RuntimeError: .* GiB free"
+        RunError, match=f"could not save --save-path {args.save_path}: RuntimeError: .* GiB free"
     ) as error:
         runner.finish(accelerator, model, progress, args, {})
     assert str(error.value).endswith(

@@ -8,6 +8,7 @@ import safetensors.torch
 import torch
 import torchvision
 
+from launch.entry import RunError
 from tests.conftest import RECIPES
 
 
@@ -46,7 +47,7 @@ def test_class_count_of_a_safetensors_file(recipe, tmp_path):
 def test_paths_inside_each_other_are_refused_before_any_work(recipe, tmp_path):
     torch.save(torchvision.models.resnet18().state_dict(), tmp_path / "r18.pth")
     info = tmp_path / "out"
-    with pytest.raises(SystemExit) as error:
+    with pytest.raises(RunError) as error:
         run_main(
             recipe,
             "--model",
@@ -59,7 +60,7 @@ def test_paths_inside_each_other_are_refused_before_any_work(recipe, tmp_path):
             info / "weights.pth",
         )
     assert str(error.value) == (
-        f"error: --decompose-info-path {info} and --decomposed-weights-path {info}/weights.pth: one lies inside "
+        f"--decompose-info-path {info} and --decomposed-weights-path {info}/weights.pth: one lies inside "
         "the other: give each its own"
     )
     assert sorted(path.name for path in tmp_path.iterdir()) == ["r18.pth"]  # nothing written

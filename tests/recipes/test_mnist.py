@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from launch.barrier import Artifacts
+from launch.entry import RunError
 from launch.mnist import Net
 from tests.conftest import (
     DATA,
@@ -316,9 +317,9 @@ def test_decompose_model_names_bad_inputs(model, saved, message, tmp_path, capsy
     torch.save(weights, tmp_path / "pretrained.pth")
     paths = ["--decompose-info-path", tmp_path / "info.json", "--decomposed-weights-path", tmp_path / "weights.pth"]
     args = ["--model", model, "--pretrained-path", tmp_path / "pretrained.pth", *paths]
-    with pytest.raises(SystemExit) as error:
+    with pytest.raises(RunError) as error:
         recipe["main"](recipe["get_args_parser"]().parse_args(list(map(str, args))))
-    assert message in str(error.value) and str(error.value).startswith("error: --")
+    assert message in str(error.value) and str(error.value).startswith("--")
     assert model == "resnet5" or f"(for --model {model}): " in str(error.value)
     assert sorted(path.name for path in tmp_path.iterdir()) == ["pretrained.pth"]  # nothing written
 

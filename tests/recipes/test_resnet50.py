@@ -16,6 +16,7 @@ import torchvision
 from msmodelslim.pytorch import low_rank_decompose as msmodelslim
 from PIL import Image
 
+from launch.entry import RunError
 from lowrank.io import save_state_dict
 from lowrank.msmodelslim import config_json
 from tests.conftest import RECIPES, accelerate_launch, free_port, needs_deepspeed, run, torchrun
@@ -203,9 +204,9 @@ def image_folder(root, classes, count=1):
 def test_class_folders_that_would_mislabel_are_refused(classes, message, tmp_path):
     recipe = runpy.run_path(str(RECIPE))
     args = recipe["get_args_parser"]().parse_args(["--data-path", str(image_folder(tmp_path, classes))])
-    with pytest.raises(SystemExit) as error:
+    with pytest.raises(RunError) as error:
         recipe["load_data"](args)
-    assert str(error.value).startswith(f"error: --data-path {tmp_path}") and message in str(error.value)
+    assert str(error.value).startswith(f"--data-path {tmp_path}") and message in str(error.value)
 
 
 def test_a_val_folder_with_fewer_classes_keeps_the_labels_of_train(tmp_path):
@@ -223,9 +224,9 @@ def test_a_class_folder_without_images_is_named(tmp_path):
     (tmp_path / "train" / "emu").mkdir()
     (tmp_path / "train" / "emu" / "README.txt").write_text("")
     args = recipe["get_args_parser"]().parse_args(["--data-path", str(tmp_path)])
-    with pytest.raises(SystemExit) as error:
+    with pytest.raises(RunError) as error:
         recipe["load_data"](args)
-    assert str(error.value).startswith(f"error: --data-path {tmp_path}: {tmp_path / 'train'}: Found no valid file for")
+    assert str(error.value).startswith(f"--data-path {tmp_path}: {tmp_path / 'train'}: Found no valid file for")
 
 
 def test_images_16_bit_are_scaled_and_unreadable_ones_named(tmp_path):
@@ -249,12 +250,12 @@ def test_weights_that_do_not_fit_are_named_before_any_work(imagenet, tmp_path, m
     for flags, message in (
         (
             ["--pretrained-path", str(tmp_path / "r18.pth"), "--weights", "DEFAULT"],
-            "error: --weights and --pretrained-path both give the pretrained weights: pass one",
+            "--weights and --pretrained-path both give the pretrained weights: pass one",
         ),
         # torchvision's references spell the name with its enum's
-        (["--weights", "ResNet50_Weights.DEFAULT"], "error: --weights DEFAULT has 1000 classes, the dataset 2"),
+        (["--weights", "ResNet50_Weights.DEFAULT"], "--weights DEFAULT has 1000 classes, the dataset 2"),
     ):
-        with pytest.raises(SystemExit) as error:
+        with pytest.raises(RunError) as error:
             recipe["main"](recipe["get_args_parser"]().parse_args([*common, *flags]))
         assert str(error.value).startswith(message)
     assert not out.exists()
@@ -263,9 +264,9 @@ def test_weights_that_do_not_fit_are_named_before_any_work(imagenet, tmp_path, m
         raise urllib.error.URLError("[Errno -2] Name or service not known")
 
     monkeypatch.setattr(torchvision.models.ResNet50_Weights, "get_state_dict", offline)
-    with pytest.raises(SystemExit) as error:
+    with pytest.raises(RunError) as error:
         recipe["rank_zero_first"](lambda: recipe["pretrained_weights_path"]("IMAGENET1K_V2"), "--weights IMAGENET1K_V2")
-    assert str(error.value).startswith("error: --weights IMAGENET1K_V2: cannot download https://")
+    assert str(error.value).startswith("--weights IMAGENET1K_V2: cannot download https://")
     assert "pass it as --pretrained-path" in str(error.value)
 
 
