@@ -45,8 +45,8 @@ from filelock import FileLock, Timeout
 from tqdm import tqdm
 
 import lowrank
-from lowrank.cli import inspect_table
 from lowrank.io import atomic_write, load_state_dict, load_weights, make_parent_dirs, save_state_dict
+from lowrank.report import inspect_table
 
 from .args import flag
 from .barrier import (

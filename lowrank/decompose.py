@@ -43,7 +43,7 @@ from .info import (
 from .io import unwritable
 from .log import logger
 from .methods import build_module, dense_cost, layer_spec, method_for, output_shape_changes
-from .modules import CONV2D_CONFIG, LINEAR_CONFIG, Factorized, replacement_class
+from .modules import CONV2D_CONFIG, LINEAR_CONFIG, build_replacement
 from .policy import RankPolicy
 from .stats import count_parameters
 
@@ -561,7 +561,7 @@ def _plan(model, policy: RankPolicy, conv_method: str, with_weights: bool, what:
     for unmatched in policy.unmatched(layers):
         example = f", such as {max(layers, key=lambda name: name.count('.'))!r}" if any(layers) else ""
         logger.warning("%s matches no conv or linear layer (expressions match whole names%s)", unmatched, example)
-    inputs = _capture_latency_inputs(model, policy, candidates) if policy.measures_latency else {}
+    inputs = latency.capture_for_policy(model, policy, candidates) if policy.measures_latency else {}
     replacements, measurements = [], {}
     # Timing builds default-initialised replacements and draws random inputs, as many as the timings
     # decide: the caller's random state is left as it was.
@@ -578,18 +578,6 @@ def _plan(model, policy: RankPolicy, conv_method: str, with_weights: bool, what:
             else:
                 replacements.append(replacement)
     return replacements, skipped, measurements
-
-
-def _capture_latency_inputs(model, policy: RankPolicy, candidates: dict) -> dict:
-    """The latency rule's inputs per layer (``latency.capture_inputs``), once the model can run."""
-    for name, layer in candidates.items():
-        rule, _ = policy.rule_for(name)
-        if rule is not None and rule.kind == "latency" and layer.weight.is_meta:
-            raise ValueError(
-                f"latency: {name!r} has its weights on the meta device, where nothing can run or be timed "
-                "(load the weights first)"
-            )
-    return latency.capture_inputs(model, policy.example_input, candidates)
 
 
 def _plan_layer(name, layer, policy, conv_method, with_weights, inputs, measurements):
@@ -610,7 +598,7 @@ def _plan_layer(name, layer, policy, conv_method, with_weights, inputs, measurem
         reason = output_shape_changes(layer, method.specs(layer, method.full_ranks(layer)))
         if reason:
             return reason, None
-        ranks, reason = _measure_ranks(name, layer, method, policy, rule, inputs, measurements)
+        ranks, reason = latency.measure_ranks(name, layer, method, policy, rule, inputs, measurements)
     else:
         ranks, reason = policy.choose_ranks(method, layer, rule)
     if ranks is None:
@@ -627,64 +615,6 @@ def _plan_layer(name, layer, policy, conv_method, with_weights, inputs, measurem
     return None, replacement
 
 
-def _measure_ranks(name, layer, method, policy, rule, inputs, measurements):
-    """``policy.choose_ranks`` under the latency rule, timing the dense layer and default-initialised
-    replacements (weights do not change timings) on ``inputs``; records every timing in ``measurements``."""
-    probes = []
-
-    def time_ranks(ranks):
-        module = layer if ranks is None else _replacement_module(layer, method.specs(layer, ranks), method.name)
-        seconds = latency.seconds(module, inputs)
-        probes.append({"ranks": None if ranks is None else list(ranks), "seconds": seconds})
-        return seconds
-
-    ranks, reason = policy.choose_ranks(method, layer, rule, time_ranks)
-    # The last timings of the dense layer and of the chosen ranks are the pair that decided.
-    dense = next((probe["seconds"] for probe in reversed(probes) if probe["ranks"] is None), None)
-    chosen = next((probe["seconds"] for probe in reversed(probes) if ranks and probe["ranks"] == list(ranks)), None)
-    measurements[name] = {
-        "target": rule.value,
-        "input_shapes": [list(spec.shape) for spec in inputs],
-        "dense_seconds": dense,
-        "decomposed_seconds": chosen,
-        "probes": probes,  # every timing in order; ranks None: the dense layer
-    }
-    if chosen is not None:
-        logger.info(
-            "Measured: %r: rank %s %.3f ms against dense %.3f ms (%.2f)",
-            name,
-            list(ranks),
-            1e3 * chosen,
-            1e3 * dense,
-            chosen / dense,
-        )
-    return ranks, reason
-
-
-def _replacement_module(layer: nn.Module, specs: list[dict], method: str, initialise: bool = True) -> Factorized:
-    """The replacement (``modules.replacement_class``) of ``specs`` on ``layer``'s device and dtype, in
-    its memory format, training mode and requires_grad: default-initialised, or uninitialised for
-    weights copied in next (which saves the work and leaves the caller's random state alone)."""
-    weight = layer.weight
-    device = weight.device if initialise else "meta"
-    modules = (build_module(spec, device=device, dtype=weight.dtype) for spec in specs)
-    new = replacement_class(layer, method)(*modules, layer=layer)
-    if not initialise:
-        new.to_empty(device=weight.device)
-    if (
-        weight.dim() == 4
-        and not weight.is_meta
-        and weight.is_contiguous(memory_format=torch.channels_last)
-        and not weight.is_contiguous()
-    ):
-        new.to(memory_format=torch.channels_last)
-    for module in new:
-        module.weight.requires_grad_(weight.requires_grad)
-    if getattr(layer, "bias", None) is not None:  # on the last module, as frozen or trainable as it was (BitFit)
-        new[-1].bias.requires_grad_(layer.bias.requires_grad)
-    return new.train(layer.training)
-
-
 @torch.no_grad()
 def _build(model: nn.Module, replacements: list[Replacement]) -> list[tuple[str, nn.Sequential]]:
     """Each planned layer's nn.Sequential, on the layer's device and dtype, keeping its memory format,
@@ -695,7 +625,7 @@ def _build(model: nn.Module, replacements: list[Replacement]) -> list[tuple[str,
         layer = model.get_submodule(replacement.name)
         new = _fill(
             layer,
-            _replacement_module(layer, replacement.specs, replacement.method, initialise=not replacement.weights),
+            build_replacement(layer, replacement.specs, replacement.method, initialise=not replacement.weights),
             replacement.weights,
         )
         # Layers that shared a weight (or bias) Parameter share their replacements' (AMCT keeps them tied).
@@ -1194,7 +1124,7 @@ def _decompose_msmodelslim(model: nn.Module, config: dict, with_weights: bool, d
     built = []  # the model changes only once every replacement is built
     for name, (specs, weights) in msmodelslim.decomposed_modules(planned, with_weights, second_moments).items():
         layer = planned[name][0]
-        new = _replacement_module(layer, specs, msmodelslim.method_of(layer), initialise=not weights)
+        new = build_replacement(layer, specs, msmodelslim.method_of(layer), initialise=not weights)
         built.append((name, _fill(layer, new, weights)))
     model, changes = _swap(model, built)
     _log_done(changes, params_before, model, start, "decompose_network")

@@ -5,8 +5,9 @@ model once on the user's example input, in eval mode, with a forward pre-hook on
 records the shape, strides (so channels_last stays channels_last), dtype and device of every call.
 ``seconds`` then times a module on fresh tensors of those shapes with ``torch.utils.benchmark``
 (the fastest of several blocks of runs, on torch's current number of threads, accelerators
-synchronized), and
-``largest_within`` bisects a list of rank candidates for the largest one measured within budget.
+synchronized), ``largest_within`` bisects a list of rank candidates for the largest one measured
+within budget, and ``measure_ranks`` runs the rule for one layer, recording every timing for the info
+file.
 """
 
 import functools
@@ -17,10 +18,14 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from .log import logger
+from .modules import build_replacement
 from .stats import call_arguments, evaluating
 
 if TYPE_CHECKING:
     from torch.utils import benchmark
+
+    from .policy import RankPolicy
 
 # Seconds of timed runs per measurement: several blocks on a layer of a few milliseconds, and still
 # a ResNet-50 (53 layers, about 10 timings each) measured in about a minute.
@@ -135,3 +140,49 @@ def context(example_input) -> dict:
         "example_input_shapes": [list(tensor.shape) for tensor in tensors],
         "min_run_time_s": MIN_RUN_TIME,
     }
+
+
+def capture_for_policy(model: nn.Module, policy: "RankPolicy", candidates: dict) -> dict:
+    """The latency rule's inputs per layer (``capture_inputs``), once the model can run."""
+    for name, layer in candidates.items():
+        rule, _ = policy.rule_for(name)
+        if rule is not None and rule.kind == "latency" and layer.weight.is_meta:
+            raise ValueError(
+                f"latency: {name!r} has its weights on the meta device, where nothing can run or be timed "
+                "(load the weights first)"
+            )
+    return capture_inputs(model, policy.example_input, candidates)
+
+
+def measure_ranks(name, layer, method, policy: "RankPolicy", rule, inputs, measurements):
+    """``policy.choose_ranks`` under the latency rule, timing the dense layer and default-initialised
+    replacements (weights do not change timings) on ``inputs``; records every timing in ``measurements``."""
+    probes = []
+
+    def time_ranks(ranks):
+        module = layer if ranks is None else build_replacement(layer, method.specs(layer, ranks), method.name)
+        duration = seconds(module, inputs)
+        probes.append({"ranks": None if ranks is None else list(ranks), "seconds": duration})
+        return duration
+
+    ranks, reason = policy.choose_ranks(method, layer, rule, time_ranks)
+    # The last timings of the dense layer and of the chosen ranks are the pair that decided.
+    dense = next((probe["seconds"] for probe in reversed(probes) if probe["ranks"] is None), None)
+    chosen = next((probe["seconds"] for probe in reversed(probes) if ranks and probe["ranks"] == list(ranks)), None)
+    measurements[name] = {
+        "target": rule.value,
+        "input_shapes": [list(spec.shape) for spec in inputs],
+        "dense_seconds": dense,
+        "decomposed_seconds": chosen,
+        "probes": probes,  # every timing in order; ranks None: the dense layer
+    }
+    if chosen is not None:
+        logger.info(
+            "Measured: %r: rank %s %.3f ms against dense %.3f ms (%.2f)",
+            name,
+            list(ranks),
+            1e3 * chosen,
+            1e3 * dense,
+            chosen / dense,
+        )
+    return ranks, reason

@@ -9,6 +9,8 @@ though only the factors run in ``forward``, which exports as plain convolutions 
 import torch
 from torch import nn
 
+from .methods import build_module
+
 CONV2D_CONFIG = (
     "in_channels",
     "out_channels",
@@ -150,3 +152,27 @@ def replacement_class(layer: nn.Module, method: str) -> type[Factorized]:
     if isinstance(layer, nn.Linear):
         return SVDLinear
     return {"svd": SVDConv2d, "spatial": SpatialConv2d, "tucker2": Tucker2Conv2d}[method]
+
+
+def build_replacement(layer: nn.Module, specs: list[dict], method: str, initialise: bool = True) -> Factorized:
+    """The replacement (``replacement_class``) of ``specs`` on ``layer``'s device and dtype, in
+    its memory format, training mode and requires_grad: default-initialised, or uninitialised for
+    weights copied in next (which saves the work and leaves the caller's random state alone)."""
+    weight = layer.weight
+    device = weight.device if initialise else "meta"
+    modules = (build_module(spec, device=device, dtype=weight.dtype) for spec in specs)
+    new = replacement_class(layer, method)(*modules, layer=layer)
+    if not initialise:
+        new.to_empty(device=weight.device)
+    if (
+        weight.dim() == 4
+        and not weight.is_meta
+        and weight.is_contiguous(memory_format=torch.channels_last)
+        and not weight.is_contiguous()
+    ):
+        new.to(memory_format=torch.channels_last)
+    for module in new:
+        module.weight.requires_grad_(weight.requires_grad)
+    if getattr(layer, "bias", None) is not None:  # on the last module, as frozen or trainable as it was (BitFit)
+        new[-1].bias.requires_grad_(layer.bias.requires_grad)
+    return new.train(layer.training)

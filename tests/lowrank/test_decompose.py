@@ -808,7 +808,7 @@ def test_replay_refuses_layers_that_cannot_be_replaced_safely(tmp_path):
 
 def test_a_failure_while_building_leaves_the_model_and_writes_no_info(monkeypatch, tmp_path):
     model = nn.Sequential(nn.Conv2d(32, 32, 3), nn.Conv2d(32, 32, 3))
-    build = lowrank.decompose._replacement_module
+    build = lowrank.decompose.build_replacement
     built = []
 
     def build_then_run_out_of_memory(layer, *args, **kwargs):
@@ -817,7 +817,7 @@ def test_a_failure_while_building_leaves_the_model_and_writes_no_info(monkeypatc
         built.append(layer)
         return build(layer, *args, **kwargs)
 
-    monkeypatch.setattr(lowrank.decompose, "_replacement_module", build_then_run_out_of_memory)
+    monkeypatch.setattr(lowrank.decompose, "build_replacement", build_then_run_out_of_memory)
     with pytest.raises(RuntimeError, match="can't allocate memory"):
         lowrank.auto_decomposition(model, tmp_path / "info.json", ratio=0.3)
     assert built and all(isinstance(layer, nn.Conv2d) for layer in model)
