@@ -809,7 +809,7 @@ def finish(accelerator, model, progress, args, results: dict) -> None:
 
 
 def end_run(accelerator) -> None:
-    """Ends the trackers, the output folder's lock and, through ``launch.entry.run``, the process: a
+    """Ends the trackers, the output folder's lock and, through ``launch.entry.run_main``, the process: a
     multi-process run ends it without the interpreter's finalization (``entry.end_without_finalization``;
     destroy_process_group cannot stop gloo's threads while the prepared model keeps the group)."""
     accelerator.end_training()
