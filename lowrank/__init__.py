@@ -9,7 +9,8 @@ Pure PyTorch: importing it imports neither accelerate nor torch.distributed.
 
 __version__ = "0.1.0"
 
-from .decompose import Decompose, auto_decomposition, decompose_network
+from .api import auto_decomposition, decompose_network
+from .decomposer import Decompose
 from .info import DecomposeInfoError
 from .log import set_logger_level
 from .stats import count_flops, count_parameters

@@ -1,21 +1,30 @@
 """AMCT's tensor decomposition, reproduced: which Conv2d layers it decomposes, at which rank and in
 which of its four modes, the weights, and its decomposition info file.
 
-``lowrank.auto_decomposition(model, path)`` called as AMCT calls it (no policy keywords) uses these;
-``../shared/peers/SPEC.md`` Part A describes the tool.
+``lowrank.auto_decomposition(model, path)`` called as AMCT calls it (no policy keywords) runs
+``decompose``; ``../shared/peers/SPEC.md`` Part A describes the tool.
 """
 
 import json
 import os
+import time
 
 import torch
 from torch import nn
+from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from . import functional as F
+from . import functional_peers as peers
+from .arguments import check_info_path
+from .eligibility import References, broken_ties, why_not
 from .info import Replacement
 from .io import atomic_write
 from .log import logger
 from .methods import METHODS, dense_cost
+from .observe import observe
+from .plan import build, log_done, swap
+from .stats import count_parameters
 
 SUPPORTED_DTYPES = (torch.float16, torch.float32, torch.float64)
 
@@ -49,25 +58,25 @@ def unsupported_dtype(layer: nn.Conv2d) -> str | None:
 
 def mode(layer: nn.Conv2d) -> str:
     out_channels, in_channels, kh, kw = layer.weight.shape
-    return F.amct_mode(out_channels, in_channels, kh, kw)
+    return peers.amct_mode(out_channels, in_channels, kh, kw)
 
 
 def plan_layer(name: str, layer: nn.Conv2d) -> Replacement:
     """AMCT's rank, structure and weights for a layer it decomposes (see ``skip_reason``)."""
     layer_mode = mode(layer)
-    matrix = F.amct_matrix(layer.weight, layer_mode)
+    matrix = peers.amct_matrix(layer.weight, layer_mode)
     rows, cols = matrix.shape
     values = F.evbmf_values(matrix, torch.linalg.svdvals)
-    rank, estimate = F.amct_rank(values, rows, cols, min(layer.weight.shape[:2]))
+    rank, estimate = peers.amct_rank(values, rows, cols, min(layer.weight.shape[:2]))
     if estimate == 0:
         logger.warning("Estimated rank of %r is 0, please check if pretrained weight is correct.", name)
     method = METHODS["spatial"]
     ranks = (rank,)
-    specs = method.specs(layer, ranks, vertical_first=F.amct_vertical_first(layer_mode))
+    specs = method.specs(layer, ranks, vertical_first=peers.amct_vertical_first(layer_mode))
     replacement = Replacement(
         name, method.name, ranks, specs, before=dense_cost(layer), after=method.cost(layer, ranks)
     )
-    replacement.weights = list(F.amct_factors(layer.weight, rank, layer_mode))
+    replacement.weights = list(peers.amct_factors(layer.weight, rank, layer_mode))
     return replacement
 
 
@@ -95,3 +104,56 @@ def write_info(path, records: list[dict]) -> None:
         logger.warning("File %s already exists and will be overwritten.", os.path.realpath(path))
     atomic_write(path, lambda file: json.dump(records, file, indent="\t"), binary=False)
     logger.info("Decomposition information file is saved to: %s", os.path.realpath(path))
+
+
+def decompose(model: nn.Module, info_path, example_input=None) -> tuple[nn.Module, dict[str, list[str]]]:
+    """AMCT's ``auto_decomposition``: its layers, ranks, modes and weights, its info file; layers that
+    cannot be replaced safely (``eligibility.why_not``, and with ``example_input`` the observed forward
+    pass of ``lowrank.observe``) are left alone too, with the reason."""
+    if info_path is not None:
+        check_info_path(info_path, "decompose_info_path")
+    logger.info("auto_decomposition start.")
+    start, params_before = time.perf_counter(), count_parameters(model)
+    references = References(model)
+    convs = {name: layer for name, layer in model.named_modules() if isinstance(layer, nn.Conv2d)}
+    reasons = {name: _reason(model, name, layer, references) for name, layer in convs.items()}
+    if example_input is not None:
+        observed = {name: layer for name, layer in convs.items() if not reasons[name] and not unsupported_dtype(layer)}
+        reasons |= observe(model, example_input, observed).keep_dense if observed else {}
+    replacements = []
+    with logging_redirect_tqdm(loggers=[logger]):
+        for name, layer in tqdm(convs.items(), desc="auto_decomposition", unit="layer", disable=None, leave=False):
+            logger.info("Processing: %r", name)
+            if unsupported_dtype(layer):
+                logger.warning("%s of layer %r, ignored.", unsupported_dtype(layer), name)
+            elif reasons[name]:
+                logger.info("Skip: %r: %s", name, reasons[name])
+            else:
+                replacements.append(plan_layer(name, layer))
+    broken = broken_ties(model, replacements, references)
+    for name, reason in broken.items():
+        logger.info("Skip: %r: %s", name, reason)
+    replacements = [replacement for replacement in replacements if replacement.name not in broken]
+    if not replacements:
+        unsaved = " Decomposition information file is not saved." if info_path is not None else ""
+        logger.info("No tensor meets decomposition conditions.%s", unsaved)
+    built = build(model, replacements)
+    if info_path is not None and replacements:
+        write_info(info_path, [info_record(model.get_submodule(r.name), r) for r in replacements])
+    model, changes = swap(model, built)
+    log_done(changes, params_before, model, start, "auto_decomposition")
+    return model, changes
+
+
+def _reason(model: nn.Module, name: str, layer: nn.Conv2d, references: References) -> str | None:
+    """Why a conv of a supported dtype is not decomposed (AMCT's rules, then the safety checks), or None."""
+    if unsupported_dtype(layer):
+        return None
+    lazy = isinstance(layer.weight, nn.parameter.UninitializedParameter)
+    # As AMCT, before its skip rules: any conv with an invalid weight stops the call.
+    if not lazy and not layer.weight.is_meta and not bool(torch.isfinite(layer.weight).all()):
+        raise ValueError(f"weight tensor contains invalid number(inf or nan): layer {name!r}; nothing was decomposed")
+    reason = skip_reason(layer) or why_not(model, name, layer, references, amct_rules=True)
+    if not reason and layer.weight.is_meta:
+        reason = "its weights are on the meta device (load them first)"
+    return reason

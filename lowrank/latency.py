@@ -1,18 +1,15 @@
 """Latency measurement for the latency-aware rank policy (``latency=`` in ``auto_decomposition``).
 
-The policy needs, for every candidate layer, the input it really sees: ``capture_inputs`` runs the
-model once on the user's example input, in eval mode, with a forward pre-hook on each layer, and
-records the shape, strides (so channels_last stays channels_last), dtype and device of every call.
-``seconds`` then times a module on fresh tensors of those shapes with ``torch.utils.benchmark``
-(the fastest of several blocks of runs, on torch's current number of threads, accelerators
-synchronized), ``largest_within`` bisects a list of rank candidates for the largest one measured
-within budget, and ``measure_ranks`` runs the rule for one layer, recording every timing for the info
-file.
+The policy needs, for every candidate layer, the input it really sees: ``lowrank.observe`` runs the
+model once on the user's example input and records the shape, strides (so channels_last stays
+channels_last), dtype and device of every call. ``seconds`` then times a module on fresh tensors of
+those shapes with ``torch.utils.benchmark`` (the fastest of several blocks of runs, on torch's
+current number of threads, accelerators synchronized), ``largest_within`` bisects a list of rank
+candidates for the largest one measured within budget, and ``measure_ranks`` runs the rule for one
+layer, recording every timing for the info file.
 """
 
-import functools
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -20,7 +17,8 @@ from torch import nn
 
 from .log import logger
 from .modules import build_replacement
-from .stats import call_arguments, evaluating
+from .observe import InputSpec
+from .stats import call_arguments
 
 if TYPE_CHECKING:
     from torch.utils import benchmark
@@ -30,56 +28,6 @@ if TYPE_CHECKING:
 # Seconds of timed runs per measurement: several blocks on a layer of a few milliseconds, and still
 # a ResNet-50 (53 layers, about 10 timings each) measured in about a minute.
 MIN_RUN_TIME = 0.05
-
-
-@dataclass(frozen=True)
-class InputSpec:
-    """What a layer receives in one call: enough to make a fresh tensor laid out the same way."""
-
-    shape: tuple[int, ...]
-    stride: tuple[int, ...]
-    dtype: torch.dtype
-    device: torch.device
-
-    @classmethod
-    def of(cls, tensor: torch.Tensor) -> "InputSpec":
-        return cls(tuple(tensor.shape), tuple(tensor.stride()), tensor.dtype, tensor.device)
-
-    def sample(self) -> torch.Tensor:
-        """A standard normal tensor of this shape, strides, dtype and device (values do not change timings,
-        but zeros or NaNs could take a different path). A broadcast input (stride 0, from ``expand``) is
-        drawn once along that axis and expanded again: its elements share memory."""
-        stored = tuple(1 if stride == 0 else size for size, stride in zip(self.shape, self.stride))
-        tensor = torch.empty_strided(stored, self.stride, dtype=self.dtype, device=self.device).normal_()
-        return tensor.expand(self.shape)
-
-
-def _record(calls: list[InputSpec], module: nn.Module, args: tuple) -> None:
-    if args and isinstance(args[0], torch.Tensor):
-        calls.append(InputSpec.of(args[0]))
-
-
-def capture_inputs(model: nn.Module, example_input, layers: dict[str, nn.Module]) -> dict[str, list[InputSpec]]:
-    """The input of every call of each of ``layers`` during one forward pass of ``model`` on
-    ``example_input`` (a tensor, a tuple of positional arguments or a dict of keyword arguments), in
-    eval mode under ``no_grad`` so that nothing is learnt (batch-norm statistics stay as they are).
-    Not ``inference_mode``: what the forward pass leaves on the model (a lazy layer's weights, a
-    cache) must stay usable for training.
-    The modules' training flags and hooks are restored afterwards."""
-    calls = {name: [] for name in layers}
-    handles = [
-        layer.register_forward_pre_hook(functools.partial(_record, calls[name])) for name, layer in layers.items()
-    ]
-    try:
-        args, kwargs = call_arguments(example_input)
-        with evaluating(model), torch.no_grad():
-            model(*args, **kwargs)
-    except (RuntimeError, TypeError, ValueError, AttributeError, KeyError, IndexError) as error:
-        raise ValueError(f"example_input: the model does not run on it: {type(error).__name__}: {error}") from None
-    finally:
-        for handle in handles:
-            handle.remove()
-    return calls
 
 
 def measure(fn: Callable[[], object], min_run_time: float = MIN_RUN_TIME) -> "benchmark.Measurement":
@@ -140,18 +88,6 @@ def context(example_input) -> dict:
         "example_input_shapes": [list(tensor.shape) for tensor in tensors],
         "min_run_time_s": MIN_RUN_TIME,
     }
-
-
-def capture_for_policy(model: nn.Module, policy: "RankPolicy", candidates: dict) -> dict:
-    """The latency rule's inputs per layer (``capture_inputs``), once the model can run."""
-    for name, layer in candidates.items():
-        rule, _ = policy.rule_for(name)
-        if rule is not None and rule.kind == "latency" and layer.weight.is_meta:
-            raise ValueError(
-                f"latency: {name!r} has its weights on the meta device, where nothing can run or be timed "
-                "(load the weights first)"
-            )
-    return capture_inputs(model, policy.example_input, candidates)
 
 
 def measure_ranks(name, layer, method, policy: "RankPolicy", rule, inputs, measurements):

@@ -4,6 +4,8 @@ layer. It carries the layer's configuration (``in_channels``, ``kernel_size``, `
 read-only attributes, and exposes ``weight`` (and ``bias``) as the dense equivalent of its factors,
 computed on access: code that reads ``self.conv.weight`` (fusing, attention, dtype checks) keeps working,
 though only the factors run in ``forward``, which exports as plain convolutions and linear layers.
+Changing that computed weight in place, which would change a copy and leave the factors as they were,
+raises instead.
 """
 
 import torch
@@ -35,6 +37,49 @@ EMBEDDING_CONFIG = (
 )
 
 
+# In-place operators of torch.Tensor (methods ending in "_" are the others).
+IN_PLACE_OPERATORS = frozenset(
+    f"__i{name}__"
+    for name in (
+        "add",
+        "sub",
+        "mul",
+        "truediv",
+        "floordiv",
+        "mod",
+        "pow",
+        "matmul",
+        "and",
+        "or",
+        "xor",
+        "lshift",
+        "rshift",
+    )
+) | {"__setitem__", "__set__"}  # __set__: assigning .data, .requires_grad or .grad
+
+
+class ComputedWeight(torch.Tensor):
+    """A replacement's ``weight``: the dense equivalent of its factors, computed on access. It is read as
+    any tensor (results are plain tensors, gradients reach the factors); changing it in place raises,
+    since that would change only this copy. ``.data`` and ``detach()`` keep the protection."""
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", "")
+        in_place = (name.endswith("_") and not name.endswith("__")) or name in IN_PLACE_OPERATORS
+        if (in_place and args and isinstance(args[0], cls)) or isinstance(kwargs.get("out"), cls):
+            raise RuntimeError(
+                f"{name}: a decomposed layer's weight is computed from its factors on each access, so changing it "
+                "would change only this copy; change the factors (the weights of the replacement's modules) instead"
+            )
+        with torch._C.DisableTorchFunctionSubclass():
+            result = func(*args, **kwargs)
+        if name == "detach" or (name == "__get__" and func.__self__.__name__ == "data"):
+            return result.as_subclass(cls)
+        return result
+
+
 class Factorized(nn.Sequential):
     """Base of the replacements: the factors in data-flow order, and the dense layer's configuration
     (the names of ``CONFIG`` read from ``layer``), read-only."""
@@ -55,7 +100,9 @@ class Factorized(nn.Sequential):
         return super().__getattr__(name)
 
     def __setattr__(self, name: str, value) -> None:
-        if name in self.__dict__.get("_config", {}):
+        config = self.__dict__.get("_config", {})
+        # Setting the value it has changes nothing (code that sets a layer's padding on every call).
+        if name in config and not (type(value) is type(config[name]) and value == config[name]):
             raise AttributeError(
                 f"{type(self).__name__}.{name} is read-only: it describes the dense layer these factors replace "
                 f"({name}={self._config[name]!r}), and setting it would not change them; decompose the layer "
@@ -79,7 +126,7 @@ class FactorizedLinear(Factorized):
         weight = self[0].weight
         for module in list(self)[1:]:
             weight = module.weight @ weight
-        return weight
+        return weight.as_subclass(ComputedWeight)
 
     @property
     def bias(self) -> torch.Tensor | None:
@@ -101,7 +148,7 @@ class FactorizedConv2d(Factorized):
             in_ch, ph, pw = kernel.shape[1], kernel.shape[2], kernel.shape[3]
             # One of kh and ph (and of kw and pw) is 1: the taps multiply out without overlapping.
             kernel = torch.einsum("omby,mipq->oibpyq", conv.weight, kernel).reshape(out_ch, in_ch, kh * ph, kw * pw)
-        return kernel
+        return kernel.as_subclass(ComputedWeight)
 
     @property
     def bias(self) -> torch.Tensor | None:
@@ -142,7 +189,7 @@ class SVDEmbedding(Factorized):
 
     @property
     def weight(self) -> torch.Tensor:
-        return self[0].weight @ self[1].weight.T
+        return (self[0].weight @ self[1].weight.T).as_subclass(ComputedWeight)
 
 
 def replacement_class(layer: nn.Module, method: str) -> type[Factorized]:
@@ -175,4 +222,21 @@ def build_replacement(layer: nn.Module, specs: list[dict], method: str, initiali
         module.weight.requires_grad_(weight.requires_grad)
     if getattr(layer, "bias", None) is not None:  # on the last module, as frozen or trainable as it was (BitFit)
         new[-1].bias.requires_grad_(layer.bias.requires_grad)
+    for name, value in _own_attributes(layer).items():
+        setattr(new, name, value)
     return new.train(layer.training)
+
+
+# What every layer of these types keeps in its __dict__ besides its configuration.
+STANDARD_ATTRIBUTES = frozenset(vars(nn.Module())) | {"_reversed_padding_repeated_twice"}
+
+
+def _own_attributes(layer: nn.Module) -> dict:
+    """The plain attributes set on ``layer`` beyond its type's own (a flag such as Hugging Face's
+    ``_is_hf_initialized``), which its replacement carries too, so that code reading them keeps working."""
+    config = replacement_class(layer, "svd").CONFIG
+    return {
+        name: value
+        for name, value in vars(layer).items()
+        if name not in STANDARD_ATTRIBUTES and name not in config and not isinstance(value, nn.Module)
+    }

@@ -10,17 +10,22 @@ A configuration maps layer names to hidden channels: an int for ``Linear`` and `
 
 import json
 import re
+import time
 
 import numpy as np
 import torch
 from torch import nn
 from tqdm import tqdm
 
-from . import functional as F
+from . import functional_peers as peers
+from .eligibility import owner_reason
 from .info import DecomposeInfoError
 from .io import atomic_write
 from .log import logger
 from .methods import METHODS, linear_spec
+from .modules import build_replacement
+from .plan import fill, log_done, swap
+from .stats import count_parameters
 
 VBMF = "vbmf"
 REPLACED = (nn.Linear, nn.Embedding, nn.Conv2d)  # what the configuration decomposes
@@ -50,14 +55,14 @@ def hidden_2d(weight: torch.Tensor, value, divisor) -> int | None:
     """Hidden channels of a Linear or Embedding weight (out, in), or None when they save no parameters."""
     out, inp = weight.shape
     if isinstance(value, str):
-        hidden = max(F.msmodelslim_vbmf_ranks(weight))
+        hidden = max(peers.msmodelslim_vbmf_ranks(weight))
     elif isinstance(value, (list, tuple)):
         hidden = max(value)
     elif isinstance(value, float) and value < 1:
         hidden = int(out * inp * value / (out + inp))
     else:
         hidden = value
-    hidden = F.make_divisible(hidden, divisor)
+    hidden = peers.make_divisible(hidden, divisor)
     return hidden if hidden * (inp + out) < out * inp else None
 
 
@@ -67,7 +72,7 @@ def hidden_4d(weight: torch.Tensor, value, divisor) -> tuple[int, int] | None:
     out, inp, height = weight.shape[:3]
     patch = height * height
     if isinstance(value, str):
-        pair = F.msmodelslim_vbmf_ranks(weight)
+        pair = peers.msmodelslim_vbmf_ranks(weight)
     elif isinstance(value, float) and value < 1:
         # The largest root of patch h^2 + (in + out) h = value * params, by NumPy as msModelSlim finds it.
         root = np.roots([patch, inp + out, -value * out * inp * patch]).max()
@@ -76,7 +81,7 @@ def hidden_4d(weight: torch.Tensor, value, divisor) -> tuple[int, int] | None:
         pair = tuple(value)
     else:
         pair = (value, value)
-    hidden_out, hidden_in = (F.make_divisible(item, divisor) for item in pair)
+    hidden_out, hidden_in = (peers.make_divisible(item, divisor) for item in pair)
     cost = hidden_in * inp + hidden_in * hidden_out * patch + hidden_out * out
     return (hidden_out, hidden_in) if cost < out * inp * patch else None
 
@@ -225,15 +230,15 @@ def _weights(layer: nn.Module, hidden, second_moment) -> list[torch.Tensor]:
     if isinstance(layer, nn.Conv2d):
         weight = layer.weight.detach()
         if second_moment is None:
-            core, u_out, u_in = F.signed_tucker2(weight, *hidden)
+            core, u_out, u_in = peers.signed_tucker2(weight, *hidden)
         else:
-            core, u_out, u_in = F.data_aware_tucker2(weight, second_moment, *hidden)
+            core, u_out, u_in = peers.data_aware_tucker2(weight, second_moment, *hidden)
         return [u_in.T[:, :, None, None], core, u_out[:, :, None, None]]
     weight = layer.weight.detach().float().cpu().numpy()
     if second_moment is None:
-        left, right = F.split_svd(weight, hidden)
+        left, right = peers.split_svd(weight, hidden)
     else:
-        left, right = F.data_aware_split(weight, second_moment, hidden)
+        left, right = peers.data_aware_split(weight, second_moment, hidden)
     if isinstance(layer, nn.Embedding):
         return [torch.from_numpy(left), torch.from_numpy(right.T.copy())]
     return [torch.from_numpy(right), torch.from_numpy(left)]
@@ -348,3 +353,33 @@ def check_max_iter(max_iter) -> None:
         raise TypeError(f"parameter max_iter need to be an int value, got {max_iter!r}")
     if max_iter < -1:
         raise ValueError(f"parameter max_iter must be -1 (all of datasets) or more, got {max_iter}")
+
+
+def decompose(model: nn.Module, config: dict, with_weights: bool, datasets, max_iter: int):
+    """msModelSlim's decomposition of ``model`` in place. Layers that its structure cannot replace (where
+    msModelSlim fails) or whose owner keeps them (``eligibility.owner_reason``) are left alone with a
+    warning."""
+    logger.info("decompose_network start.")
+    start, params_before = time.perf_counter(), count_parameters(model)
+    planned = plan(model, config)
+    for name, (layer, hidden) in list(planned.items()):
+        reason = unbuildable(layer, hidden) or (owner_reason(model, name) if name else None)
+        if not reason and with_weights and layer.weight.is_meta:
+            reason = "its weights are on the meta device (load them first, or decompose the structure only)"
+        if reason:
+            logger.warning("Skip: %r: %s", name, reason)
+            del planned[name]
+        elif with_weights and not bool(torch.isfinite(layer.weight).all()):
+            raise ValueError(f"{name!r} has weights that are not finite (NaN or inf): nothing was decomposed")
+    second_moments = {}
+    if datasets is not None and with_weights:
+        fitted = {name: layer for name, (layer, _) in planned.items() if isinstance(layer, (nn.Linear, nn.Conv2d))}
+        second_moments = collect_second_moments(model, fitted, datasets, max_iter)
+    built = []  # the model changes only once every replacement is built
+    for name, (specs, weights) in decomposed_modules(planned, with_weights, second_moments).items():
+        layer = planned[name][0]
+        new = build_replacement(layer, specs, method_of(layer), initialise=not weights)
+        built.append((name, fill(layer, new, weights)))
+    model, changes = swap(model, built)
+    log_done(changes, params_before, model, start, "decompose_network")
+    return model, changes

@@ -11,7 +11,7 @@ from torch import nn
 
 import lowrank
 from launch.mnist import Net
-from lowrank import functional as F
+from lowrank import functional_peers as peers
 
 # SPEC A.4's worked ranks for random-initialised layers (EVBMF estimates 0, so the band decides).
 WORKED_RANKS = [
@@ -91,7 +91,7 @@ def test_the_four_modes_and_their_weights(shape, mode, shapes, tmp_path):
     assert (horizontal.stride, horizontal.padding) == ((1, 2), (0, kw // 2))
     assert first.bias is None and torch.equal(last.bias, layer.bias)
     # The composed kernel is the exact rank-r truncation of AMCT's matrix (computed here by an SVD).
-    matrix = F.amct_matrix(layer.weight, mode)
+    matrix = peers.amct_matrix(layer.weight, mode)
     u, s, vh = torch.linalg.svd(matrix)
     expected = (u[:, :rank] * s[:rank]) @ vh[:rank]
     x = torch.randn(2, in_channels, 9, 11)
@@ -211,8 +211,8 @@ def test_evbmf_moves_the_rank_inside_amcts_band():
     for true_rank, expected in ((100, 160), (180, 176)):
         matrix = torch.randn(768, true_rank) @ torch.randn(true_rank, 768) + 0.01 * torch.randn(768, 768)
         values = torch.linalg.svdvals(matrix.double())
-        assert F.amct_evbmf_rank(values, 768, 768) == true_rank
-        assert F.amct_rank(values, 768, 768, 256)[0] == expected
+        assert peers.amct_evbmf_rank(values, 768, 768) == true_rank
+        assert peers.amct_rank(values, 768, 768, 256)[0] == expected
 
 
 def test_lowranks_own_keywords_keep_lowranks_rules_and_info_file(tmp_path):
@@ -230,8 +230,8 @@ def test_zeroed_filters_keep_amcts_svd_values():
         layer.weight.copy_(torch.einsum("or,rikl->oikl", torch.randn(131, 40), torch.randn(40, 121, 3, 3)))
         layer.weight.add_(0.01 * torch.randn_like(layer.weight))
         layer.weight[::3] = 0
-    matrix = F.amct_matrix(layer.weight, "SCFK")
+    matrix = peers.amct_matrix(layer.weight, "SCFK")
     values = torch.linalg.svdvals(matrix)
     assert values.min() > 0  # rounding level, not 0
     model, _ = lowrank.auto_decomposition(nn.Sequential(layer))
-    assert model[0][0].out_channels == F.amct_rank(values, *matrix.shape, 121)[0]
+    assert model[0][0].out_channels == peers.amct_rank(values, *matrix.shape, 121)[0]

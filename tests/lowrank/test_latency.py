@@ -12,8 +12,9 @@ import lowrank
 from launch.mnist import Net
 from lowrank import latency
 from lowrank.cli import main
-from lowrank.latency import InputSpec, capture_inputs, largest_within
+from lowrank.latency import largest_within
 from lowrank.methods import METHODS
+from lowrank.observe import InputSpec, observe
 from lowrank.policy import RankPolicy
 
 
@@ -138,7 +139,7 @@ def test_a_layer_the_example_does_not_reach_is_left_alone(fake_clock, lowrank_lo
 
 def test_meta_weights_cannot_be_timed():
     model = nn.Sequential(nn.Conv2d(16, 32, 3, device="meta"))
-    with pytest.raises(ValueError, match="latency: '0' has its weights on the meta device, where nothing can run"):
+    with pytest.raises(ValueError, match="example_input: .0. has its weights on the meta device, where the model"):
         lowrank.auto_decomposition(model, latency=0.5, example_input=torch.randn(1, 16, 8, 8))
 
 
@@ -193,7 +194,7 @@ def test_the_example_input_may_be_keyword_arguments(fake_clock, tmp_path):
 
 def test_capture_leaves_a_trainable_model_and_samples_broadcast_inputs():
     model = LazyHead().train()
-    calls = capture_inputs(model, torch.randn(2, 4, 16), {"proj": model.proj})
+    calls = observe(model, torch.randn(2, 4, 16), {"proj": model.proj}).inputs
     (spec,) = calls["proj"]
     assert spec.stride[0] == 0 and spec.sample().shape == (2, 4, 16)
     assert not model.head.weight.is_inference()
@@ -216,7 +217,7 @@ def test_capture_records_every_call_and_restores_the_model():
     model[1].register_forward_hook(lambda *args: None)
     statistics = model[1].running_mean.clone()
     x = X.contiguous(memory_format=torch.channels_last)
-    calls = capture_inputs(model, x, {"0": model[0], "3": model[3]})
+    calls = observe(model, x, {"0": model[0], "3": model[3]}).inputs
     assert calls["0"] == [InputSpec((4, 16, 12, 12), x.stride(), torch.float32, torch.device("cpu"))]
     assert calls["3"][0].shape == (4, 32, 10, 10)
     assert calls["0"][0].sample().is_contiguous(memory_format=torch.channels_last)

@@ -2,6 +2,8 @@
 the same output shape, under lowrank's rules (``ratio=0.3``) and under AMCT's (no policy keyword). The
 default run covers one model of each family of layers quickly; the slow run covers the others."""
 
+import copy
+
 import pytest
 import torch
 import torchvision
@@ -52,14 +54,19 @@ def test_mobilenet_v3_small():
     assert check_still_runs(model, torch.randn(1, 3, 64, 64), ratio=0.3)
 
 
-def test_tiny_vision_transformer_keeps_attention_projections():
+def test_tiny_vision_transformer_decomposes_attention_projections_unless_observed(lowrank_log):
+    """MultiheadAttention passes out_proj's weight to its functional form: decomposed, that weight is the
+    product of the factors (the same outputs, no saving there), and the observed pass keeps it dense."""
+    x = torch.randn(2, 3, 32, 32)
     model = VisionTransformer(
         image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=64, mlp_dim=256, num_classes=10
     )
-    changes = check_still_runs(model, torch.randn(2, 3, 32, 32), min_rank=1)
-    assert changes
-    assert not any(name.endswith("out_proj") for name in changes)
-    assert any("mlp" in name for name in changes)
+    observed = copy.deepcopy(model)
+    changes = check_still_runs(model, x, min_rank=1)
+    assert sum(name.endswith("out_proj") for name in changes) == 2 and any("mlp" in name for name in changes)
+    changes = check_still_runs(observed, x, min_rank=1, example_input=x)
+    assert not any(name.endswith("out_proj") for name in changes) and any("mlp" in name for name in changes)
+    assert any("self_attention.out_proj': its weight is used outside its own forward (" in line for line in lowrank_log)
 
 
 SLOW_MODELS = {
