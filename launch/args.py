@@ -316,7 +316,7 @@ def check_outside_output_dir(args, files) -> None:
 
 
 def check_writable(args, files, folders=()) -> None:
-    """Exits with an error naming the flag when one of the ``files`` or ``folders`` flags (attribute
+    """Raises a RunError naming the flag when one of the ``files`` or ``folders`` flags (attribute
     names of ``args``; unset ones are skipped) gives a path that cannot be created: found at the
     start, not when the run saves."""
     for name, is_folder in [*((name, True) for name in folders), *((name, False) for name in files)]:

@@ -1,4 +1,4 @@
-"""The rank-zero decompose-and-save barrier (see DESIGN.md).
+"""The rank-zero decompose-and-save barrier (docs/design.md).
 
 In a job of several processes, global rank 0 decomposes the model once and saves the decomposition
 info file and the decomposed weights; the other ranks wait for a marker file, polling without any
@@ -48,6 +48,8 @@ from lowrank.io import (
     state_dict_mismatch,
 )
 
+from .distributed import global_rank
+
 DEFAULT_TIMEOUT = 3600.0  # seconds the other ranks wait for rank 0: decomposing a large model takes minutes
 POLL_INTERVAL = 0.2
 # Every this many seconds, the waiting ranks on rank 0's host check that it still holds the artifacts'
@@ -57,11 +59,6 @@ LIVENESS_INTERVAL = 5.0
 
 class BarrierError(RuntimeError):
     """Rank 0 failed, or its artifacts did not arrive or do not check out."""
-
-
-def global_rank() -> int:
-    """The rank from torch.distributed (Accelerate's process_index is 0 on every rank under some launchers)."""
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
 def run_token() -> str:

@@ -33,39 +33,26 @@ and the process exits with code 75 (rerun with ``--resume``).
 """
 
 import argparse
-import copy
 
 import torch
 from accelerate.utils import set_seed
 
+from launch.accelerator import create_accelerator
 from launch.args import (
     add_decomposition_args,
     add_distributed_args,
     add_output_args,
     check_mode_args,
     non_negative_int,
-    policy_of,
     positive_float,
     positive_int,
 )
+from launch.checkpoints import Progress, checkpoint_to_resume, load_checkpoint
+from launch.distributed import from_rank_zero, rank_zero_first
 from launch.entry import run_main
+from launch.loop import ShuffleByEpoch, check_train_batches, evaluate, finish, train
 from launch.mnist import Net, load_mnist
-from launch.runner import (
-    Progress,
-    ShuffleByEpoch,
-    check_train_batches,
-    checkpoint_to_resume,
-    create_accelerator,
-    evaluate,
-    finish,
-    from_rank_zero,
-    load_checkpoint,
-    log_decomposition,
-    model_cost,
-    prepare_model,
-    rank_zero_first,
-    train,
-)
+from launch.model import setup_model
 
 
 def get_args_parser(run_mode=None, lr=0.01):
@@ -115,22 +102,7 @@ def main(args):
     check_train_batches(len(train_set), args.train_batch_size, accelerator.num_processes)
 
     # model
-    dense = Net()
-    model, changes, seconds, reused = prepare_model(
-        copy.deepcopy(dense),
-        mode,
-        pretrained_path=args.pretrained_path,
-        info_path=args.decompose_info_path,
-        weights_path=args.decomposed_weights_path,
-        policy=policy_of(args),
-        timeout=args.barrier_timeout,
-    )
-    # Once the data and the model are in place: a run that fails on its inputs leaves no empty TensorBoard run.
-    accelerator.init_trackers(f"mnist_{mode}", config={k: v for k, v in vars(args).items() if v is not None})
-    example_input = torch.zeros(1, 1, 28, 28)
-    cost = model_cost(model, example_input)
-    if mode != "baseline":
-        log_decomposition(accelerator, dense, cost, changes, seconds, example_input, args.decompose_info_path)
+    model, cost = setup_model(accelerator, Net(), mode, args, torch.zeros(1, 1, 28, 28), "mnist")
 
     # The AMCT sample's sampler seeds itself from the global RNG at its first batch, after the model's
     # initialisation. The same seed, drawn here (rank 0's, on every process), gives the same batches

@@ -53,7 +53,6 @@ that cannot be read stops the run with its file name (the checkpoints saved unti
 """
 
 import argparse
-import copy
 import functools
 import math
 from pathlib import Path
@@ -65,6 +64,7 @@ from accelerate.utils import DistributedType, set_seed
 from PIL import Image
 from torchvision import datasets, transforms
 
+from launch.accelerator import create_accelerator
 from launch.args import (
     add_decomposition_args,
     add_distributed_args,
@@ -72,29 +72,16 @@ from launch.args import (
     check_mode_args,
     non_negative_float,
     non_negative_int,
-    policy_of,
     positive_float,
     positive_int,
     probability,
 )
+from launch.checkpoints import Progress, checkpoint_to_resume, load_checkpoint
+from launch.distributed import rank_zero_first
 from launch.entry import RunError, run_main
-from launch.runner import (
-    Progress,
-    ShuffleByEpoch,
-    check_train_batches,
-    checkpoint_to_resume,
-    create_accelerator,
-    end_run,
-    evaluate,
-    finish,
-    leave_signals_to_the_trainer,
-    load_checkpoint,
-    log_decomposition,
-    model_cost,
-    prepare_model,
-    rank_zero_first,
-    train,
-)
+from launch.loop import ShuffleByEpoch, check_train_batches, end_run, evaluate, finish, train
+from launch.model import setup_model
+from launch.preemption import leave_signals_to_the_trainer
 
 # ImageNet's channel statistics, as torchvision's weights expect them.
 NORMALIZE = transforms.Normalize(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
@@ -253,7 +240,7 @@ def load_image(path: str) -> Image.Image:
 
 
 def check_weights(name, classes) -> None:
-    """Exits with an error when torchvision's resnet50 weights ``name`` classify into another number of
+    """Raises a RunError when torchvision's resnet50 weights ``name`` classify into another number of
     classes than the dataset's."""
     categories = len(torchvision.models.ResNet50_Weights[name].meta["categories"])
     if categories != classes:
@@ -353,21 +340,8 @@ def main(args):
             lambda: pretrained_weights_path(args.weights), f"--weights {args.weights}"
         )
     dense = torchvision.models.resnet50(num_classes=classes)
-    model, changes, seconds, _ = prepare_model(
-        copy.deepcopy(dense),
-        mode,
-        pretrained_path=args.pretrained_path,
-        info_path=args.decompose_info_path,
-        weights_path=args.decomposed_weights_path,
-        policy=policy_of(args),
-        timeout=args.barrier_timeout,
-    )
-    # Once the data and the model are in place: a run that fails on its inputs leaves no empty TensorBoard run.
-    accelerator.init_trackers(f"resnet50_{mode}", config={k: v for k, v in vars(args).items() if v is not None})
     example_input = torch.zeros(1, 3, args.image_size, args.image_size)
-    cost = model_cost(model, example_input)
-    if mode != "baseline":
-        log_decomposition(accelerator, dense, cost, changes, seconds, example_input, args.decompose_info_path)
+    model, cost = setup_model(accelerator, dense, mode, args, example_input, "resnet50")
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
     # A fixed image size: cuDNN's autotuner picks each convolution's fastest algorithm once, as in

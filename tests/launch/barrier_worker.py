@@ -20,6 +20,7 @@ from torch import nn
 
 from launch import barrier
 from launch.barrier import Artifacts, decompose_once, parameters_digest, run_token
+from launch.distributed import before_process_group
 from lowrank.io import load_state_dict
 
 
@@ -38,6 +39,7 @@ def main():
     tampering.add_argument("--change-weights-file", action="store_true")
     tampering.add_argument("--change-loaded-weights", action="store_true")
     args = parser.parse_args()
+    before_process_group()
     dist.init_process_group("gloo")
     rank = dist.get_rank()
     if rank == 1:

@@ -1,4 +1,4 @@
-"""Calls ``runner.rank_zero_first`` in each process of a torchrun job with a load that raises
+"""Calls ``distributed.rank_zero_first`` in each process of a torchrun job with a load that raises
 ERROR("no space left") on FAILING_RANK (-1: on none), and prints what it loaded.
 
 torchrun --standalone --nproc_per_node 2 tests/launch/rank_zero_first_worker.py FAILING_RANK ERROR
@@ -8,7 +8,7 @@ import sys
 
 import torch.distributed as dist
 
-from launch import runner
+from launch import distributed
 from launch.entry import run_main
 
 
@@ -21,7 +21,7 @@ def main():
             raise error("no space left")
         return dist.get_rank()
 
-    print(f"rank {dist.get_rank()} loaded {runner.rank_zero_first(load, '--data-path X')}", flush=True)
+    print(f"rank {dist.get_rank()} loaded {distributed.rank_zero_first(load, '--data-path X')}", flush=True)
     dist.destroy_process_group()
 
 

@@ -12,8 +12,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from launch import runner
-from launch.barrier import global_rank
+from launch import checkpoints, loop
+from launch.accelerator import create_accelerator
+from launch.distributed import global_rank
 from launch.entry import run_main
 
 
@@ -23,7 +24,7 @@ def main():
     parser.add_argument("results")
     parser.add_argument("--gradient-accumulation-steps", type=int, default=1)
     args = parser.parse_args()
-    accelerator = runner.create_accelerator(
+    accelerator = create_accelerator(
         use_gpu=False, output_dir=args.output_dir, gradient_accumulation_steps=args.gradient_accumulation_steps
     )
     torch.manual_seed(0)  # the same model and data on every rank; each rank trains on its own shard
@@ -34,7 +35,7 @@ def main():
     loader = torch.utils.data.DataLoader(train_set, batch_size=2)
     test_loader = torch.utils.data.DataLoader(test_set, batch_size=3)
     model, optimizer, loader, test_loader = accelerator.prepare(model, optimizer, loader, test_loader)
-    progress = runner.Progress()
+    progress = checkpoints.Progress()
     accelerator.register_for_checkpointing(progress)
 
     def statistics():
@@ -44,10 +45,10 @@ def main():
 
     def evaluate():
         result["before_evaluation"] = statistics()  # each rank's own, from its own batches
-        runner.evaluate(accelerator, model, test_loader, loss_fn=F.cross_entropy)
+        loop.evaluate(accelerator, model, test_loader, loss_fn=F.cross_entropy)
         result["evaluated"] = statistics()
 
-    runner.train(
+    loop.train(
         accelerator, model, optimizer, loader, progress, steps=2, log_steps=1, output_dir=args.output_dir,
         args=args, loss_fn=F.cross_entropy, eval_steps=1, eval_fn=evaluate,
     )  # fmt: skip
@@ -66,7 +67,7 @@ def main():
     results = Path(args.results)
     results.mkdir(parents=True, exist_ok=True)
     (results / f"{global_rank()}.json").write_text(json.dumps(result))
-    runner.end_run(accelerator)
+    loop.end_run(accelerator)
 
 
 if __name__ == "__main__":

@@ -19,22 +19,13 @@ from filelock import FileLock
 from safetensors import SafetensorError
 
 import lowrank
-from launch import runner
-from launch.entry import RunError
-from launch.runner import (
-    PREEMPTED_EXIT_CODE,
-    Preemption,
-    Progress,
-    ShuffleByEpoch,
-    batches,
-    check_train_batches,
-    checkpoint_to_resume,
-    complete_checkpoints,
-    leave_signals_to_the_trainer,
-    load_checkpoint,
-    prepare_model,
-    save_checkpoint,
-)
+from launch import accelerator as launch_accelerator
+from launch import loop
+from launch.checkpoints import Progress, checkpoint_to_resume, complete_checkpoints, load_checkpoint, save_checkpoint
+from launch.entry import PREEMPTED_EXIT_CODE, RunError
+from launch.loop import ShuffleByEpoch, batches, check_train_batches
+from launch.model import prepare_model
+from launch.preemption import Preemption, leave_signals_to_the_trainer
 from lowrank.io import save_state_dict
 
 
@@ -217,7 +208,7 @@ def test_a_second_job_on_the_same_output_dir_is_refused(trainer, tmp_path):
     with running_there, pytest.raises(RunError, match=f"another job is using --output-dir {tmp_path}"):
         checkpoint_to_resume(run_args(tmp_path), world_size=1)
     assert checkpoint_to_resume(run_args(tmp_path), world_size=1) is None  # once it has ended
-    runner.end_run(trainer[0])  # this run ends: the next one may start there
+    loop.end_run(trainer[0])  # this run ends: the next one may start there
     with FileLock(tmp_path / ".lock").acquire(timeout=0):
         pass
 
@@ -240,18 +231,18 @@ def test_a_signal_during_the_last_save_exits_once_the_checkpoint_is_complete(tra
     accelerator, model, progress = trainer
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     loader = [(torch.randn(4, 3), torch.randn(4, 2))] * 3
-    save = runner.save_checkpoint
+    save = loop.save_checkpoint
 
     def signalled_while_saving(*args):
         os.kill(os.getpid(), signal.SIGTERM)  # a time limit, in the middle of the write
         return save(*args)
 
-    monkeypatch.setattr(runner, "save_checkpoint", signalled_while_saving)
+    monkeypatch.setattr(loop, "save_checkpoint", signalled_while_saving)
     handlers = {signum: signal.getsignal(signum) for signum in Preemption.SIGNALS}
     try:
-        runner.preemption.install()
+        loop.preemption.install()
         with pytest.raises(SystemExit) as stopped:
-            runner.train(
+            loop.train(
                 accelerator, model, optimizer, loader, progress, steps=2, log_steps=1, output_dir=tmp_path,
                 args=run_args(tmp_path), loss_fn=torch.nn.functional.mse_loss,
             )  # fmt: skip
@@ -352,8 +343,8 @@ def test_the_throughput_leaves_out_checkpoints_and_evaluations(trainer, tmp_path
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     loader = [(torch.randn(4, 3), torch.randn(4, 2))] * 4
     clock = [0.0]
-    monkeypatch.setattr(runner.time, "perf_counter", lambda: clock[0])
-    save = runner.save_checkpoint
+    monkeypatch.setattr(loop.time, "perf_counter", lambda: clock[0])
+    save = loop.save_checkpoint
 
     def taking(seconds, action):
         def timed(*args):
@@ -362,9 +353,9 @@ def test_the_throughput_leaves_out_checkpoints_and_evaluations(trainer, tmp_path
 
         return timed
 
-    monkeypatch.setattr(runner, "save_checkpoint", taking(100, save))
-    monkeypatch.setattr(runner, "preemption", Preemption())  # no signal left from another test
-    runner.train(
+    monkeypatch.setattr(loop, "save_checkpoint", taking(100, save))
+    monkeypatch.setattr(loop, "preemption", Preemption())  # no signal left from another test
+    loop.train(
         accelerator, model, optimizer, loader, progress, steps=4, log_steps=2, output_dir=tmp_path,
         args=run_args(tmp_path), loss_fn=taking(1, torch.nn.functional.mse_loss), checkpoint_steps=1, eval_steps=1,
         eval_fn=taking(100, lambda: None), throughput_unit="samples/s",
@@ -380,7 +371,7 @@ def test_a_resume_past_the_last_step_says_there_is_nothing_to_train(trainer, tmp
     progress.step = 6  # a checkpoint of a run with more steps
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     loader = [(torch.randn(4, 3), torch.randn(4, 2))]
-    runner.train(
+    loop.train(
         accelerator, model, optimizer, loader, progress, steps=3, log_steps=1, output_dir=tmp_path,
         args=run_args(tmp_path), loss_fn=torch.nn.functional.mse_loss,
     )  # fmt: skip
@@ -397,23 +388,23 @@ def test_a_launcher_overriding_the_gradient_accumulation_is_refused(tmp_path, mo
         match=r"the launcher sets gradient accumulation to 1 step\(s\), which Accelerate would use instead of the "
         r"recipe's 2 \(--gradient-accumulation-steps",
     ):
-        runner.create_accelerator(use_gpu=False, output_dir=tmp_path, gradient_accumulation_steps=2)
+        launch_accelerator.create_accelerator(use_gpu=False, output_dir=tmp_path, gradient_accumulation_steps=2)
 
 
 def test_a_setting_accelerate_refuses_is_named_without_a_traceback(tmp_path, monkeypatch):
     def refuse(**kwargs):  # as on a GPU without bf16
         raise ValueError("bf16 mixed precision requires PyTorch >= 1.10 and a supported device.")
 
-    monkeypatch.setattr(runner, "Accelerator", refuse)
+    monkeypatch.setattr(launch_accelerator, "Accelerator", refuse)
     with pytest.raises(RunError, match=r"bf16 mixed precision requires .* \(from the recipe's flags or"):
-        runner.create_accelerator(use_gpu=False, output_dir=tmp_path)
+        launch_accelerator.create_accelerator(use_gpu=False, output_dir=tmp_path)
 
 
 def test_fp16_on_the_cpu_is_refused(tmp_path, monkeypatch):
     """Accelerate autocasts to fp16 on GPUs only: the run would train in float32 without a word."""
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "fp16")  # as accelerate launch --mixed_precision fp16 sets it
     with pytest.raises(RunError, match=r"mixed precision fp16 .* runs on GPUs only, and this run is on"):
-        runner.create_accelerator(use_gpu=False, output_dir=tmp_path)
+        launch_accelerator.create_accelerator(use_gpu=False, output_dir=tmp_path)
 
 
 def test_an_init_method_on_the_launchers_own_port_is_refused(tmp_path, monkeypatch):
@@ -422,7 +413,7 @@ def test_an_init_method_on_the_launchers_own_port_is_refused(tmp_path, monkeypat
     for name, value in launcher.items():
         monkeypatch.setenv(name, value)
     with pytest.raises(RunError, match=r"--init-method tcp://127.0.0.1:29511: the launcher already listens there"):
-        runner.create_accelerator(use_gpu=False, output_dir=tmp_path, init_method="tcp://127.0.0.1:29511")
+        launch_accelerator.create_accelerator(use_gpu=False, output_dir=tmp_path, init_method="tcp://127.0.0.1:29511")
 
 
 def test_a_checkpoint_of_another_model_is_named(trainer, tmp_path):
@@ -486,12 +477,12 @@ def test_a_full_disk_at_the_end_is_named(trainer, tmp_path, monkeypatch):
     def disk_full(state_dict, path):
         raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 596928 vs 596880")
 
-    monkeypatch.setattr(runner, "save_state_dict", disk_full)
+    monkeypatch.setattr(loop, "save_state_dict", disk_full)
     args = run_args(tmp_path, save_path=str(tmp_path / "weights.pth"))
     with pytest.raises(
         RunError, match=f"could not save --save-path {args.save_path}: RuntimeError: .* GiB free"
     ) as error:
-        runner.finish(accelerator, model, progress, args, {})
+        loop.finish(accelerator, model, progress, args, {})
     assert str(error.value).endswith(
         "the last checkpoint holds the trained weights: rerun with --resume to write them again"
     )
@@ -500,7 +491,7 @@ def test_a_full_disk_at_the_end_is_named(trainer, tmp_path, monkeypatch):
 def test_a_diverged_runs_results_are_strict_json(trainer, tmp_path):
     """A NaN or infinite loss is written as null: Python's json would write NaN, which other JSON readers refuse."""
     accelerator, model, progress = trainer
-    runner.finish(
+    loop.finish(
         accelerator,
         model,
         progress,

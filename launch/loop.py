@@ -1,0 +1,234 @@
+"""The training loop and evaluation, with the AMCT sample's log lines.
+
+``train`` counts optimizer steps (gradient accumulation included), logs ``[Train] Step[20/200] Loss:
+...`` and TensorBoard scalars, saves checkpoints, evaluates, and handles preemption; ``evaluate`` logs
+``[Test] Loss: 0.047416, Accuracy: 98.39% (9839/10000)`` over the whole test set, whatever the number
+of processes; ``finish`` writes ``results.json`` and the trained weights from rank 0. Before an
+evaluation or a checkpoint every rank takes rank 0's buffers (BatchNorm's running statistics), which
+DeepSpeed, unlike DDP, lets diverge.
+"""
+
+import contextlib
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from lowrank.io import atomic_write, save_state_dict
+
+from .checkpoints import naming_a_failed_save, release_output_dir_locks, save_checkpoint
+from .distributed import global_rank, log, share_rank_zero_buffers
+from .entry import PREEMPTED_EXIT_CODE, Preempted, RunError, end_without_finalization
+from .preemption import preemption
+
+
+def check_train_batches(samples: int, batch_size: int, processes: int) -> None:
+    """Raises a RunError when the training set holds no full batch for every process (the loaders
+    drop the last, partial one)."""
+    if samples < batch_size * processes:
+        raise RunError(
+            f"--train-batch-size {batch_size} x {processes} process(es) needs at least "
+            f"{batch_size * processes} training samples; the training set has {samples}"
+        )
+
+
+class ShuffleByEpoch(torch.utils.data.RandomSampler):
+    """A random order of the dataset drawn from ``seed`` and the epoch alone (Accelerate passes the
+    epoch on through ``set_epoch``): a resumed run skips into the same order as the run it continues,
+    whose sampler state no checkpoint holds. Epoch 0 is the order of a RandomSampler whose generator
+    is seeded with ``seed``."""
+
+    def __init__(self, dataset, seed: int):
+        super().__init__(dataset, generator=torch.Generator())
+        self.seed = seed
+        self.set_epoch(0)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.generator.manual_seed(self.seed + epoch)
+
+
+def batches(accelerator, loader, start_batch):
+    """Batches forever, epoch after epoch; after a resume, the epoch and position of ``start_batch``."""
+    epoch, skip = divmod(start_batch, len(loader))
+    while True:
+        if hasattr(loader, "set_epoch"):
+            loader.set_epoch(epoch)
+        yield from accelerator.skip_first_batches(loader, skip) if skip else loader
+        epoch, skip = epoch + 1, 0
+
+
+def train(
+    accelerator,
+    model,
+    optimizer,
+    loader,
+    progress,
+    *,
+    steps,
+    log_steps,
+    output_dir,
+    args,
+    loss_fn=F.nll_loss,
+    scheduler=None,
+    checkpoint_steps=0,
+    eval_steps=0,
+    eval_fn=None,
+    throughput_unit=None,
+):
+    """Trains until ``progress.step == steps`` (optimizer steps; the Accelerator's
+    ``gradient_accumulation_steps`` batches each). ``eval_fn()`` runs every ``eval_steps`` steps before
+    the last; ``throughput_unit`` (e.g. "images/s") adds the throughput of the training alone (not of
+    checkpoints and evaluations) to the log line. Saves a checkpoint after the last step, so that a
+    signal during the final evaluation (which stops at once) loses no training, and returns; or raises
+    ``Preempted`` after saving a checkpoint when the job is preempted (also by a signal during that
+    last save, once it is complete)."""
+    model.train()
+    first_step = progress.step
+    meter = _Throughput()
+    bar = tqdm(total=steps, initial=progress.step, unit="step", disable=global_rank() != 0 or not sys.stdout.isatty())
+    if progress.step >= steps:  # resumed from a checkpoint of a longer run
+        log(f"[Train] already at step {progress.step} of {steps}: nothing to train")
+    else:  # from the process's creation, imports included: the launch overhead users wait for
+        log(f"[Train] first step at {time.time() - psutil.Process().create_time():.2f} s after start")
+    with preemption.recorded():  # signals wait for the next step boundary
+        # None when resumed at the last step: not even the loader's workers start.
+        for data, target in batches(accelerator, loader, progress.batch) if progress.step < steps else ():
+            with accelerator.accumulate(model):
+                loss = loss_fn(model(data), target)
+                accelerator.backward(loss)
+                optimizer.step()
+                optimizer.zero_grad()
+            progress.batch += 1
+            meter.samples += len(data) * accelerator.num_processes
+            if not accelerator.sync_gradients:
+                continue
+            if scheduler is not None:
+                scheduler.step()
+            progress.step += 1
+            bar.update()
+            if progress.step % log_steps == 0 or progress.step == steps:
+                _log_step(accelerator, optimizer, progress, steps, loss, meter, throughput_unit)
+            if progress.step >= steps:
+                break
+            # Between optimizer steps only, so that a checkpoint never holds half-accumulated gradients.
+            if preemption.requested(accelerator):
+                _exit_preempted(accelerator, save_checkpoint(accelerator, output_dir, progress, args))
+            with meter.paused():  # the throughput's clock stops while they run
+                if checkpoint_steps and progress.step % checkpoint_steps == 0:
+                    save_checkpoint(accelerator, output_dir, progress, args)
+                if eval_fn and eval_steps and progress.step % eval_steps == 0:
+                    eval_fn()
+                    model.train()
+        bar.close()
+        if progress.step > first_step:
+            path = save_checkpoint(accelerator, output_dir, progress, args)
+            # A signal in the last step or during this save stops the run now, the checkpoint complete.
+            if preemption.requested(accelerator):
+                _exit_preempted(accelerator, path)
+
+
+class _Throughput:
+    """Samples trained since the last log line, over the time spent training (pauses left out)."""
+
+    def __init__(self):
+        self.samples, self.started = 0, time.perf_counter()
+
+    def per_second(self) -> float:
+        value = self.samples / (time.perf_counter() - self.started)
+        self.samples, self.started = 0, time.perf_counter()
+        return value
+
+    @contextlib.contextmanager
+    def paused(self):
+        paused = time.perf_counter()
+        yield
+        self.started += time.perf_counter() - paused
+
+
+def _log_step(accelerator, optimizer, progress, steps, loss, meter: _Throughput, throughput_unit) -> None:
+    """The ``[Train]`` line and TensorBoard's scalars: the loss averaged over the ranks, the learning rate
+    and the throughput."""
+    loss_value = accelerator.reduce(loss.detach(), reduction="mean").item()
+    throughput = meter.per_second()
+    line = f"[Train] Step[{progress.step}/{steps}] Loss: {loss_value:.6f}"
+    log(f"{line}, {throughput:.1f} {throughput_unit}" if throughput_unit else line)
+    lr = optimizer.param_groups[0]["lr"]
+    accelerator.log({"train/loss": loss_value, "train/lr": lr, "train/samples_per_s": throughput}, step=progress.step)
+
+
+def _exit_preempted(accelerator, checkpoint: Path) -> None:
+    cause = preemption.received or "signal on another rank"
+    log(f"[Preempted] {cause}: checkpoint saved to {checkpoint}, exiting with {PREEMPTED_EXIT_CODE}")
+    end_run(accelerator)
+    raise Preempted
+
+
+@torch.no_grad()
+def evaluate(accelerator, model, loader, step=None, loss_fn=F.nll_loss, top5=False) -> dict:
+    """Mean loss and accuracy (top-1, and top-5 when asked) over the whole test set on all processes;
+    logs the ``[Test]`` line. Returns ``{"loss", "accuracy", "correct", "total"[, "top5_accuracy"]}``."""
+    share_rank_zero_buffers(model)
+    model.eval()
+    losses, hits = [], []
+    for data, target in loader:
+        output = model(data)
+        loss = loss_fn(output, target, reduction="none")
+        ranked = output.topk(min(5, output.shape[1]) if top5 else 1, dim=1).indices
+        hit = ranked.eq(target[:, None]).cumsum(dim=1)  # hit[:, k-1]: target among the first k
+        loss, hit = accelerator.gather_for_metrics((loss, hit))
+        losses.append(loss)
+        hits.append(hit)
+    losses, hits = torch.cat(losses), torch.cat(hits)
+    total, correct = len(hits), int(hits[:, 0].sum().item())
+    results = {"loss": losses.float().mean().item(), "accuracy": correct / total, "correct": correct, "total": total}
+    line = f"[Test] Loss: {results['loss']:.6f}, Accuracy: {100 * correct / total:.2f}% ({correct}/{total})"
+    if top5:
+        results["top5_accuracy"] = hits[:, -1].sum().item() / total
+        line += f", Top-5: {100 * results['top5_accuracy']:.2f}%"
+    log(line)
+    accelerator.log(
+        {f"test/{name}": value for name, value in results.items() if "accuracy" in name or name == "loss"}, step=step
+    )
+    return results
+
+
+def finish(accelerator, model, progress, args, results: dict) -> None:
+    """The end of a run (its last checkpoint saved by ``train``): from rank 0 ``results.json`` in
+    ``--output-dir`` (``results`` and the step reached) and the trained weights at ``--save-path``,
+    then ``end_run``."""
+    state_dict = accelerator.get_state_dict(model)  # on every rank: under DeepSpeed ZeRO-3 it gathers the shards
+    if global_rank() == 0:
+        # Strict JSON, which other tools read too: a diverged run's NaN or infinite loss becomes null.
+        results = {
+            key: None if isinstance(value, float) and not math.isfinite(value) else value
+            for key, value in results.items()
+        }
+        results["steps"] = progress.step
+        rerun = "the last checkpoint holds the trained weights: rerun with --resume to write them again"
+        with naming_a_failed_save(f"the results in {args.output_dir}", args.output_dir, rerun):
+            atomic_write(
+                Path(args.output_dir) / "results.json",
+                lambda file: json.dump(results, file, indent=2, allow_nan=False),
+                binary=False,
+            )
+        if args.save_path:
+            with naming_a_failed_save(f"--save-path {args.save_path}", Path(args.save_path).parent, rerun):
+                save_state_dict(state_dict, args.save_path)
+            log(f"Weights saved to {args.save_path}")
+    end_run(accelerator)
+
+
+def end_run(accelerator) -> None:
+    """Ends the trackers, the output folder's lock and, through ``launch.entry.run_main``, the process: a
+    multi-process run ends it without the interpreter's finalization (``entry.end_without_finalization``;
+    destroy_process_group cannot stop gloo's threads while the prepared model keeps the group)."""
+    accelerator.end_training()
+    release_output_dir_locks()
+    if accelerator.num_processes > 1:
+        end_without_finalization()

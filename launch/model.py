@@ -1,0 +1,135 @@
+"""The model of each mode, identical on every rank: ``baseline`` (dense, optionally loaded),
+``online`` (rank 0 decomposes behind the barrier, the others load its artifacts), ``offline`` (every
+rank replays the info file and loads the decomposed weights); and its cost, logged."""
+
+import contextlib
+import copy
+import time
+from pathlib import Path
+
+import torch
+
+import lowrank
+from lowrank.io import load_state_dict, load_weights
+from lowrank.report import inspect_table
+
+from .args import policy_of
+from .barrier import (
+    DEFAULT_TIMEOUT,
+    Artifacts,
+    BarrierError,
+    check_identical_parameters,
+    decompose_once,
+    load_decomposed,
+    run_token,
+)
+from .distributed import global_rank, log
+from .entry import RunError
+
+MODES = ("baseline", "online", "offline")
+
+
+class InputFileError(ValueError):
+    """A weights file that cannot be read or does not fit the model; the message names its flag and the
+    file, and ends the run without a traceback."""
+
+
+def prepare_model(
+    model, mode, *, pretrained_path=None, info_path=None, weights_path=None, policy=None, timeout=DEFAULT_TIMEOUT
+):
+    """The model for ``mode``, identical on every rank. Returns ``(model, changes, seconds, reused)``."""
+    start = time.perf_counter()
+    changes, reused = {}, False
+
+    def load_pretrained(dense):
+        try:
+            load_weights(dense, load_state_dict(pretrained_path), pretrained_path)
+        except (FileNotFoundError, ValueError) as error:  # they name the file and what is wrong with it
+            raise InputFileError(f"--pretrained-path: {error}") from None
+
+    # The weights are loaded or computed, never drawn, but each path draws a different amount (a replay
+    # default-initialises, a decomposition does not): the random state is left as it was, so that what
+    # follows (batch order, dropout) is the same whichever path a rank or a rerun took.
+    # Bad input files and rank 0's failures end the process with their message (which names the file),
+    # not a traceback.
+    with torch.random.fork_rng(devices=[]), _as_run_error(InputFileError, BarrierError):
+        if mode == "baseline":
+            if pretrained_path:
+                load_pretrained(model)
+            check_identical_parameters(model)
+        elif mode == "online":  # the barrier compares the ranks' weights itself
+            artifacts = Artifacts(Path(info_path), Path(weights_path))
+            model, changes, reused = decompose_once(
+                model, artifacts, load_pretrained, pretrained_path, policy, run_token(), timeout
+            )
+            if reused:
+                log(f"[Decompose] reused the decomposition of an earlier run with the same inputs: {info_path}")
+        elif mode == "offline":
+            model, changes = load_decomposed(model, info_path, weights_path)
+            check_identical_parameters(model)
+        else:
+            raise ValueError(f"unknown mode {mode!r}; valid modes: {', '.join(MODES)}")
+    return model, changes, time.perf_counter() - start, reused
+
+
+@contextlib.contextmanager
+def _as_run_error(*errors):
+    """Turns ``errors`` into a RunError with their message, after the rank it comes from."""
+    try:
+        yield
+    except errors as error:
+        raise RunError(f"rank {global_rank()}: {error}") from None
+
+
+def model_cost(model, example_input) -> dict:
+    """Parameters and multiply-adds of the model as built (before ``accelerator.prepare``: under
+    DeepSpeed ZeRO-3 the prepared model's parameters are sharded), and the input shape they were
+    counted on."""
+    return {
+        "params": lowrank.count_parameters(model),
+        "flops": lowrank.count_flops(model, example_input),
+        "flops_input_shape": list(example_input.shape),
+    }
+
+
+def log_decomposition(accelerator, dense_model, cost, changes, seconds, example_input, info_path=None) -> dict:
+    """Parameters and FLOPs before/after (``cost``: the decomposed model's ``model_cost``), time taken
+    and the per-layer table, to the log and TensorBoard."""
+    before = model_cost(dense_model, example_input)
+    summary = {
+        "decomposition/params_before": before["params"],
+        "decomposition/params_after": cost["params"],
+        "decomposition/flops_before": before["flops"],
+        "decomposition/flops_after": cost["flops"],
+        "decomposition/seconds": seconds,
+        "decomposition/layers": len(changes),
+    }
+    params = f"{summary['decomposition/params_before']:,} -> {summary['decomposition/params_after']:,}"
+    flops = f"{summary['decomposition/flops_before']:,} -> {summary['decomposition/flops_after']:,}"
+    log(f"[Decompose] {len(changes)} layer(s) in {seconds:.2f} s: parameters {params}, FLOPs {flops}")
+    if info_path and Path(info_path).is_file():
+        accelerator.log({"decomposition/table": "<pre>" + inspect_table(info_path) + "</pre>"}, step=0)
+    accelerator.log(summary, step=0)
+    return summary
+
+
+def setup_model(accelerator, dense, mode: str, args, example_input, project: str):
+    """The recipes' model setup: ``prepare_model`` on a copy of ``dense`` with the flags of
+    ``launch.args`` (``add_decomposition_args``, ``add_policy_args``, ``add_output_args``), then
+    TensorBoard's run ``<project>_<mode>`` started (only now: a run that fails on its inputs leaves no
+    empty one), and the cost of the model on ``example_input``, with the decomposition logged when
+    there is one. Returns ``(model, cost)``."""
+    model, changes, seconds, _ = prepare_model(
+        copy.deepcopy(dense),
+        mode,
+        pretrained_path=args.pretrained_path,
+        info_path=args.decompose_info_path,
+        weights_path=args.decomposed_weights_path,
+        policy=policy_of(args),
+        timeout=args.barrier_timeout,
+    )
+    accelerator.init_trackers(f"{project}_{mode}", config={k: v for k, v in vars(args).items() if v is not None})
+    cost = model_cost(model, example_input)
+    if mode != "baseline":
+        log_decomposition(accelerator, dense, cost, changes, seconds, example_input, args.decompose_info_path)
+    return model, cost
