@@ -4,6 +4,7 @@ runner's outputs), and their check before any work."""
 import argparse
 import math
 import urllib.parse
+from dataclasses import dataclass
 from pathlib import Path
 
 from lowrank.io import unwritable
@@ -229,12 +230,30 @@ def flag(name: str) -> str:
     return f"--{name.replace('_', '-')}"
 
 
-def check_mode_args(args, pretrained=None) -> str:
-    """The run's mode (baseline, online or offline). Missing paths for it raise a RunError naming
-    their flag, before any work; online artifacts default to files in ``--output-dir``. Flags the mode
-    would ignore are refused: the rank rule (``add_policy_args``') outside online mode, the pretrained
-    weights offline. ``pretrained`` names a flag other than ``--pretrained-path`` that also provides
-    the weights."""
+@dataclass(frozen=True)
+class RunMode:
+    """What the flags ask of the run, once checked (``check_mode_args``): its mode and, when it
+    decomposes, its decomposition's files (online: by default in ``--output-dir``)."""
+
+    mode: str  # baseline, online or offline
+    decompose_info_path: str | None = None
+    decomposed_weights_path: str | None = None
+
+    def settings(self) -> dict:
+        """Under the flags' names, as a checkpoint records them (``--run-mode`` None for a dense run)."""
+        return {
+            "run_mode": None if self.mode == "baseline" else self.mode,
+            "decompose_info_path": self.decompose_info_path,
+            "decomposed_weights_path": self.decomposed_weights_path,
+        }
+
+
+def check_mode_args(args, pretrained=None) -> RunMode:
+    """The run's mode and files, from the flags of ``add_decomposition_args`` and ``add_output_args``
+    (``args`` is left as it is). Missing paths for the mode raise a RunError naming their flag, before
+    any work. Flags the mode would ignore are refused: the rank rule (``add_policy_args``') outside
+    online mode, the pretrained weights offline. ``pretrained`` names a flag other than
+    ``--pretrained-path`` that also provides the weights."""
     rank_flags = policy_given(args)
     if not args.tensor_decompose:
         # The AMCT sample: these flags must be used together with --tensor-decompose.
@@ -244,7 +263,6 @@ def check_mode_args(args, pretrained=None) -> str:
             flags = ", ".join(map(flag, given))
             raise RunError(f"{flags} need(s) --tensor-decompose; without it the run trains the dense model")
     mode = (args.run_mode or "online") if args.tensor_decompose else "baseline"
-    args.run_mode = mode if mode != "baseline" else None
     if mode == "online" and not args.pretrained_path and not (pretrained and getattr(args, pretrained)):
         alternative = f" (or {flag(pretrained)})" if pretrained else ""
         raise RunError(f"--pretrained-path{alternative} is required in online mode")
@@ -262,23 +280,30 @@ def check_mode_args(args, pretrained=None) -> str:
         path = getattr(args, name)
         if path and (mode == "offline" or name == "pretrained_path") and not Path(path).is_file():
             raise RunError(f"{flag(name)} {path} does not exist")
+    run = RunMode(mode, args.decompose_info_path, args.decomposed_weights_path)
     if mode == "online":
-        args.decompose_info_path = args.decompose_info_path or str(Path(args.output_dir) / "decompose_info.json")
-        args.decomposed_weights_path = args.decomposed_weights_path or str(
-            Path(args.output_dir) / "decomposed_weights.pth"
+        run = RunMode(
+            mode,
+            args.decompose_info_path or str(Path(args.output_dir) / "decompose_info.json"),
+            args.decomposed_weights_path or str(Path(args.output_dir) / "decomposed_weights.pth"),
         )
-    check_outside_output_dir(args, ["pretrained_path", "decompose_info_path", "decomposed_weights_path", "save_path"])
+    _check_run_paths(argparse.Namespace(**{**vars(args), **run.settings()}), mode)
+    return run
+
+
+def _check_run_paths(paths, mode: str) -> None:
+    """The path checks of ``check_mode_args``, on the flags with the run's files (``paths``)."""
+    check_outside_output_dir(paths, ["pretrained_path", "decompose_info_path", "decomposed_weights_path", "save_path"])
     folders = ["output_dir"]
     files = ["save_path", *(["decompose_info_path", "decomposed_weights_path"] if mode == "online" else [])]
-    check_writable(args, files, folders)
+    check_writable(paths, files, folders)
     # One written over another would be lost: the pretrained weights (which a baseline run may train in
     # place), step 1's files, the trained weights.
     inputs = ["pretrained_path"] if mode == "online" else []
-    check_distinct(args, *inputs, "decompose_info_path", "decomposed_weights_path", "save_path")
-    problem = unwritable(Path(args.output_dir, "checkpoints"), is_folder=True)
+    check_distinct(paths, *inputs, "decompose_info_path", "decomposed_weights_path", "save_path")
+    problem = unwritable(Path(paths.output_dir, "checkpoints"), is_folder=True)
     if problem:
         raise RunError(f"--output-dir: {problem}")
-    return mode
 
 
 def _given_paths(args, names) -> dict:

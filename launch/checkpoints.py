@@ -9,6 +9,7 @@ import os
 import re
 import shutil
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 from filelock import FileLock, Timeout
@@ -159,23 +160,23 @@ def release_output_dir_locks() -> None:
         _output_dir_locks.popitem()[1].release()
 
 
-def _resume_decision(args, world_size: int, recipe_settings) -> tuple[str | None, str | None]:
+def _resume_decision(settings: Mapping, world_size: int, recipe_settings) -> tuple[str | None, str | None]:
     """Rank 0's part of ``checkpoint_to_resume``: the checkpoint (as a string) or an error message."""
     # --test-only writes no checkpoints or results, so it takes no lock; nor does it change the
     # checkpoints, which a training job may be writing there.
-    evaluating = getattr(args, "test_only", False)
-    error = None if evaluating else _lock_output_dir(args.output_dir)
+    evaluating = settings.get("test_only", False)
+    error = None if evaluating else _lock_output_dir(settings["output_dir"])
     if error:
         return None, error
-    folder = Path(args.output_dir, "checkpoints")
+    folder = Path(settings["output_dir"], "checkpoints")
     if not evaluating:
         _tidy(folder)
-    checkpoints = complete_checkpoints(args.output_dir)
-    if not args.resume:
+    checkpoints = complete_checkpoints(settings["output_dir"])
+    if not settings["resume"]:
         if checkpoints and not evaluating:
             aside = folder.with_name(f"checkpoints.{time.strftime('%Y%m%d-%H%M%S')}")
             os.replace(folder, aside)
-            results = Path(args.output_dir, "results.json")
+            results = Path(settings["output_dir"], "results.json")
             if results.is_file():  # that run's, not this one's
                 os.replace(results, aside / results.name)
             log(f"[Checkpoint] starting afresh (no --resume): the earlier run's checkpoints moved to {aside}")
@@ -196,15 +197,15 @@ def _resume_decision(args, world_size: int, recipe_settings) -> tuple[str | None
         )
         log(f"[Resume] no complete checkpoint in {folder}: starting afresh{hint}")
         return None, None
-    settings = dict(MODEL_SETTINGS)
-    current = {**vars(args), **launcher_settings(world_size)}
+    compared = dict(MODEL_SETTINGS)
+    current = {**settings, **launcher_settings(world_size)}
     if not evaluating:
-        settings |= TRAINING_SETTINGS | {name: flag(name) for name in recipe_settings}
+        compared |= TRAINING_SETTINGS | {name: flag(name) for name in recipe_settings}
     elif current["deepspeed"] == "on":
-        settings["world_size"] = TRAINING_SETTINGS["world_size"]
+        compared["world_size"] = TRAINING_SETTINGS["world_size"]
     changed = [
         f"{source} {_shown(saved[key])} (now {_shown(current[key])})"
-        for key, source in settings.items()
+        for key, source in compared.items()
         if key in saved and key in current and saved[key] != current[key]
     ]
     if changed:
@@ -215,16 +216,18 @@ def _resume_decision(args, world_size: int, recipe_settings) -> tuple[str | None
     return str(checkpoint), None
 
 
-def checkpoint_to_resume(args, world_size: int, recipe_settings=()) -> Path | None:
-    """The checkpoint ``--resume`` continues from, decided by rank 0 before any work: the latest
-    complete one, which must have been saved with the same MODEL_SETTINGS and, to train, the same
-    TRAINING_SETTINGS and ``recipe_settings`` (names of ``args``' attributes, such as those of the
-    recipe's learning-rate schedule: a scheduler's checkpoint holds its step, not its curve). A
+def checkpoint_to_resume(settings: Mapping, world_size: int, recipe_settings=()) -> Path | None:
+    """The checkpoint ``--resume`` continues from, decided by rank 0 before any work. ``settings`` is the
+    run's, a plain dict under the flags' names (``output_dir``, ``resume``, ``test_only``, the model's
+    and the training's settings; a checkpoint records it): the latest complete checkpoint must have
+    been saved with the same MODEL_SETTINGS and, to train, the same TRAINING_SETTINGS and
+    ``recipe_settings`` (more names of ``settings``, such as those of the recipe's learning-rate
+    schedule: a scheduler's checkpoint holds its step, not its curve). A
     training run without ``--resume`` starts afresh: rank 0 moves an earlier run's checkpoints and
     results aside (to ``checkpoints.<date-time>``), so that a later ``--resume`` cannot mix them up with
     this run's. Rank 0 of a training run holds ``--output-dir``'s lock from here on: a second one there
-    is refused; ``--test-only`` (``args.test_only``) takes no lock and leaves the checkpoints as they are."""
-    decision = _resume_decision(args, world_size, recipe_settings) if global_rank() == 0 else None
+    is refused; ``--test-only`` (``settings["test_only"]``) takes no lock and leaves the checkpoints as they are."""
+    decision = _resume_decision(settings, world_size, recipe_settings) if global_rank() == 0 else None
     checkpoint, error = from_rank_zero(decision)
     if error:
         raise RunError(error)
@@ -249,10 +252,11 @@ def load_checkpoint(accelerator, checkpoint: Path, progress) -> None:
     log(f"[Resume] from {checkpoint} at step {progress.step}")
 
 
-def save_checkpoint(accelerator, output_dir, progress, args) -> Path:
+def save_checkpoint(accelerator, output_dir, progress, settings: Mapping) -> Path:
     """Accelerate's state (model, optimizer, RNG, step) in ``checkpoints/step_<N>``, with the run's
-    arguments and number of processes in ``run.json``. Written into a hidden folder renamed once
-    complete: a process killed midway leaves the earlier checkpoints, and one of the same step, intact."""
+    ``settings`` (see ``checkpoint_to_resume``) and number of processes in ``run.json``. Written into a
+    hidden folder renamed once complete: a process killed midway leaves the earlier checkpoints, and one
+    of the same step, intact."""
     folder = Path(output_dir, "checkpoints")
     path = folder / f"step_{progress.step}"
     partial, replaced = folder / f".{path.name}.partial", folder / f".{path.name}.replaced"
@@ -274,7 +278,7 @@ def save_checkpoint(accelerator, output_dir, progress, args) -> Path:
             files = {
                 str(file.relative_to(partial)): file.stat().st_size for file in partial.rglob("*") if file.is_file()
             }
-            run = {**vars(args), **launcher_settings(accelerator.num_processes), "files": files}
+            run = {**settings, **launcher_settings(accelerator.num_processes), "files": files}
             atomic_write(partial / "run.json", lambda file: json.dump(run, file, indent=2, default=str), binary=False)
         if path.exists():
             os.replace(path, replaced)

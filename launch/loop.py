@@ -73,7 +73,7 @@ def train(
     steps,
     log_steps,
     output_dir,
-    args,
+    settings,
     loss_fn=F.nll_loss,
     scheduler=None,
     checkpoint_steps=0,
@@ -84,7 +84,8 @@ def train(
     """Trains until ``progress.step == steps`` (optimizer steps; the Accelerator's
     ``gradient_accumulation_steps`` batches each). ``eval_fn()`` runs every ``eval_steps`` steps before
     the last; ``throughput_unit`` (e.g. "images/s") adds the throughput of the training alone (not of
-    checkpoints and evaluations) to the log line. Saves a checkpoint after the last step, so that a
+    checkpoints and evaluations) to the log line. Checkpoints go to ``output_dir`` with the run's
+    ``settings`` (``checkpoints.save_checkpoint``). Saves a checkpoint after the last step, so that a
     signal during the final evaluation (which stops at once) loses no training, and returns; or raises
     ``Preempted`` after saving a checkpoint when the job is preempted (also by a signal during that
     last save, once it is complete)."""
@@ -118,16 +119,16 @@ def train(
                 break
             # Between optimizer steps only, so that a checkpoint never holds half-accumulated gradients.
             if preemption.requested(accelerator):
-                _exit_preempted(accelerator, save_checkpoint(accelerator, output_dir, progress, args))
+                _exit_preempted(accelerator, save_checkpoint(accelerator, output_dir, progress, settings))
             with meter.paused():  # the throughput's clock stops while they run
                 if checkpoint_steps and progress.step % checkpoint_steps == 0:
-                    save_checkpoint(accelerator, output_dir, progress, args)
+                    save_checkpoint(accelerator, output_dir, progress, settings)
                 if eval_fn and eval_steps and progress.step % eval_steps == 0:
                     eval_fn()
                     model.train()
         bar.close()
         if progress.step > first_step:
-            path = save_checkpoint(accelerator, output_dir, progress, args)
+            path = save_checkpoint(accelerator, output_dir, progress, settings)
             # A signal in the last step or during this save stops the run now, the checkpoint complete.
             if preemption.requested(accelerator):
                 _exit_preempted(accelerator, path)
@@ -198,10 +199,10 @@ def evaluate(accelerator, model, loader, step=None, loss_fn=F.nll_loss, top5=Fal
     return results
 
 
-def finish(accelerator, model, progress, args, results: dict) -> None:
+def finish(accelerator, model, progress, results: dict, *, output_dir, save_path=None) -> None:
     """The end of a run (its last checkpoint saved by ``train``): from rank 0 ``results.json`` in
-    ``--output-dir`` (``results`` and the step reached) and the trained weights at ``--save-path``,
-    then ``end_run``."""
+    ``output_dir`` (``results`` and the step reached) and the trained weights at ``save_path`` (the
+    flag ``--save-path``; None: not saved), then ``end_run``."""
     state_dict = accelerator.get_state_dict(model)  # on every rank: under DeepSpeed ZeRO-3 it gathers the shards
     if global_rank() == 0:
         # Strict JSON, which other tools read too: a diverged run's NaN or infinite loss becomes null.
@@ -211,16 +212,16 @@ def finish(accelerator, model, progress, args, results: dict) -> None:
         }
         results["steps"] = progress.step
         rerun = "the last checkpoint holds the trained weights: rerun with --resume to write them again"
-        with naming_a_failed_save(f"the results in {args.output_dir}", args.output_dir, rerun):
+        with naming_a_failed_save(f"the results in {output_dir}", output_dir, rerun):
             atomic_write(
-                Path(args.output_dir) / "results.json",
+                Path(output_dir) / "results.json",
                 lambda file: json.dump(results, file, indent=2, allow_nan=False),
                 binary=False,
             )
-        if args.save_path:
-            with naming_a_failed_save(f"--save-path {args.save_path}", Path(args.save_path).parent, rerun):
-                save_state_dict(state_dict, args.save_path)
-            log(f"Weights saved to {args.save_path}")
+        if save_path:
+            with naming_a_failed_save(f"--save-path {save_path}", Path(save_path).parent, rerun):
+                save_state_dict(state_dict, save_path)
+            log(f"Weights saved to {save_path}")
     end_run(accelerator)
 
 

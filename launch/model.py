@@ -13,7 +13,7 @@ import lowrank
 from lowrank.io import load_state_dict, load_weights
 from lowrank.report import inspect_table
 
-from .args import policy_of
+from .args import RunMode, policy_of
 from .barrier import (
     DEFAULT_TIMEOUT,
     Artifacts,
@@ -113,23 +113,24 @@ def log_decomposition(accelerator, dense_model, cost, changes, seconds, example_
     return summary
 
 
-def setup_model(accelerator, dense, mode: str, args, example_input, project: str):
-    """The recipes' model setup: ``prepare_model`` on a copy of ``dense`` with the flags of
-    ``launch.args`` (``add_decomposition_args``, ``add_policy_args``, ``add_output_args``), then
-    TensorBoard's run ``<project>_<mode>`` started (only now: a run that fails on its inputs leaves no
-    empty one), and the cost of the model on ``example_input``, with the decomposition logged when
-    there is one. Returns ``(model, cost)``."""
+def setup_model(accelerator, dense, run: RunMode, args, example_input, project: str):
+    """The recipes' model setup: ``prepare_model`` on a copy of ``dense`` for ``run`` (from
+    ``check_mode_args``) with the rank rule and barrier flags of ``launch.args``, then TensorBoard's run
+    ``<project>_<mode>`` started (only now: a run that fails on its inputs leaves no empty one), and
+    the cost of the model on ``example_input``, with the decomposition logged when there is one.
+    Returns ``(model, cost)``."""
     model, changes, seconds, _ = prepare_model(
         copy.deepcopy(dense),
-        mode,
+        run.mode,
         pretrained_path=args.pretrained_path,
-        info_path=args.decompose_info_path,
-        weights_path=args.decomposed_weights_path,
+        info_path=run.decompose_info_path,
+        weights_path=run.decomposed_weights_path,
         policy=policy_of(args),
         timeout=args.barrier_timeout,
     )
-    accelerator.init_trackers(f"{project}_{mode}", config={k: v for k, v in vars(args).items() if v is not None})
+    config = {key: value for key, value in {**vars(args), **run.settings()}.items() if value is not None}
+    accelerator.init_trackers(f"{project}_{run.mode}", config=config)
     cost = model_cost(model, example_input)
-    if mode != "baseline":
-        log_decomposition(accelerator, dense, cost, changes, seconds, example_input, args.decompose_info_path)
+    if run.mode != "baseline":
+        log_decomposition(accelerator, dense, cost, changes, seconds, example_input, run.decompose_info_path)
     return model, cost

@@ -85,13 +85,14 @@ def get_args_parser(run_mode=None, lr=0.01):
 
 
 def main(args):
-    mode = check_mode_args(args)
+    run = check_mode_args(args)
     accelerator = create_accelerator(
         use_gpu=args.use_gpu, output_dir=args.output_dir, backend=args.backend, init_method=args.init_method
     )
     if args.train_batch_size is None:
         args.train_batch_size = 256 if accelerator.num_processes == 1 else 32
-    checkpoint = checkpoint_to_resume(args, accelerator.num_processes)
+    settings = {**vars(args), **run.settings()}  # what a checkpoint records and compares
+    checkpoint = checkpoint_to_resume(settings, accelerator.num_processes)
     set_seed(args.seed)
 
     # data
@@ -102,7 +103,7 @@ def main(args):
     check_train_batches(len(train_set), args.train_batch_size, accelerator.num_processes)
 
     # model
-    model, cost = setup_model(accelerator, Net(), mode, args, torch.zeros(1, 1, 28, 28), "mnist")
+    model, cost = setup_model(accelerator, Net(), run, args, torch.zeros(1, 1, 28, 28), "mnist")
 
     # The AMCT sample's sampler seeds itself from the global RNG at its first batch, after the model's
     # initialisation. The same seed, drawn here (rank 0's, on every process), gives the same batches
@@ -130,13 +131,14 @@ def main(args):
         steps=args.steps,
         log_steps=args.log_steps,
         output_dir=args.output_dir,
-        args=args,
+        settings=settings,
         checkpoint_steps=args.checkpoint_steps,
     )
     metrics = evaluate(accelerator, model, test_loader, step=progress.step)
 
     # save
-    finish(accelerator, model, progress, args, {"mode": mode, **metrics, **cost})
+    results = {"mode": run.mode, **metrics, **cost}
+    finish(accelerator, model, progress, results, output_dir=args.output_dir, save_path=args.save_path)
 
 
 if __name__ == "__main__":

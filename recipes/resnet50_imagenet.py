@@ -277,8 +277,8 @@ def warmup_cosine(warmup_steps, total_steps):
 def main(args):
     if args.weights and args.pretrained_path:
         raise RunError("--weights and --pretrained-path both give the pretrained weights: pass one")
-    mode = check_mode_args(args, pretrained="weights")
-    args.lr = args.lr if args.lr is not None else (0.1 if mode == "baseline" else 0.01)
+    run = check_mode_args(args, pretrained="weights")
+    args.lr = args.lr if args.lr is not None else (0.1 if run.mode == "baseline" else 0.01)
     # The data and the class count of --weights are checked on every rank, before a training run without
     # --resume moves an earlier run's checkpoints aside, and before a rank waits for another that exited.
     train_set, val_set = load_data(args)
@@ -313,8 +313,9 @@ def main(args):
         args.channels_last = args.use_gpu and not deepspeed
     # The learning-rate curve depends on these: a scheduler's checkpoint holds its step, not its curve.
     schedule = ("epochs", "steps", "lr_warmup_epochs", "label_smoothing")
-    checkpoint = checkpoint_to_resume(args, accelerator.num_processes, recipe_settings=schedule)
-    if args.test_only and mode == "baseline" and not (checkpoint or args.pretrained_path or args.weights):
+    settings = {**vars(args), **run.settings()}
+    checkpoint = checkpoint_to_resume(settings, accelerator.num_processes, recipe_settings=schedule)
+    if args.test_only and run.mode == "baseline" and not (checkpoint or args.pretrained_path or args.weights):
         raise RunError(
             "--test-only would evaluate a randomly initialised model: give --pretrained-path or --weights, "
             "or --resume with a checkpoint in --output-dir"
@@ -341,7 +342,7 @@ def main(args):
         )
     dense = torchvision.models.resnet50(num_classes=classes)
     example_input = torch.zeros(1, 3, args.image_size, args.image_size)
-    model, cost = setup_model(accelerator, dense, mode, args, example_input, "resnet50")
+    model, cost = setup_model(accelerator, dense, run, args, example_input, "resnet50")
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
     # A fixed image size: cuDNN's autotuner picks each convolution's fastest algorithm once, as in
@@ -376,7 +377,7 @@ def main(args):
         steps=steps,
         log_steps=args.log_steps,
         output_dir=args.output_dir,
-        args=args,
+        settings={**vars(args), **run.settings()},  # with the --weights file
         loss_fn=functools.partial(F.cross_entropy, label_smoothing=args.label_smoothing),
         scheduler=scheduler,
         checkpoint_steps=args.checkpoint_steps,
@@ -387,7 +388,8 @@ def main(args):
     metrics = evaluate_model(step=progress.step)
 
     # save
-    finish(accelerator, model, progress, args, {"mode": mode, **metrics, **cost})
+    results = {"mode": run.mode, **metrics, **cost}
+    finish(accelerator, model, progress, results, output_dir=args.output_dir, save_path=args.save_path)
 
 
 if __name__ == "__main__":

@@ -50,7 +50,7 @@ def main():
 
     loop.train(
         accelerator, model, optimizer, loader, progress, steps=2, log_steps=1, output_dir=args.output_dir,
-        args=args, loss_fn=F.cross_entropy, eval_steps=1, eval_fn=evaluate,
+        settings=vars(args), loss_fn=F.cross_entropy, eval_steps=1, eval_fn=evaluate,
     )  # fmt: skip
     result["checkpointed"] = statistics()  # train ends with a checkpoint
     weights = accelerator.get_state_dict(model)  # on every rank: under ZeRO-3 it gathers the shards, to rank 0

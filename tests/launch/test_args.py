@@ -4,6 +4,7 @@ import re
 import pytest
 
 from launch.args import (
+    RunMode,
     add_decomposition_args,
     add_distributed_args,
     add_output_args,
@@ -121,7 +122,7 @@ def test_decomposition_flags_without_tensor_decompose_are_refused(tmp_path):
         add_output_args(parser, output_dir=str(tmp_path / "out"))
         args = parser.parse_args(argv)
         try:
-            return check_mode_args(args)
+            return check_mode_args(args).mode
         except RunError as stopped:
             return str(stopped)
 
@@ -162,7 +163,7 @@ def test_flags_the_mode_would_ignore_are_refused(tmp_path, run_mode, argv, messa
     argv = [arg.format(pretrained=pretrained) for arg in argv] + (paths if run_mode == "offline" else [])
     args = parser.parse_args(argv)
     if message is None:
-        assert check_mode_args(args) == run_mode
+        assert check_mode_args(args).mode == run_mode
     else:
         with pytest.raises(RunError) as stopped:
             check_mode_args(args)
@@ -183,24 +184,21 @@ def test_the_two_artifacts_cannot_be_one_file(tmp_path):
     )
 
 
-def test_an_artifact_inside_another_is_refused(tmp_path):
-    """Rank 0 would write the info file, then fail to save the weights under it, as under a folder."""
+def online_args(tmp_path, *argv):
+    """The flags of an online run, parsed: ``argv``, with pretrained weights in ``tmp_path`` and
+    ``--output-dir tmp_path/out``."""
     parser = argparse.ArgumentParser()
     add_decomposition_args(parser, run_mode="online")
     add_output_args(parser, output_dir=str(tmp_path / "out"))
     pretrained = tmp_path / "dense.pth"
     pretrained.write_bytes(b"")
+    return parser.parse_args(["--pretrained-path", str(pretrained), *argv])
+
+
+def test_an_artifact_inside_another_is_refused(tmp_path):
+    """Rank 0 would write the info file, then fail to save the weights under it, as under a folder."""
     info = tmp_path / "info"
-    args = parser.parse_args(
-        [
-            "--pretrained-path",
-            str(pretrained),
-            "--decompose-info-path",
-            str(info),
-            "--decomposed-weights-path",
-            f"{info}/w.pth",
-        ]
-    )
+    args = online_args(tmp_path, "--decompose-info-path", str(info), "--decomposed-weights-path", f"{info}/w.pth")
     with pytest.raises(RunError) as stopped:
         check_mode_args(args)
     assert str(stopped.value) == (
@@ -265,7 +263,7 @@ def test_files_cannot_take_the_output_dirs_places(tmp_path, argv, message):
     add_output_args(parser, output_dir=str(out))
     args = parser.parse_args([a.format(out=out) for a in argv])
     if message is None:
-        assert check_mode_args(args) == "baseline"
+        assert check_mode_args(args).mode == "baseline"
     else:
         with pytest.raises(RunError) as stopped:
             check_mode_args(args)
@@ -279,7 +277,7 @@ def test_a_baseline_may_train_its_pretrained_weights_in_place(tmp_path):
     pretrained = tmp_path / "dense.pth"
     pretrained.write_bytes(b"")
     args = parser.parse_args(["--pretrained-path", str(pretrained), "--save-path", str(pretrained)])
-    assert check_mode_args(args) == "baseline"
+    assert check_mode_args(args).mode == "baseline"
 
 
 def parse_distributed(*argv):
@@ -331,3 +329,18 @@ def test_the_distributed_flags_show_their_default():
     assert helps["backend"].endswith("(default: gloo on the CPU, nccl with --use-gpu)")
     assert helps["init_method"].endswith("(default: env://)")
     assert "LOCAL_RANK" in helps["local_rank"] and helps["local_rank"].endswith("(default: None)")
+
+
+def test_the_mode_and_its_files_are_returned_and_the_flags_left_as_they_are(tmp_path):
+    args = online_args(tmp_path)
+    given = dict(vars(args))
+    run = check_mode_args(args)
+    assert vars(args) == given  # a config comes back; the namespace is not changed
+    out = tmp_path / "out"
+    assert run == RunMode("online", str(out / "decompose_info.json"), str(out / "decomposed_weights.pth"))
+    assert run.settings()["run_mode"] == "online"
+    assert RunMode("baseline").settings() == {
+        "run_mode": None,
+        "decompose_info_path": None,
+        "decomposed_weights_path": None,
+    }

@@ -1,7 +1,6 @@
 """The runner's checkpoints and checks on one process (the multi-process runs are in
 test_runner_processes.py and tests/recipes)."""
 
-import argparse
 import itertools
 import json
 import math
@@ -30,8 +29,9 @@ from lowrank.io import save_state_dict
 
 
 def run_args(output_dir, **overrides):
+    """A run's settings, as a recipe gives them to the checkpoint functions."""
     settings = {"output_dir": str(output_dir), "resume": True, "ratio": 0.3, "train_batch_size": 32, "seed": 1}
-    return argparse.Namespace(**{**settings, **overrides})
+    return {**settings, **overrides}
 
 
 @pytest.fixture
@@ -244,7 +244,7 @@ def test_a_signal_during_the_last_save_exits_once_the_checkpoint_is_complete(tra
         with pytest.raises(SystemExit) as stopped:
             loop.train(
                 accelerator, model, optimizer, loader, progress, steps=2, log_steps=1, output_dir=tmp_path,
-                args=run_args(tmp_path), loss_fn=torch.nn.functional.mse_loss,
+                settings=run_args(tmp_path), loss_fn=torch.nn.functional.mse_loss,
             )  # fmt: skip
     finally:
         for signum, handler in handlers.items():
@@ -357,7 +357,7 @@ def test_the_throughput_leaves_out_checkpoints_and_evaluations(trainer, tmp_path
     monkeypatch.setattr(loop, "preemption", Preemption())  # no signal left from another test
     loop.train(
         accelerator, model, optimizer, loader, progress, steps=4, log_steps=2, output_dir=tmp_path,
-        args=run_args(tmp_path), loss_fn=taking(1, torch.nn.functional.mse_loss), checkpoint_steps=1, eval_steps=1,
+        settings=run_args(tmp_path), loss_fn=taking(1, torch.nn.functional.mse_loss), checkpoint_steps=1, eval_steps=1,
         eval_fn=taking(100, lambda: None), throughput_unit="samples/s",
     )  # fmt: skip
     rates = [float(rate) for rate in re.findall(r"Loss: [\d.]+, ([\d.]+) samples/s", capsys.readouterr().out)]
@@ -373,7 +373,7 @@ def test_a_resume_past_the_last_step_says_there_is_nothing_to_train(trainer, tmp
     loader = [(torch.randn(4, 3), torch.randn(4, 2))]
     loop.train(
         accelerator, model, optimizer, loader, progress, steps=3, log_steps=1, output_dir=tmp_path,
-        args=run_args(tmp_path), loss_fn=torch.nn.functional.mse_loss,
+        settings=run_args(tmp_path), loss_fn=torch.nn.functional.mse_loss,
     )  # fmt: skip
     out = capsys.readouterr().out
     assert "[Train] already at step 6 of 3: nothing to train" in out and "first step" not in out
@@ -478,11 +478,9 @@ def test_a_full_disk_at_the_end_is_named(trainer, tmp_path, monkeypatch):
         raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 596928 vs 596880")
 
     monkeypatch.setattr(loop, "save_state_dict", disk_full)
-    args = run_args(tmp_path, save_path=str(tmp_path / "weights.pth"))
-    with pytest.raises(
-        RunError, match=f"could not save --save-path {args.save_path}: RuntimeError: .* GiB free"
-    ) as error:
-        loop.finish(accelerator, model, progress, args, {})
+    save_path = str(tmp_path / "weights.pth")
+    with pytest.raises(RunError, match=f"could not save --save-path {save_path}: RuntimeError: .* GiB free") as error:
+        loop.finish(accelerator, model, progress, {}, output_dir=tmp_path, save_path=save_path)
     assert str(error.value).endswith(
         "the last checkpoint holds the trained weights: rerun with --resume to write them again"
     )
@@ -491,13 +489,8 @@ def test_a_full_disk_at_the_end_is_named(trainer, tmp_path, monkeypatch):
 def test_a_diverged_runs_results_are_strict_json(trainer, tmp_path):
     """A NaN or infinite loss is written as null: Python's json would write NaN, which other JSON readers refuse."""
     accelerator, model, progress = trainer
-    loop.finish(
-        accelerator,
-        model,
-        progress,
-        run_args(tmp_path, save_path=None),
-        {"loss": math.nan, "top5": math.inf, "accuracy": 0.1},
-    )
+    results = {"loss": math.nan, "top5": math.inf, "accuracy": 0.1}
+    loop.finish(accelerator, model, progress, results, output_dir=tmp_path)
 
     def refuse(constant):
         raise ValueError(f"not strict JSON: {constant}")
