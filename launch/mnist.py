@@ -2,17 +2,20 @@
 
 Compute nodes often have no internet: ``--data-path`` may point at a local copy, a folder holding
 ``MNIST/raw/`` with the four files of the MNIST database, plain or gzipped (as torchvision names
-them). Gzipped files are unpacked next to them, or into a cache folder when that one is read-only,
-and their content is checked against the known checksums. With neither a local copy nor internet,
-loading fails within a minute with an error that says what to do.
+them), or of any dataset in its idx format (28x28 images, labels 0-9). Gzipped files are unpacked
+next to them, or into a cache folder when that one is read-only. Every file is checked by its idx
+header, its length and its labels, so that a truncated or damaged copy is named before training,
+not met midway. With neither a local copy nor internet, loading fails within a minute with an error
+that says what to do.
 """
 
 import contextlib
 import errno
-import functools
 import gzip
+import math
 import os
 import socket
+import struct
 import zlib
 from pathlib import Path
 
@@ -21,22 +24,17 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision import datasets, transforms
 
-from lowrank.io import atomic_write, file_digest
+from lowrank.io import atomic_write
 
-# md5 of the uncompressed idx files
-MNIST_FILES = {
-    "train-images-idx3-ubyte": "6bbc9ace898e44ae57da46a324031adb",
-    "train-labels-idx1-ubyte": "a25bea736e30d166cdddb491f175f624",
-    "t10k-images-idx3-ubyte": "2646ac647ad5339dbf082846283269ea",
-    "t10k-labels-idx1-ubyte": "27ae3e4e09519cfbb04c329615203637",
+# The four files, by torchvision's names, with their number of dimensions: images (count, rows,
+# columns) and labels (count).
+IDX_FILES = {
+    "train-images-idx3-ubyte": 3,
+    "train-labels-idx1-ubyte": 1,
+    "t10k-images-idx3-ubyte": 3,
+    "t10k-labels-idx1-ubyte": 1,
 }
-# Their sizes: a truncated copy is found before torchvision reads it.
-MNIST_SIZES = {
-    "train-images-idx3-ubyte": 47040016,
-    "train-labels-idx1-ubyte": 60008,
-    "t10k-images-idx3-ubyte": 7840016,
-    "t10k-labels-idx1-ubyte": 10008,
-}
+IMAGE_SIZE, CLASSES = (28, 28), 10  # what the AMCT sample's network takes
 DOWNLOAD_TIMEOUT = 20  # seconds per connection attempt: no network must fail fast, not hang
 
 
@@ -61,18 +59,44 @@ class Net(nn.Module):
         return F.log_softmax(self.fc(torch.flatten(x, 1)), dim=1)
 
 
+def idx_problem(path: Path) -> str | None:
+    """What is wrong with the idx file ``path``, said after its name, or None. An idx file is a
+    big-endian header (the magic number 0x0800 + dimensions for unsigned bytes, then each dimension's
+    size) followed by the data; torchvision reads one without a check (an assertion, or labels out of
+    range mid-training)."""
+    dims = IDX_FILES[path.name]
+    size = path.stat().st_size
+    with open(path, "rb") as file:
+        header = file.read(4 * (dims + 1))
+        magic, *shape = struct.unpack(f">{dims + 1}I", header) if len(header) == 4 * (dims + 1) else (None,)
+        if magic != 0x0800 + dims:
+            found = f"its magic number is {magic:#010x}" if magic is not None else f"it has {size} bytes"
+            return f"is not an idx file of unsigned bytes in {dims} dimension(s) ({found})"
+        expected = len(header) + math.prod(shape)
+        if size != expected:
+            return f"is incomplete ({size} bytes, its header says {expected})"
+        if dims == 3 and tuple(shape[1:]) != IMAGE_SIZE:
+            return f"holds {shape[1]}x{shape[2]} images, where the network takes {IMAGE_SIZE[0]}x{IMAGE_SIZE[1]}"
+        if dims == 1 and (largest := max(file.read(), default=0)) >= CLASSES:
+            return f"holds labels outside 0-{CLASSES - 1} (such as {largest})"
+    return None
+
+
+def _count(path: Path) -> int:
+    with open(path, "rb") as file:
+        return struct.unpack(">4xI", file.read(8))[0]
+
+
+def _check_pairs(raw: Path) -> None:
+    """Raises when a split's images and labels are not as many."""
+    for split in ("train", "t10k"):
+        images, labels = raw / f"{split}-images-idx3-ubyte", raw / f"{split}-labels-idx1-ubyte"
+        if _count(images) != _count(labels):
+            raise RuntimeError(f"{images} holds {_count(images)} images and {labels.name} {_count(labels)} labels")
+
+
 def _complete(path: Path) -> bool:
-    """Whether ``path`` is the MNIST file of its name: a copy of the right size may still be garbage,
-    which torchvision reads without a check (an assertion, or labels out of range mid-training)."""
-    if not path.is_file():
-        return False
-    stat = path.stat()
-    return stat.st_size == MNIST_SIZES[path.name] and _has_mnist_content(path, stat.st_ino, stat.st_mtime_ns)
-
-
-@functools.cache  # per version of the file: the train and test sets both look for all four
-def _has_mnist_content(path: Path, inode: int, mtime_ns: int) -> bool:
-    return file_digest(path, "md5") == MNIST_FILES[path.name]
+    return path.is_file() and idx_problem(path) is None
 
 
 def _unpack(source: Path, target: Path) -> None:
@@ -88,27 +112,24 @@ def _unpack(source: Path, target: Path) -> None:
         atomic_write(target, write)
     except (EOFError, gzip.BadGzipFile, zlib.error) as error:
         raise RuntimeError(f"{source} is corrupt: {error}") from None
-    if file_digest(target, "md5") != MNIST_FILES[target.name]:
+    problem = idx_problem(target)
+    if problem:
         target.unlink()
-        raise RuntimeError(f"{source} is corrupt: its content does not match the MNIST file {target.name}")
+        raise RuntimeError(f"{source} is corrupt: unpacked, it {problem}")
 
 
 def local_root(data_path) -> Path | None:
     """A root folder from which torchvision reads MNIST without downloading, made from a local copy
     under ``data_path`` (unpacking gzipped files where needed), or None when there is no local copy."""
     raw = Path(data_path) / "MNIST" / "raw"
-    if all(_complete(raw / name) for name in MNIST_FILES):
+    if all(_complete(raw / name) for name in IDX_FILES):
+        _check_pairs(raw)
         return Path(data_path)
-    sources = {name: raw / name if _complete(raw / name) else raw / f"{name}.gz" for name in MNIST_FILES}
+    sources = {name: raw / name if _complete(raw / name) else raw / f"{name}.gz" for name in IDX_FILES}
     for name, source in sources.items():
         if not source.is_file() and (raw / name).is_file():
-            size = (raw / name).stat().st_size
-            damage = (
-                f"incomplete ({size} bytes, the MNIST file has {MNIST_SIZES[name]})"
-                if size != MNIST_SIZES[name]
-                else "corrupt (its content does not match the MNIST file)"
-            )
-            raise RuntimeError(f"{raw / name} is {damage} and there is no {source.name} to unpack: copy it again")
+            problem = idx_problem(raw / name)
+            raise RuntimeError(f"{raw / name} {problem} and there is no {source.name} to unpack: copy it again")
     if not all(source.is_file() for source in sources.values()):
         return None
     for root in (Path(data_path), Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "lowrank" / "mnist"):
@@ -117,6 +138,7 @@ def local_root(data_path) -> Path | None:
             for name, source in sources.items():
                 if not _complete(target / name):
                     _unpack(source, target / name)
+            _check_pairs(target)
             return root
         except OSError as error:  # a read-only data folder (permissions or mount): unpack into the cache instead
             if not isinstance(error, PermissionError) and error.errno != errno.EROFS:
@@ -137,7 +159,7 @@ def load_mnist(data_path, train: bool) -> datasets.MNIST:
     try:
         return datasets.MNIST(data_path, train=train, transform=transform, download=True)
     except Exception as error:
-        missing = [name for name in MNIST_FILES if not (raw / name).is_file() and not (raw / f"{name}.gz").is_file()]
+        missing = [name for name in IDX_FILES if not (raw / name).is_file() and not (raw / f"{name}.gz").is_file()]
         for folder in created:  # the download's, left empty: a mistyped --data-path leaves nothing behind
             with contextlib.suppress(OSError):
                 folder.rmdir()

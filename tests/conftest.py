@@ -2,6 +2,7 @@ import importlib.util
 import logging
 import os
 import socket
+import struct
 import subprocess
 import sys
 from collections.abc import Callable
@@ -123,3 +124,21 @@ def find_processes(script: str, environment: Callable[[dict], bool]) -> list[int
 
 def relative_error(actual, expected):
     return ((actual - expected).norm() / expected.norm()).item()
+
+
+def idx(path, shape, data: bytes):
+    """Writes an idx file of unsigned bytes: its header (magic number, sizes), then ``data``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(struct.pack(f">{len(shape) + 1}I", 0x0800 + len(shape), *shape) + data)
+
+
+def idx_dataset(root, train=96, test=32, size=(28, 28), seed=0):
+    """A small dataset in MNIST's idx format under ``root/MNIST/raw``: random images and labels 0-9."""
+    generator = torch.Generator().manual_seed(seed)
+    raw = root / "MNIST" / "raw"
+    for split, count in (("train", train), ("t10k", test)):
+        images = torch.randint(0, 256, (count, *size), dtype=torch.uint8, generator=generator)
+        labels = torch.randint(0, 10, (count,), dtype=torch.uint8, generator=generator)
+        idx(raw / f"{split}-images-idx3-ubyte", images.shape, images.numpy().tobytes())
+        idx(raw / f"{split}-labels-idx1-ubyte", labels.shape, labels.numpy().tobytes())
+    return raw

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from launch import mnist
-from tests.conftest import DATA, needs_data
+from tests.conftest import DATA, idx, idx_dataset, needs_data
 
 SHARED_RAW = DATA / "MNIST" / "raw"
 
@@ -16,7 +16,7 @@ SHARED_RAW = DATA / "MNIST" / "raw"
 def gz_copy(root):
     raw = root / "MNIST" / "raw"
     raw.mkdir(parents=True)
-    for name in mnist.MNIST_FILES:
+    for name in mnist.IDX_FILES:
         shutil.copy(SHARED_RAW / f"{name}.gz", raw)
     return raw
 
@@ -25,7 +25,7 @@ def gz_copy(root):
 def test_a_gzipped_copy_is_unpacked_and_checked(tmp_path):
     raw = gz_copy(tmp_path)
     assert mnist.local_root(tmp_path) == tmp_path
-    assert all((raw / name).is_file() for name in mnist.MNIST_FILES)
+    assert all((raw / name).is_file() for name in mnist.IDX_FILES)
     test_set = mnist.load_mnist(tmp_path, train=False)
     assert len(test_set) == 10000
     image, label = test_set[0]
@@ -79,10 +79,10 @@ def test_a_truncated_plain_file_is_unpacked_again_or_named(tmp_path):
     name = "t10k-labels-idx1-ubyte"
     (raw / name).write_bytes((raw / name).read_bytes()[:5000])
     assert mnist.local_root(tmp_path) == tmp_path  # from its .gz
-    assert (raw / name).stat().st_size == mnist.MNIST_SIZES[name]
+    assert (raw / name).stat().st_size == 10008
     (raw / name).write_bytes((raw / name).read_bytes()[:5000])
     (raw / f"{name}.gz").unlink()
-    with pytest.raises(RuntimeError, match=f"{name} is incomplete \\(5000 bytes, the MNIST file has 10008\\)"):
+    with pytest.raises(RuntimeError, match=f"{name} is incomplete \\(5000 bytes, its header says 10008\\) and"):
         mnist.local_root(tmp_path)
 
 
@@ -91,12 +91,17 @@ def test_a_garbage_plain_file_of_the_right_size_is_unpacked_again_or_named(tmp_p
     raw = gz_copy(tmp_path)
     assert mnist.local_root(tmp_path) == tmp_path
     name = "train-labels-idx1-ubyte"
-    (raw / name).write_bytes(b"\xc8" * mnist.MNIST_SIZES[name])  # torchvision would read labels of 200
+    labels = (raw / name).read_bytes()
+    (raw / name).write_bytes(labels[:8] + b"\xc8" * (len(labels) - 8))  # torchvision would read labels of 200
     assert mnist.local_root(tmp_path) == tmp_path  # from its .gz
     assert (raw / name).read_bytes() == gzip.decompress((SHARED_RAW / f"{name}.gz").read_bytes())
-    (raw / name).write_bytes(b"\xc8" * mnist.MNIST_SIZES[name])
+    (raw / name).write_bytes(b"\xc8" * len(labels))
     (raw / f"{name}.gz").unlink()
-    with pytest.raises(RuntimeError, match=f"{name} is corrupt \\(its content does not match the MNIST file\\)"):
+    not_idx = f"{name} is not an idx file of unsigned bytes in 1 dimension\\(s\\) \\(its magic number is 0xc8c8c8c8\\)"
+    with pytest.raises(RuntimeError, match=not_idx):
+        mnist.local_root(tmp_path)
+    (raw / name).write_bytes(labels[:8] + b"\xc8" * (len(labels) - 8))
+    with pytest.raises(RuntimeError, match=f"{name} holds labels outside 0-9 \\(such as 200\\)"):
         mnist.local_root(tmp_path)
 
 
@@ -127,3 +132,22 @@ def test_a_missing_file_is_named(tmp_path, monkeypatch):
 
 def test_net_shapes():
     assert mnist.Net()(torch.randn(2, 1, 28, 28)).shape == (2, 10)
+
+
+def test_any_dataset_in_mnists_idx_format_loads(tmp_path):
+    idx_dataset(tmp_path)
+    train_set = mnist.load_mnist(tmp_path, train=True)
+    image, label = train_set[5]
+    assert len(train_set) == 96 and len(mnist.load_mnist(tmp_path, train=False)) == 32
+    assert image.shape == (1, 28, 28) and 0 <= label < 10
+
+
+def test_idx_files_that_do_not_fit_the_network_or_each_other_are_named(tmp_path):
+    idx_dataset(tmp_path / "small", size=(16, 16))
+    with pytest.raises(RuntimeError, match="train-images-idx3-ubyte holds 16x16 images, where the network takes 28x28"):
+        mnist.local_root(tmp_path / "small")
+    raw = idx_dataset(tmp_path / "uneven")
+    idx(raw / "t10k-labels-idx1-ubyte", (31,), bytes(31))
+    uneven = "t10k-images-idx3-ubyte holds 32 images and t10k-labels-idx1-ubyte 31 labels"
+    with pytest.raises(RuntimeError, match=uneven):
+        mnist.local_root(tmp_path / "uneven")

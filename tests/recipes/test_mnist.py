@@ -6,6 +6,7 @@ import re
 import runpy
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -29,6 +30,7 @@ from tests.conftest import (
     accelerate_launch,
     find_processes,
     free_port,
+    idx_dataset,
     needs_data,
     needs_deepspeed,
     run,
@@ -143,7 +145,8 @@ def test_the_init_method_is_the_process_groups(tmp_path):
 def damaged_data(root):
     raw = root / "MNIST" / "raw"
     raw.mkdir(parents=True)
-    (raw / "t10k-labels-idx1-ubyte").write_bytes(bytes(5000))  # a copy cut short, and no .gz to unpack
+    # A copy cut short (its header says 10,000 labels), and no .gz to unpack.
+    (raw / "t10k-labels-idx1-ubyte").write_bytes(struct.pack(">2I", 0x0801, 10000) + bytes(4992))
     return f"error: --data-path {root}: {raw / 't10k-labels-idx1-ubyte'} is incomplete (5000 bytes"
 
 
@@ -162,6 +165,15 @@ def test_a_damaged_data_copy_stops_every_rank_with_its_message(tmp_path):
     result = run(command, check=False, timeout=300)
     assert result.returncode != 0 and result.stderr.count(message) == 2  # each rank, not a gloo error on rank 1
     assert "[rank1]: Traceback" not in result.stderr and "[rank0]: Traceback" not in result.stderr
+
+
+@pytest.mark.integration
+def test_another_dataset_in_mnists_idx_format_trains(tmp_path):
+    idx_dataset(tmp_path / "data")
+    args = ["--data-path", tmp_path / "data", "--steps", "2", "--log-steps", "1", "--train-batch-size", "16"]
+    result = run([sys.executable, str(RECIPES / "mnist_baseline.py"), *args, "--output-dir", tmp_path / "out"])
+    assert "[Train] Step[2/2] Loss:" in result.stdout
+    assert re.search(r"^\[Test\] Loss: [\d.]+, Accuracy: [\d.]+% \(\d+/32\)$", result.stdout, re.M), result.stdout
 
 
 @needs_data
