@@ -42,6 +42,16 @@ default_port() {
     done
 }
 
+# job_ref: this job as scontrol and scancel name it. An array task is <array job id>_<task id>: given
+# its own SLURM_JOB_ID, which for the first task is the array job's id, they would act on every task.
+job_ref() {
+    if [[ -n ${SLURM_ARRAY_TASK_ID:-} ]]; then
+        echo "${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}"
+    else
+        echo "$SLURM_JOB_ID"
+    fi
+}
+
 # USR1 (from --signal, before the time limit) comes to the batch shell only: signal_step passes it on
 # to the job step as SIGTERM, which the launchers forward to their workers, and the runner turns into
 # a checkpoint and exit code 75.
@@ -49,8 +59,8 @@ signal_step() {
     echo "[slurm] USR1: asking the workers to save a checkpoint"
     # A job step that srun is still creating would miss the signal, and run on until the time limit.
     for _ in $(seq 30); do
-        if squeue -h -s -j "$SLURM_JOB_ID" -o %i | grep -q "^$SLURM_JOB_ID\.[0-9]"; then
-            scancel --signal=TERM "$SLURM_JOB_ID"
+        if squeue -h -s -j "$(job_ref)" -o %i | grep -q '\.[0-9]'; then
+            scancel --signal=TERM "$(job_ref)"
             return
         fi
         kill -0 "$srun_pid" 2>/dev/null || return
@@ -60,7 +70,7 @@ signal_step() {
 
 requeue() {
     echo "[slurm] requeueing; the next run resumes from $OUTPUT_DIR/checkpoints"
-    if ! scontrol requeue "$SLURM_JOB_ID"; then
+    if ! scontrol requeue "$(job_ref)"; then
         echo "[slurm] requeue refused: resubmit with OUTPUT_DIR=$OUTPUT_DIR to resume"
         exit 75 # the run is not finished: EX_TEMPFAIL, as the workers'
     fi

@@ -196,6 +196,16 @@ def test_usr1_requeues_an_unfinished_run_only(tmp_path, script, when, step_statu
         assert "[slurm] done with exit status 0" in log, log
 
 
+@pytest.mark.parametrize("script", ["mnist_cpu.sbatch", "resnet50_gpu.sbatch"])
+def test_an_array_task_signals_and_requeues_itself_not_the_array(tmp_path, script):
+    """Task 0 of array 7 is job 7 too: given that id, scancel and scontrol would act on every task."""
+    array = {"SLURM_ARRAY_JOB_ID": "7", "SLURM_ARRAY_TASK_ID": "0"}
+    code, log, _, scontrol = dry_run(tmp_path, script, STUB_SRUN_EXIT="143", STUB_USR1_FROM_SRUN="1", **array)
+    assert code == 0, log
+    assert "requeue 7_0" in scontrol.splitlines(), scontrol
+    assert (tmp_path / "stubs" / "scancel.log").read_text().splitlines() == ["--signal=TERM 7_0"], log
+
+
 def free_port_block(count):
     """The first of ``count`` consecutive TCP ports free right now on localhost."""
     for _ in range(100):
@@ -418,6 +428,30 @@ def test_preempted_job_checkpoints_requeues_and_resumes(cluster, pretrained, tmp
     logged = [int(number) for number in re.findall(rf"^0: \[Train\] Step\[(\d+)/{steps}\]", second_run, re.M)]
     assert logged and step < logged[0] <= step + 2, second_run  # every --log-steps 2 from the checkpoint on
     assert_trained(second_run, output_dir, steps, "online")
+
+
+@pytest.mark.integration
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_an_array_task_requeues_itself_and_no_other_task(cluster, tmp_path):
+    env = {**cluster, "REPO_DIR": str(ROOT), "SLEEP": "30"}
+    script = ROOT / "tests" / "slurm" / "array_task.sbatch"
+    array = run(["sbatch", "--parsable", "--array=0-1", f"--output={tmp_path}/%A_%a.out", script], env, cwd=tmp_path)
+    tasks = [f"{array.strip().split(';')[0]}_{task}" for task in (0, 1)]
+    logs = [tmp_path / f"{task}.out" for task in tasks]
+    for index, (task, log) in enumerate(zip(tasks, logs)):
+        wait_for_line(log, rf"^\[task\] {index} step launched", task, env)
+    # The task whose SLURM_JOB_ID is the array's own id: a requeue of that id requeues every task.
+    infos = [job_info(task, env) for task in tasks]
+    signalled = next(index for index, info in enumerate(infos) if info["JobId"] == info["ArrayJobId"])
+    run(["scancel", "--batch", "--signal=USR1", tasks[signalled]], env)
+    infos = [wait_for_job(task, env, log) for task, log in zip(tasks, logs)]
+    for info, log in zip(infos, logs):
+        assert_completed(info, log)
+    assert [info["Restarts"] for info in infos] == ["1" if index == signalled else "0" for index in (0, 1)], infos
+    text = read(logs[signalled])
+    assert "[slurm] requeueing" in text and f"[task] {signalled} run 2" in text, text
+    assert f"[task] {1 - signalled} run 2" not in read(logs[1 - signalled]), read(logs[1 - signalled])
 
 
 @pytest.mark.integration
