@@ -63,6 +63,8 @@ def create_accelerator(*, use_gpu: bool, output_dir, backend=None, init_method="
     _check_accelerator(accelerator, backend, kwargs.get("gradient_accumulation_steps", 1))
     if use_gpu and not gpu:
         log("--use-gpu: torch sees no GPU on this machine, running on the CPU")
+    if accelerator.device.type == "cpu" and torch.cuda.is_available():  # said once, by rank 0
+        log(f"[Setup] warning: this machine's {torch.cuda.device_count()} GPU(s) are not used: the run is on the CPU")
     grouped = dist.is_available() and dist.is_initialized()
     group = f" ({dist.get_backend()})" if grouped else ""
     plugin = accelerator.state.deepspeed_plugin

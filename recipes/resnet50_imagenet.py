@@ -15,19 +15,19 @@ The decomposition is msModelSlim's sample's, ``Decompose(model).from_ratio(0.5)`
 of the learning rate; ``--divisor 8`` rounds lowrank's ranks to multiples of 8, which GPUs' bf16
 matrix units take without padding):
 
-    accelerate launch --num_processes 1 recipes/resnet50_imagenet.py --use-gpu --mixed-precision bf16 \\
+    accelerate launch --num_processes 1 recipes/resnet50_imagenet.py --mixed-precision bf16 \\
         --data-path /data/imagenet --weights IMAGENET1K_V2 --tensor-decompose --run-mode online \\
         --divisor 8 --output-dir runs/r50_online
 
 Eight GPUs on one node (NCCL), same flags:
 
-    accelerate launch --config_file recipes/configs/gpu_8proc.yaml recipes/resnet50_imagenet.py --use-gpu ...
+    accelerate launch --config_file recipes/configs/gpu_8proc.yaml recipes/resnet50_imagenet.py ...
 
 Several nodes (run on each node with its --machine_rank; see slurm/resnet50_gpu.sbatch):
 
     accelerate launch --config_file recipes/configs/multi_node.yaml --machine_rank $NODE_RANK \\
         --main_process_ip $HEAD_ADDR --num_machines $NODES --num_processes $((NODES * 8)) \\
-        recipes/resnet50_imagenet.py --use-gpu ...
+        recipes/resnet50_imagenet.py ...
 
 DeepSpeed ZeRO-2, in float32 and without channels_last: ``--config_file
 recipes/configs/deepspeed_zero2.yaml``. Offline: step 1 is ``python recipes/decompose_model.py --model
@@ -35,7 +35,8 @@ resnet50 --method tucker2 --ratio 0.5 --pretrained-path ...`` (lowrank's rules; 
 AMCT's choice), step 2 this recipe with
 ``--tensor-decompose --run-mode offline --decompose-info-path ... --decomposed-weights-path ...``. A
 smoke test without data: ``--synthetic --image-size 64 --steps 4`` (random images, 10 classes), on the
-CPU without ``--use-gpu``; ``--lr`` is used as given, and the default 0.1 diverges at a global batch of 8:
+GPUs where there are any (``--cpu`` keeps the CPU); ``--lr`` is used as given, and the default 0.1
+diverges at a global batch of 8:
 
     accelerate launch --config_file recipes/configs/cpu_2proc.yaml recipes/resnet50_imagenet.py \\
         --synthetic --image-size 64 --train-batch-size 4 --lr 0.001 --steps 4 --workers 0 --output-dir runs/r50_smoke
@@ -153,9 +154,14 @@ def get_args_parser():
         "--channels-last",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="channels_last memory format (default: on with --use-gpu, off under DeepSpeed)",
+        help="channels_last memory format (default: on GPUs, off under DeepSpeed)",
     )
-    parser.add_argument("--use-gpu", action="store_true", help="train on GPUs; CPU without it (default: off)")
+    parser.add_argument(
+        "--cpu", action="store_true", help="train on the CPU where there are GPUs too (default: off: the GPUs)"
+    )
+    parser.add_argument(
+        "--use-gpu", action="store_true", help="accepted as before: GPUs are used wherever there are any (default: off)"
+    )
     parser.add_argument("--seed", type=int, default=1, help="random seed (default: 1)")
     parser.add_argument("--log-steps", type=positive_int, default=20, help="steps between log lines (default: 20)")
     parser.add_argument("--test-only", action="store_true", help="only evaluate the model (default: off)")
@@ -277,6 +283,8 @@ def warmup_cosine(warmup_steps, total_steps):
 def main(args):
     if args.weights and args.pretrained_path:
         raise RunError("--weights and --pretrained-path both give the pretrained weights: pass one")
+    if args.cpu and args.use_gpu:
+        raise RunError("--cpu and --use-gpu ask for different devices: pass one")
     run = check_mode_args(args, pretrained="weights")
     args.lr = args.lr if args.lr is not None else (0.1 if run.mode == "baseline" else 0.01)
     # The data and the class count of --weights are checked on every rank, before a training run without
@@ -285,8 +293,9 @@ def main(args):
     classes = SYNTHETIC["classes"] if args.synthetic else len(train_set.classes)
     if args.weights:
         check_weights(args.weights, classes)
+    # The GPUs the launcher gives, as torchvision's reference trains; --use-gpu where torch sees none says so.
     accelerator = create_accelerator(
-        use_gpu=args.use_gpu,
+        use_gpu=args.use_gpu or (not args.cpu and torch.cuda.is_available()),
         output_dir=args.output_dir,
         mixed_precision=args.mixed_precision,
         gradient_accumulation_steps=args.gradient_accumulation_steps,
@@ -309,8 +318,9 @@ def main(args):
             "--channels-last does not run under DeepSpeed, which takes contiguous (NCHW) weights: drop "
             "--channels-last, or launch without DeepSpeed"
         )
+    gpu = accelerator.device.type == "cuda"
     if args.channels_last is None:
-        args.channels_last = args.use_gpu and not deepspeed
+        args.channels_last = gpu and not deepspeed
     # The learning-rate curve depends on these: a scheduler's checkpoint holds its step, not its curve.
     schedule = ("epochs", "steps", "lr_warmup_epochs", "label_smoothing")
     settings = {**vars(args), **run.settings()}
@@ -328,7 +338,7 @@ def main(args):
     loader = functools.partial(
         torch.utils.data.DataLoader,
         num_workers=args.workers,
-        pin_memory=args.use_gpu,
+        pin_memory=gpu,
         worker_init_fn=leave_signals_to_the_trainer,
     )
     shuffle = ShuffleByEpoch(train_set, seed=args.seed)
@@ -347,7 +357,7 @@ def main(args):
         model = model.to(memory_format=torch.channels_last)
     # A fixed image size: cuDNN's autotuner picks each convolution's fastest algorithm once, as in
     # torchvision's reference (which algorithm wins may differ between runs: not bit-reproducible).
-    torch.backends.cudnn.benchmark = args.use_gpu
+    torch.backends.cudnn.benchmark = gpu
 
     # optimizer and schedule, in optimizer steps
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)

@@ -19,7 +19,7 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 
 RECIPE = RECIPES / "resnet50_imagenet.py"
 SMALL = ["--synthetic", "--image-size", "64", "--train-batch-size", "16", "--test-batch-size", "32"]
-SMALL += ["--workers", "2", "--log-steps", "1", "--lr-warmup-epochs", "0", "--use-gpu"]
+SMALL += ["--workers", "2", "--log-steps", "1", "--lr-warmup-epochs", "0"]  # GPUs without --use-gpu
 
 
 @pytest.fixture

@@ -400,6 +400,17 @@ def test_a_setting_accelerate_refuses_is_named_without_a_traceback(tmp_path, mon
         launch_accelerator.create_accelerator(use_gpu=False, output_dir=tmp_path)
 
 
+@pytest.mark.parametrize("gpus", [0, 2], ids=["cpu-only", "gpus"])
+def test_gpus_left_unused_are_said_and_a_cpu_only_machine_hears_nothing(tmp_path, monkeypatch, capsys, gpus):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpus > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    accelerator = launch_accelerator.create_accelerator(use_gpu=False, output_dir=tmp_path)
+    assert accelerator.device.type == "cpu"
+    warnings = [line for line in capsys.readouterr().out.splitlines() if "warning" in line]
+    unused = "[Setup] warning: this machine's 2 GPU(s) are not used: the run is on the CPU"
+    assert warnings == ([unused] if gpus else [])
+
+
 def test_fp16_on_the_cpu_is_refused(tmp_path, monkeypatch):
     """Accelerate autocasts to fp16 on GPUs only: the run would train in float32 without a word."""
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "fp16")  # as accelerate launch --mixed_precision fp16 sets it

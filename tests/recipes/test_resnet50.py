@@ -254,6 +254,7 @@ def test_weights_that_do_not_fit_are_named_before_any_work(imagenet, tmp_path, m
         ),
         # torchvision's references spell the name with its enum's
         (["--weights", "ResNet50_Weights.DEFAULT"], "--weights DEFAULT has 1000 classes, the dataset 2"),
+        (["--cpu", "--use-gpu"], "--cpu and --use-gpu ask for different devices: pass one"),
     ):
         with pytest.raises(RunError) as error:
             recipe["main"](recipe["get_args_parser"]().parse_args([*common, *flags]))
