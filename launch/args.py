@@ -163,7 +163,26 @@ def add_output_args(parser: argparse.ArgumentParser, output_dir: str):
         help="steps between checkpoints, 0: only at the end and on preemption (default: 0)",
     )
     group.add_argument(
-        "--resume", action="store_true", help="continue from the latest checkpoint in --output-dir (default: off)"
+        "--resume",
+        nargs="?",
+        const=True,
+        default=False,
+        metavar="CHECKPOINT",
+        help="continue from the latest complete checkpoint in --output-dir, or from CHECKPOINT, a "
+        "checkpoints/step_<N> folder (default: off)",
+    )
+    group.add_argument(
+        "--keep-last",
+        type=positive_int,
+        default=3,
+        help="complete checkpoints of this run to keep, the newest; older ones are removed (default: 3)",
+    )
+    group.add_argument(
+        "--keep-runs",
+        type=non_negative_int,
+        default=2,
+        help="earlier runs' checkpoints (checkpoints.<date-time>, set aside by a run without --resume) to keep, "
+        "the newest (default: 2)",
     )
 
 

@@ -171,32 +171,22 @@ def _resume_decision(settings: Mapping, world_size: int, recipe_settings) -> tup
     folder = Path(settings["output_dir"], "checkpoints")
     if not evaluating:
         _tidy(folder)
-    checkpoints = complete_checkpoints(settings["output_dir"])
-    if not settings["resume"]:
-        if checkpoints and not evaluating:
-            aside = folder.with_name(f"checkpoints.{time.strftime('%Y%m%d-%H%M%S')}")
-            os.replace(folder, aside)
-            results = Path(settings["output_dir"], "results.json")
-            if results.is_file():  # that run's, not this one's
-                os.replace(results, aside / results.name)
-            log(f"[Checkpoint] starting afresh (no --resume): the earlier run's checkpoints moved to {aside}")
+    resume = settings["resume"]
+    if not resume:
+        if not evaluating:
+            _set_aside(settings["output_dir"], settings.get("keep_runs"))
         return None, None
-    saved = None
-    for checkpoint in checkpoints:
+    if resume is True:
+        checkpoint, saved = _latest_intact(folder)
+        if checkpoint is None:
+            return None, None
+    else:
+        checkpoint = Path(resume).absolute()
+        if not (checkpoint.is_dir() and _CHECKPOINT.fullmatch(checkpoint.name) and _run_file(checkpoint)):
+            return None, f"--resume {resume}: not a complete checkpoint (a step_<N> folder with its run.json)"
         saved, damage = _saved_settings(checkpoint)
-        if saved is not None:
-            break
-        log(f"[Resume] {checkpoint} is damaged ({damage}): trying the one before")
-    if saved is None:
-        earlier = sorted(path.name for path in folder.parent.glob("checkpoints.*") if path.is_dir())
-        hint = (
-            f"; runs without --resume moved earlier checkpoints to {', '.join(earlier)}: move one back to "
-            f"{folder} to resume from it"
-            if earlier
-            else ""
-        )
-        log(f"[Resume] no complete checkpoint in {folder}: starting afresh{hint}")
-        return None, None
+        if saved is None:
+            return None, f"--resume {resume} is damaged ({damage})"
     compared = dict(MODEL_SETTINGS)
     current = {**settings, **launcher_settings(world_size)}
     if not evaluating:
@@ -216,17 +206,54 @@ def _resume_decision(settings: Mapping, world_size: int, recipe_settings) -> tup
     return str(checkpoint), None
 
 
+def _latest_intact(folder: Path) -> tuple[Path | None, dict | None]:
+    """The latest complete checkpoint in ``folder`` that is not damaged, with its saved settings."""
+    for checkpoint in complete_checkpoints(folder.parent):
+        saved, damage = _saved_settings(checkpoint)
+        if saved is not None:
+            return checkpoint, saved
+        log(f"[Resume] {checkpoint} is damaged ({damage}): trying the one before")
+    earlier = sorted(path.name for path in folder.parent.glob("checkpoints.*") if path.is_dir())
+    hint = (
+        f"; runs without --resume moved earlier checkpoints to {', '.join(earlier)}: move one back to "
+        f"{folder} to resume from it"
+        if earlier
+        else ""
+    )
+    log(f"[Resume] no complete checkpoint in {folder}: starting afresh{hint}")
+    return None, None
+
+
+def _set_aside(output_dir, keep_runs: int | None) -> None:
+    """A run without --resume starts afresh: an earlier run's checkpoints and results move to
+    ``checkpoints.<date-time>``, of which the newest ``keep_runs`` stay (None: all)."""
+    folder = Path(output_dir, "checkpoints")
+    if complete_checkpoints(output_dir):
+        aside = folder.with_name(f"checkpoints.{time.strftime('%Y%m%d-%H%M%S')}")
+        os.replace(folder, aside)
+        results = Path(output_dir, "results.json")
+        if results.is_file():  # that run's, not this one's
+            os.replace(results, aside / results.name)
+        log(f"[Checkpoint] starting afresh (no --resume): the earlier run's checkpoints moved to {aside}")
+    if keep_runs is not None:
+        earlier = sorted((path for path in folder.parent.glob("checkpoints.*") if path.is_dir()), reverse=True)
+        for old in earlier[keep_runs:]:
+            shutil.rmtree(old, ignore_errors=True)
+            log(f"[Checkpoint] removed {old}, an earlier run's (--keep-runs {keep_runs})")
+
+
 def checkpoint_to_resume(settings: Mapping, world_size: int, recipe_settings=()) -> Path | None:
     """The checkpoint ``--resume`` continues from, decided by rank 0 before any work. ``settings`` is the
-    run's, a plain dict under the flags' names (``output_dir``, ``resume``, ``test_only``, the model's
-    and the training's settings; a checkpoint records it): the latest complete checkpoint must have
-    been saved with the same MODEL_SETTINGS and, to train, the same TRAINING_SETTINGS and
-    ``recipe_settings`` (more names of ``settings``, such as those of the recipe's learning-rate
-    schedule: a scheduler's checkpoint holds its step, not its curve). A
-    training run without ``--resume`` starts afresh: rank 0 moves an earlier run's checkpoints and
-    results aside (to ``checkpoints.<date-time>``), so that a later ``--resume`` cannot mix them up with
-    this run's. Rank 0 of a training run holds ``--output-dir``'s lock from here on: a second one there
-    is refused; ``--test-only`` (``settings["test_only"]``) takes no lock and leaves the checkpoints as they are."""
+    run's, a plain dict under the flags' names (``output_dir``, ``resume``: True for the latest complete
+    checkpoint or a checkpoint's path, ``test_only``, ``keep_runs``, the model's and the training's
+    settings; a checkpoint records it). The checkpoint must have been saved with the same
+    MODEL_SETTINGS and, to train, the same TRAINING_SETTINGS and ``recipe_settings`` (more names of
+    ``settings``, such as those of the recipe's learning-rate schedule: a scheduler's checkpoint holds
+    its step, not its curve). A training run without ``--resume`` starts afresh: rank 0 moves an
+    earlier run's checkpoints and results aside (to ``checkpoints.<date-time>``, of which it keeps the
+    newest ``keep_runs``), so that a later ``--resume`` cannot mix them up with this run's. Rank 0 of a
+    training run holds ``--output-dir``'s lock from here on: a second one there is refused;
+    ``--test-only`` takes no lock and leaves the checkpoints as they are."""
     decision = _resume_decision(settings, world_size, recipe_settings) if global_rank() == 0 else None
     checkpoint, error = from_rank_zero(decision)
     if error:
@@ -256,7 +283,7 @@ def save_checkpoint(accelerator, output_dir, progress, settings: Mapping) -> Pat
     """Accelerate's state (model, optimizer, RNG, step) in ``checkpoints/step_<N>``, with the run's
     ``settings`` (see ``checkpoint_to_resume``) and number of processes in ``run.json``. Written into a
     hidden folder renamed once complete: a process killed midway leaves the earlier checkpoints, and one
-    of the same step, intact."""
+    of the same step, intact. Once it is complete, only the newest ``settings["keep_last"]`` stay."""
     folder = Path(output_dir, "checkpoints")
     path = folder / f"step_{progress.step}"
     partial, replaced = folder / f".{path.name}.partial", folder / f".{path.name}.replaced"
@@ -284,8 +311,26 @@ def save_checkpoint(accelerator, output_dir, progress, settings: Mapping) -> Pat
             os.replace(path, replaced)
         os.replace(partial, path)
         shutil.rmtree(replaced, ignore_errors=True)
+        _keep_newest(output_dir, settings.get("keep_last"), path)
     accelerator.wait_for_everyone()
     return path
+
+
+def _keep_newest(output_dir, keep: int | None, saved: Path) -> None:
+    """Removes all but the ``keep`` newest complete checkpoints of this run (None: keeps all), the one
+    just ``saved`` always among them. Newest by when they were saved, not by step: after a resume from
+    an earlier step, the checkpoints of the steps that followed it are the older ones."""
+    if keep is None:
+        return
+    others = [path for path in complete_checkpoints(output_dir) if path != saved]
+    others.sort(key=lambda path: (_run_file(path).stat().st_mtime, checkpoint_step(path)), reverse=True)
+    for old in others[keep - 1 :]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def checkpoint_step(checkpoint: Path) -> int:
+    """The step a checkpoint was saved at, from its name ``step_<N>``."""
+    return int(_CHECKPOINT.fullmatch(Path(checkpoint).name)[1])
 
 
 @contextlib.contextmanager

@@ -160,7 +160,8 @@ def _log_step(accelerator, optimizer, progress, steps, loss, meter: _Throughput,
     line = f"[Train] Step[{progress.step}/{steps}] Loss: {loss_value:.6f}"
     log(f"{line}, {throughput:.1f} {throughput_unit}" if throughput_unit else line)
     lr = optimizer.param_groups[0]["lr"]
-    accelerator.log({"train/loss": loss_value, "train/lr": lr, "train/samples_per_s": throughput}, step=progress.step)
+    scalars = {"train/loss": loss_value, "train/learning_rate": lr, "train/samples_per_s": throughput}
+    accelerator.log(scalars, step=progress.step)
 
 
 def _exit_preempted(accelerator, checkpoint: Path) -> None:
@@ -171,9 +172,10 @@ def _exit_preempted(accelerator, checkpoint: Path) -> None:
 
 
 @torch.no_grad()
-def evaluate(accelerator, model, loader, step=None, loss_fn=F.nll_loss, top5=False) -> dict:
+def evaluate(accelerator, model, loader, step=None, loss_fn=F.nll_loss, top5=False, tag="test") -> dict:
     """Mean loss and accuracy (top-1, and top-5 when asked) over the whole test set on all processes;
-    logs the ``[Test]`` line. Returns ``{"loss", "accuracy", "correct", "total"[, "top5_accuracy"]}``."""
+    logs the ``[Test]`` line, and TensorBoard's ``<tag>/loss``, ``<tag>/accuracy``... (``eval`` for a
+    validation set). Returns ``{"loss", "accuracy", "correct", "total"[, "top5_accuracy"]}``."""
     share_rank_zero_buffers(model)
     model.eval()
     losses, hits = [], []
@@ -194,7 +196,7 @@ def evaluate(accelerator, model, loader, step=None, loss_fn=F.nll_loss, top5=Fal
         line += f", Top-5: {100 * results['top5_accuracy']:.2f}%"
     log(line)
     accelerator.log(
-        {f"test/{name}": value for name, value in results.items() if "accuracy" in name or name == "loss"}, step=step
+        {f"{tag}/{name}": value for name, value in results.items() if "accuracy" in name or name == "loss"}, step=step
     )
     return results
 

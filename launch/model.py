@@ -23,6 +23,7 @@ from .barrier import (
     load_decomposed,
     run_token,
 )
+from .checkpoints import checkpoint_step
 from .distributed import global_rank, log
 from .entry import RunError
 
@@ -92,9 +93,11 @@ def model_cost(model, example_input) -> dict:
     }
 
 
-def log_decomposition(accelerator, dense_model, cost, changes, seconds, example_input, info_path=None) -> dict:
+def log_decomposition(
+    accelerator, dense_model, cost, changes, seconds, example_input, info_path=None, tensorboard=True
+) -> dict:
     """Parameters and FLOPs before/after (``cost``: the decomposed model's ``model_cost``), time taken
-    and the per-layer table, to the log and TensorBoard."""
+    and the per-layer table, to the log and, with ``tensorboard``, to TensorBoard at step 0."""
     before = model_cost(dense_model, example_input)
     summary = {
         "decomposition/params_before": before["params"],
@@ -107,18 +110,21 @@ def log_decomposition(accelerator, dense_model, cost, changes, seconds, example_
     params = f"{summary['decomposition/params_before']:,} -> {summary['decomposition/params_after']:,}"
     flops = f"{summary['decomposition/flops_before']:,} -> {summary['decomposition/flops_after']:,}"
     log(f"[Decompose] {len(changes)} layer(s) in {seconds:.2f} s: parameters {params}, FLOPs {flops}")
-    if info_path and Path(info_path).is_file():
+    if tensorboard and info_path and Path(info_path).is_file():
         accelerator.log({"decomposition/table": "<pre>" + inspect_table(info_path) + "</pre>"}, step=0)
-    accelerator.log(summary, step=0)
+    if tensorboard:
+        accelerator.log(summary, step=0)
     return summary
 
 
-def setup_model(accelerator, dense, run: RunMode, args, example_input, project: str):
+def setup_model(accelerator, dense, run: RunMode, args, example_input, project: str, resume_from=None):
     """The recipes' model setup: ``prepare_model`` on a copy of ``dense`` for ``run`` (from
     ``check_mode_args``) with the rank rule and barrier flags of ``launch.args``, then TensorBoard's run
     ``<project>_<mode>`` started (only now: a run that fails on its inputs leaves no empty one), and
-    the cost of the model on ``example_input``, with the decomposition logged when there is one.
-    Returns ``(model, cost)``."""
+    the cost of the model on ``example_input``, with the decomposition logged when there is one. A run
+    resumed from the checkpoint ``resume_from`` continues TensorBoard's run: the events an interrupted
+    run logged after that checkpoint are purged, and the decomposition's, logged at its start, are not
+    logged again. Returns ``(model, cost)``."""
     model, changes, seconds, _ = prepare_model(
         copy.deepcopy(dense),
         run.mode,
@@ -129,8 +135,11 @@ def setup_model(accelerator, dense, run: RunMode, args, example_input, project: 
         timeout=args.barrier_timeout,
     )
     config = {key: value for key, value in {**vars(args), **run.settings()}.items() if value is not None}
-    accelerator.init_trackers(f"{project}_{run.mode}", config=config)
+    purge = {"tensorboard": {"purge_step": checkpoint_step(resume_from) + 1}} if resume_from else {}
+    accelerator.init_trackers(f"{project}_{run.mode}", config=config, init_kwargs=purge)
     cost = model_cost(model, example_input)
     if run.mode != "baseline":
-        log_decomposition(accelerator, dense, cost, changes, seconds, example_input, run.decompose_info_path)
+        log_decomposition(
+            accelerator, dense, cost, changes, seconds, example_input, run.decompose_info_path, not resume_from
+        )
     return model, cost

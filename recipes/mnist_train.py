@@ -103,7 +103,7 @@ def main(args):
     check_train_batches(len(train_set), args.train_batch_size, accelerator.num_processes)
 
     # model
-    model, cost = setup_model(accelerator, Net(), run, args, torch.zeros(1, 1, 28, 28), "mnist")
+    model, cost = setup_model(accelerator, Net(), run, args, torch.zeros(1, 1, 28, 28), "mnist", checkpoint)
 
     # The AMCT sample's sampler seeds itself from the global RNG at its first batch, after the model's
     # initialisation. The same seed, drawn here (rank 0's, on every process), gives the same batches

@@ -352,7 +352,7 @@ def main(args):
         )
     dense = torchvision.models.resnet50(num_classes=classes)
     example_input = torch.zeros(1, 3, args.image_size, args.image_size)
-    model, cost = setup_model(accelerator, dense, run, args, example_input, "resnet50")
+    model, cost = setup_model(accelerator, dense, run, args, example_input, "resnet50", checkpoint)
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
     # A fixed image size: cuDNN's autotuner picks each convolution's fastest algorithm once, as in
@@ -373,7 +373,9 @@ def main(args):
     if checkpoint:
         load_checkpoint(accelerator, checkpoint, progress)
 
-    evaluate_model = functools.partial(evaluate, accelerator, model, val_loader, loss_fn=F.cross_entropy, top5=True)
+    evaluate_model = functools.partial(
+        evaluate, accelerator, model, val_loader, loss_fn=F.cross_entropy, top5=True, tag="eval"
+    )
     if args.test_only:
         evaluate_model(step=progress.step)
         end_run(accelerator)

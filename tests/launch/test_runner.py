@@ -170,6 +170,34 @@ def test_an_evaluation_leaves_the_checkpoints_of_a_running_job_alone(trainer, tm
     assert partial.is_dir() and replaced.is_dir() and not replaced.with_name("step_3").exists()
 
 
+def test_the_newest_checkpoints_stay_and_a_named_one_resumes(trainer, tmp_path):
+    accelerator, _, progress = trainer
+    folder = tmp_path / "checkpoints"
+    for step in range(1, 6):
+        progress.step = step
+        save_checkpoint(accelerator, tmp_path, progress, run_args(tmp_path, keep_last=2))
+    assert complete_checkpoints(tmp_path) == [folder / "step_5", folder / "step_4"]
+    assert checkpoint_to_resume(run_args(tmp_path, resume=str(folder / "step_4")), world_size=1) == folder / "step_4"
+    with pytest.raises(RunError, match="--resume .*step_1: not a complete checkpoint"):
+        checkpoint_to_resume(run_args(tmp_path, resume=str(folder / "step_1")), world_size=1)
+    with pytest.raises(RunError, match=r"step_4 was saved with other settings: --ratio 0.3 \(now 0.5\)"):
+        checkpoint_to_resume(run_args(tmp_path, resume=str(folder / "step_4"), ratio=0.5), world_size=1)
+    # Resumed from step 2 (after step 4 and 5 were saved): the checkpoint it saves is the newest.
+    progress.step = 3
+    save_checkpoint(accelerator, tmp_path, progress, run_args(tmp_path, keep_last=1))
+    assert complete_checkpoints(tmp_path) == [folder / "step_3"]
+
+
+def test_earlier_runs_beyond_keep_runs_are_removed(trainer, tmp_path):
+    accelerator, _, progress = trainer
+    for day in range(1, 4):
+        (tmp_path / f"checkpoints.2026010{day}-000000" / "step_1").mkdir(parents=True)
+    save_checkpoint(accelerator, tmp_path, progress, run_args(tmp_path))
+    assert checkpoint_to_resume(run_args(tmp_path, resume=False, keep_runs=2), world_size=1) is None
+    kept = sorted(path.name for path in tmp_path.glob("checkpoints.*"))
+    assert len(kept) == 2 and kept[0] == "checkpoints.20260103-000000"  # and the run just set aside
+
+
 def test_a_fresh_run_moves_the_earlier_checkpoints_aside(trainer, tmp_path, capsys):
     accelerator, _, progress = trainer
     progress.step = 5

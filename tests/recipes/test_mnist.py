@@ -235,7 +235,7 @@ def test_online_on_two_processes(baseline, tmp_path):
     tags, events = scalars(out / "mnist_online")
     for tag in (
         "train/loss",
-        "train/lr",
+        "train/learning_rate",
         "train/samples_per_s",
         "test/accuracy",
         "test/loss",
@@ -435,6 +435,15 @@ def test_preemption_saves_and_resume_continues(baseline, tmp_path):
     assert "auto_decomposition start." not in text  # the decomposition is reused, not redone
     assert "[Decompose] reused the decomposition of an earlier run with the same inputs" in text
     assert f"[Train] Step[{step + 1}/{step + 3}]" in text and "[Test] Loss:" in text
+
+    # As after a crash past that checkpoint: the run resumes from it, named, and trains those steps
+    # again; TensorBoard holds each step once, and the decomposition's scalars once.
+    again = run(accelerate_launch(*args(step + 3, "--resume", saved[0]), port=free_port()))
+    assert f"[Resume] from {saved[0]} at step {step}" in again.stdout + again.stderr
+    _, events = scalars(out / "mnist_online")
+    for tag in ("train/loss", "test/accuracy", "decomposition/params_after"):
+        logged = [event.step for event in events.Scalars(tag)]
+        assert logged and len(logged) == len(set(logged)), (tag, logged)
 
     # Another rank rule does not resume this run's checkpoint: named before any work.
     other = run(accelerate_launch(*args(step + 6, "--resume", "--ratio", "0.5"), port=free_port()), check=False)
