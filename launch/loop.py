@@ -9,6 +9,7 @@ DeepSpeed, unlike DDP, lets diverge.
 """
 
 import contextlib
+import datetime
 import json
 import math
 import sys
@@ -79,19 +80,20 @@ def train(
     checkpoint_steps=0,
     eval_steps=0,
     eval_fn=None,
-    throughput_unit=None,
+    throughput_unit="samples/s",
 ):
     """Trains until ``progress.step == steps`` (optimizer steps; the Accelerator's
     ``gradient_accumulation_steps`` batches each). ``eval_fn()`` runs every ``eval_steps`` steps before
-    the last; ``throughput_unit`` (e.g. "images/s") adds the throughput of the training alone (not of
-    checkpoints and evaluations) to the log line. Checkpoints go to ``output_dir`` with the run's
+    the last. Each log line adds to the AMCT sample's ``[Train] Step[20/200] Loss: ...`` the throughput
+    of the training alone (not of checkpoints and evaluations) in ``throughput_unit``, the learning rate
+    and the time left. Checkpoints go to ``output_dir`` with the run's
     ``settings`` (``checkpoints.save_checkpoint``). Saves a checkpoint after the last step, so that a
     signal during the final evaluation (which stops at once) loses no training, and returns; or raises
     ``Preempted`` after saving a checkpoint when the job is preempted (also by a signal during that
     last save, once it is complete)."""
     model.train()
     first_step = progress.step
-    meter = _Throughput()
+    meter = _Throughput(progress.step)
     bar = tqdm(total=steps, initial=progress.step, unit="step", disable=global_rank() != 0 or not sys.stdout.isatty())
     if progress.step >= steps:  # resumed from a checkpoint of a longer run
         log(f"[Train] already at step {progress.step} of {steps}: nothing to train")
@@ -135,31 +137,40 @@ def train(
 
 
 class _Throughput:
-    """Samples trained since the last log line, over the time spent training (pauses left out)."""
+    """Samples trained since the last log line, over the time spent training (pauses left out), and the
+    time left, from the training time per step since this process started training."""
 
-    def __init__(self):
-        self.samples, self.started = 0, time.perf_counter()
+    def __init__(self, first_step: int):
+        self.samples, self.first_step, self.paused_seconds = 0, first_step, 0.0
+        self.started = self.run_started = time.perf_counter()
 
     def per_second(self) -> float:
         value = self.samples / (time.perf_counter() - self.started)
         self.samples, self.started = 0, time.perf_counter()
         return value
 
+    def seconds_left(self, step: int, steps: int) -> float:
+        done = step - self.first_step
+        trained = time.perf_counter() - self.run_started - self.paused_seconds
+        return trained / done * (steps - step) if done > 0 else 0.0
+
     @contextlib.contextmanager
     def paused(self):
         paused = time.perf_counter()
         yield
         self.started += time.perf_counter() - paused
+        self.paused_seconds += time.perf_counter() - paused
 
 
-def _log_step(accelerator, optimizer, progress, steps, loss, meter: _Throughput, throughput_unit) -> None:
-    """The ``[Train]`` line and TensorBoard's scalars: the loss averaged over the ranks, the learning rate
-    and the throughput."""
+def _log_step(accelerator, optimizer, progress, steps, loss, meter: _Throughput, unit) -> None:
+    """The AMCT sample's ``[Train]`` line, followed by the throughput, the learning rate and the time
+    left; and TensorBoard's scalars: the loss averaged over the ranks, the learning rate, the throughput."""
     loss_value = accelerator.reduce(loss.detach(), reduction="mean").item()
     throughput = meter.per_second()
-    line = f"[Train] Step[{progress.step}/{steps}] Loss: {loss_value:.6f}"
-    log(f"{line}, {throughput:.1f} {throughput_unit}" if throughput_unit else line)
     lr = optimizer.param_groups[0]["lr"]
+    left = datetime.timedelta(seconds=round(meter.seconds_left(progress.step, steps)))
+    line = f"[Train] Step[{progress.step}/{steps}] Loss: {loss_value:.6f}"
+    log(f"{line}, {throughput:.1f} {unit}, lr {lr:.6g}, {left} left")
     scalars = {"train/loss": loss_value, "train/learning_rate": lr, "train/samples_per_s": throughput}
     accelerator.log(scalars, step=progress.step)
 

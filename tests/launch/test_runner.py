@@ -388,10 +388,10 @@ def test_the_throughput_leaves_out_checkpoints_and_evaluations(trainer, tmp_path
         settings=run_args(tmp_path), loss_fn=taking(1, torch.nn.functional.mse_loss), checkpoint_steps=1, eval_steps=1,
         eval_fn=taking(100, lambda: None), throughput_unit="samples/s",
     )  # fmt: skip
-    rates = [float(rate) for rate in re.findall(r"Loss: [\d.]+, ([\d.]+) samples/s", capsys.readouterr().out)]
+    lines = re.findall(r"^\[Train\] Step\[\d/4\] Loss: [\d.]+, (.*)$", capsys.readouterr().out, re.M)
     # 8 samples in 2 s of steps a log line; with the 200 s of saving and evaluating after step 1 (and 3),
-    # 8 / 202 s.
-    assert rates == [4.0, 4.0]
+    # 8 / 202 s. The time left counts the training steps alone too: 1 s each.
+    assert lines == ["4.0 samples/s, lr 0.1, 0:00:02 left", "4.0 samples/s, lr 0.1, 0:00:00 left"]
 
 
 def test_a_resume_past_the_last_step_says_there_is_nothing_to_train(trainer, tmp_path, capsys):
