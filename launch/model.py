@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import torch
+import torchvision
 
 import lowrank
 from lowrank.io import load_state_dict, load_weights
@@ -143,3 +144,10 @@ def setup_model(accelerator, dense, run: RunMode, args, example_input, project: 
             accelerator, dense, cost, changes, seconds, example_input, run.decompose_info_path, not resume_from
         )
     return model, cost
+
+
+def torchvision_classifier(name: str, classes: int, image_size: int = 224) -> torch.nn.Module:
+    """torchvision's classifier ``name`` with ``classes`` outputs; a vision transformer is built for
+    ``image_size`` images, a size it fixes when it is built."""
+    options = {"image_size": image_size} if name.startswith("vit_") else {}
+    return torchvision.models.get_model(name, num_classes=classes, **options)

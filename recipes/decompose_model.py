@@ -27,10 +27,11 @@ from pathlib import Path
 import torch
 import torchvision
 
-from launch.args import add_policy_args, check_distinct, check_writable, policy_of
+from launch.args import add_policy_args, check_distinct, check_writable, policy_of, positive_int
 from launch.barrier import Artifacts, decompose
 from launch.entry import RunError, run_main
 from launch.mnist import Net
+from launch.model import torchvision_classifier
 from lowrank.io import atomic_write, load_state_dict, load_weights, make_parent_dirs, save_state_dict
 
 
@@ -47,6 +48,12 @@ def get_args_parser():
         "--model",
         default="mnist",
         help="'mnist' (the AMCT sample's Net) or a torchvision classification model name (default: mnist)",
+    )
+    parser.add_argument(
+        "--image-size",
+        type=positive_int,
+        default=224,
+        help="the images a vision transformer (vit_*) is built for, as step 2's --image-size (default: 224)",
     )
     add_policy_args(parser)
     return parser
@@ -74,7 +81,7 @@ def main(args):
             classifier = next(name for name in reversed(layout) if name.endswith("weight"))
             pretrained = state_dict.get(classifier)
             classes = pretrained.shape[0] if pretrained is not None else layout[classifier].shape[0]
-            model = torchvision.models.get_model(args.model, num_classes=classes)
+            model = torchvision_classifier(args.model, classes, args.image_size)
         load_weights(model, state_dict, args.pretrained_path)
     except (FileNotFoundError, ValueError) as error:  # they name the file and what is wrong with it
         raise RunError(f"--pretrained-path (for --model {args.model}): {error}") from None

@@ -1,11 +1,14 @@
-"""ResNet-50 on ImageNet with optional low-rank decomposition: msModelSlim's sample flow (decompose on
-one process, save, every process rebuilds the structure and loads the weights) on the MNIST recipes'
-runner: baseline, online and offline modes, SGD with momentum, cosine schedule with warmup, label
-smoothing, mixed precision and channels_last on GPUs, gradient accumulation, top-1/top-5 and images/s.
+"""ResNet-50 (or any torchvision classifier, ``--model NAME``) on ImageNet with optional low-rank
+decomposition: msModelSlim's sample flow (decompose on one process, save, every process rebuilds the
+structure and loads the weights) on the MNIST recipes' runner: baseline, online and offline modes, SGD
+with momentum, cosine schedule with warmup, label smoothing, mixed precision and channels_last on GPUs,
+gradient accumulation, top-1/top-5 and images/s.
 
 ``--data-path`` holds ``train/`` and ``val/`` class folders (ImageFolder); the number of classes
 comes from them. Pretrained weights come from a local state dict (``--pretrained-path``) or, where
-there is internet, torchvision's weights by name (``--weights IMAGENET1K_V2``). The process-group
+there is internet, torchvision's weights by name (``--weights IMAGENET1K_V2``), evaluated with the
+transforms those weights define (``--val-resize-size`` and ``--val-crop-size`` override them, as in
+torchvision's reference). The process-group
 flags are the MNIST recipes' (``--backend``, ``--init-method``, and ``--local-rank``, which
 ``python -m torch.distributed.launch`` passes).
 
@@ -46,7 +49,7 @@ while decomposing stops every rank with its message; SIGTERM/SIGUSR1 checkpoint 
 rerun with ``--resume``), plus: no ``train/``/``val/`` under ``--data-path``, a class folder without
 images, class folders in ``val/`` that ``train/`` lacks (``val/`` may hold fewer: its labels follow
 ``train/``'s), a single class; ``--weights`` whose class count differs from the dataset's, or that cannot
-be downloaded; a ``--pretrained-path`` that does not fit resnet50 with the dataset's classes;
+be downloaded; a ``--pretrained-path`` that does not fit ``--model`` with the dataset's classes;
 ``--test-only`` with nothing to evaluate but a random initialisation; fp16/bf16 on a device that lacks
 it (fp16 on the CPU, where Accelerate would train in float32); fp16/bf16 under DeepSpeed (its casts
 leave BatchNorm's running statistics in float32, which torch refuses), named before any work. An image
@@ -81,11 +84,12 @@ from launch.checkpoints import Progress, checkpoint_to_resume, load_checkpoint
 from launch.distributed import rank_zero_first
 from launch.entry import RunError, run_main
 from launch.loop import ShuffleByEpoch, check_train_batches, end_run, evaluate, finish, train
-from launch.model import setup_model
+from launch.model import setup_model, torchvision_classifier
 from launch.preemption import leave_signals_to_the_trainer
 
 # ImageNet's channel statistics, as torchvision's weights expect them.
 NORMALIZE = transforms.Normalize(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+CLASSIFIERS = torchvision.models.list_models(module=torchvision.models)
 # Images per split of --synthetic (generated on the fly, so size costs nothing): 50 steps of 256
 # without an epoch's evaluation in between, for throughput runs; few classes, for smoke tests.
 SYNTHETIC = {"train": 12800, "val": 128, "classes": 10}
@@ -167,12 +171,33 @@ def get_args_parser():
     parser.add_argument("--test-only", action="store_true", help="only evaluate the model (default: off)")
     # model and decomposition
     parser.add_argument(
+        "--model",
+        default="resnet50",
+        choices=CLASSIFIERS,
+        metavar="NAME",
+        help="any of torchvision's classifiers, torchvision.models.list_models(module=torchvision.models) "
+        "(default: resnet50)",
+    )
+    parser.add_argument(
         "--weights",
         default=None,
-        type=lambda name: name.removeprefix("ResNet50_Weights."),  # torchvision's references spell it so
-        choices=list(torchvision.models.ResNet50_Weights.__members__),
-        help="instead of --pretrained-path: torchvision's weights of resnet50 by name, e.g. IMAGENET1K_V2 or "
-        "ResNet50_Weights.IMAGENET1K_V2; needs internet the first time (default: None)",
+        type=lambda name: name.rpartition(".")[2],  # torchvision's references spell it ResNet50_Weights.<name>
+        help="instead of --pretrained-path: torchvision's weights of --model by name, e.g. IMAGENET1K_V2 or "
+        "ResNet50_Weights.IMAGENET1K_V2, evaluated with the transforms they define; needs internet the first "
+        "time (default: None)",
+    )
+    parser.add_argument(
+        "--val-resize-size",
+        type=positive_int,
+        default=None,
+        help="validation images are resized to this, then center-cropped (default: --weights' own, else "
+        "--image-size x 256/224)",
+    )
+    parser.add_argument(
+        "--val-crop-size",
+        type=positive_int,
+        default=None,
+        help="the validation center crop (default: --weights' own, else --image-size)",
     )
     add_distributed_args(parser)
     add_decomposition_args(parser, **POLICY_DEFAULTS)
@@ -180,19 +205,25 @@ def get_args_parser():
     return parser
 
 
-def load_data(args):
-    """Train and validation sets with torchvision's standard ImageNet transforms."""
-    resize = int(args.image_size * 256 / 224)  # 256 for 224, as torchvision evaluates
+def load_data(args, weights=None):
+    """Train and validation sets with torchvision's standard ImageNet transforms; the validation set's
+    are those ``weights`` define (their resize, crop, interpolation and statistics), as torchvision's
+    reference evaluates them, unless ``--val-resize-size`` or ``--val-crop-size`` say otherwise."""
+    preset = weights.transforms() if weights is not None else None
+    normalize = transforms.Normalize(preset.mean, preset.std) if preset else NORMALIZE
+    resize = args.val_resize_size or (preset.resize_size[0] if preset else int(args.image_size * 256 / 224))
+    crop = args.val_crop_size or (preset.crop_size[0] if preset else args.image_size)
+    interpolation = preset.interpolation if preset else transforms.InterpolationMode.BILINEAR
     train_transform = transforms.Compose(
         [
             transforms.RandomResizedCrop(args.image_size),
             transforms.RandomHorizontalFlip(),
             transforms.ToTensor(),
-            NORMALIZE,
+            normalize,
         ]
     )
     val_transform = transforms.Compose(
-        [transforms.Resize(resize), transforms.CenterCrop(args.image_size), transforms.ToTensor(), NORMALIZE]
+        [transforms.Resize(resize, interpolation), transforms.CenterCrop(crop), transforms.ToTensor(), normalize]
     )
     if args.synthetic:
         shape = (3, resize, resize)
@@ -245,10 +276,18 @@ def load_image(path: str) -> Image.Image:
         raise OSError(f"cannot read image {path}: {error}") from error
 
 
-def check_weights(name, classes) -> None:
-    """Raises a RunError when torchvision's resnet50 weights ``name`` classify into another number of
-    classes than the dataset's."""
-    categories = len(torchvision.models.ResNet50_Weights[name].meta["categories"])
+def model_weights(model: str, name: str):
+    """torchvision's weights ``name`` of ``model`` (an enum member), or a RunError naming the valid ones."""
+    enum = torchvision.models.get_model_weights(model)
+    if name not in enum.__members__:
+        raise RunError(f"--weights {name}: {model}'s weights are {', '.join(enum.__members__)}")
+    return enum[name]
+
+
+def check_weights(name: str, weights, classes) -> None:
+    """Raises a RunError when torchvision's ``weights`` (``--weights name``) classify into another number
+    of classes than the dataset's."""
+    categories = len(weights.meta["categories"])
     if categories != classes:
         raise RunError(
             f"--weights {name} has {categories} classes, the dataset {classes}; "
@@ -256,10 +295,9 @@ def check_weights(name, classes) -> None:
         )
 
 
-def pretrained_weights_path(name) -> str:
-    """The local file of torchvision's resnet50 weights ``name`` (downloaded once into torch's hub
-    cache), so that the barrier fingerprints it like any ``--pretrained-path``."""
-    weights = torchvision.models.ResNet50_Weights[name]
+def pretrained_weights_path(weights) -> str:
+    """The local file of torchvision's ``weights`` (downloaded once into torch's hub cache), so that the
+    barrier fingerprints it like any ``--pretrained-path``."""
     try:
         weights.get_state_dict(progress=False)
     except OSError as error:  # no internet (urllib's URLError), a full disk
@@ -289,10 +327,11 @@ def main(args):
     args.lr = args.lr if args.lr is not None else (0.1 if run.mode == "baseline" else 0.01)
     # The data and the class count of --weights are checked on every rank, before a training run without
     # --resume moves an earlier run's checkpoints aside, and before a rank waits for another that exited.
-    train_set, val_set = load_data(args)
+    weights = model_weights(args.model, args.weights) if args.weights else None
+    train_set, val_set = load_data(args, weights)
     classes = SYNTHETIC["classes"] if args.synthetic else len(train_set.classes)
-    if args.weights:
-        check_weights(args.weights, classes)
+    if weights:
+        check_weights(args.weights, weights, classes)
     # The GPUs the launcher gives, as torchvision's reference trains; --use-gpu where torch sees none says so.
     accelerator = create_accelerator(
         use_gpu=args.use_gpu or (not args.cpu and torch.cuda.is_available()),
@@ -347,12 +386,10 @@ def main(args):
 
     # model
     if args.weights:  # downloaded by rank 0, which the others wait for, then found in the hub cache
-        args.pretrained_path = rank_zero_first(
-            lambda: pretrained_weights_path(args.weights), f"--weights {args.weights}"
-        )
-    dense = torchvision.models.resnet50(num_classes=classes)
+        args.pretrained_path = rank_zero_first(lambda: pretrained_weights_path(weights), f"--weights {args.weights}")
+    dense = torchvision_classifier(args.model, classes, args.image_size)
     example_input = torch.zeros(1, 3, args.image_size, args.image_size)
-    model, cost = setup_model(accelerator, dense, run, args, example_input, "resnet50", checkpoint)
+    model, cost = setup_model(accelerator, dense, run, args, example_input, args.model, checkpoint)
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
     # A fixed image size: cuDNN's autotuner picks each convolution's fastest algorithm once, as in

@@ -17,6 +17,7 @@ from msmodelslim.pytorch import low_rank_decompose as msmodelslim
 from PIL import Image
 
 from launch.entry import RunError
+from launch.model import torchvision_classifier
 from lowrank.io import save_state_dict
 from lowrank.msmodelslim import config_json
 from tests.conftest import RECIPES, accelerate_launch, free_port, needs_deepspeed, run, torchrun
@@ -111,6 +112,23 @@ def test_offline_loads_on_every_rank(imagenet, tmp_path):
     log = result.stdout + result.stderr
     assert log.count("[lowrank] decompose_network start.") == 2 and "auto_decomposition start." not in log
     assert "[Train] Step[1/1] Loss:" in result.stdout and "Top-5:" in result.stdout
+
+
+@pytest.mark.parametrize("model", ["mobilenet_v3_small", "vit_b_16"])
+def test_other_torchvision_classifiers_run_online_and_offline(model, imagenet, tmp_path):
+    torch.manual_seed(0)
+    pretrained = tmp_path / f"{model}.pth"
+    save_state_dict(torchvision_classifier(model, 2, image_size=32).state_dict(), pretrained)
+    recipe = [*SMALL, "--model", model, "--data-path", imagenet, "--steps", "1", "--tensor-decompose"]
+    online = run(torchrun(RECIPE, *recipe, "--pretrained-path", pretrained, "--output-dir", tmp_path / "online"))
+    log = online.stdout + online.stderr
+    assert "[lowrank] decompose_network start." in log and "[Train] Step[1/1] Loss:" in online.stdout, log
+    paths = ["--decompose-info-path", tmp_path / "info.json", "--decomposed-weights-path", tmp_path / "weights.pth"]
+    step1 = [sys.executable, RECIPES / "decompose_model.py", "--model", model, "--image-size", "32", "--ratio", "0.5"]
+    run([*map(str, step1), "--pretrained-path", str(pretrained), *map(str, paths)])
+    offline = run(torchrun(RECIPE, *recipe, "--run-mode", "offline", *paths, "--output-dir", tmp_path / "offline"))
+    log = offline.stdout + offline.stderr
+    assert log.count("[lowrank] decompose_network start.") == 2 and "Top-5:" in offline.stdout, log
 
 
 def test_bad_data_path_and_weights_are_named(imagenet, tmp_path):
@@ -266,7 +284,8 @@ def test_weights_that_do_not_fit_are_named_before_any_work(imagenet, tmp_path, m
 
     monkeypatch.setattr(torchvision.models.ResNet50_Weights, "get_state_dict", offline)
     with pytest.raises(RunError) as error:
-        recipe["rank_zero_first"](lambda: recipe["pretrained_weights_path"]("IMAGENET1K_V2"), "--weights IMAGENET1K_V2")
+        weights = torchvision.models.ResNet50_Weights.IMAGENET1K_V2
+        recipe["rank_zero_first"](lambda: recipe["pretrained_weights_path"](weights), "--weights IMAGENET1K_V2")
     assert str(error.value).startswith("--weights IMAGENET1K_V2: cannot download https://")
     assert "pass it as --pretrained-path" in str(error.value)
 
