@@ -158,8 +158,9 @@ class _Throughput:
     def paused(self):
         paused = time.perf_counter()
         yield
-        self.started += time.perf_counter() - paused
-        self.paused_seconds += time.perf_counter() - paused
+        seconds = time.perf_counter() - paused
+        self.started += seconds
+        self.paused_seconds += seconds
 
 
 def _log_step(accelerator, optimizer, progress, steps, loss, meter: _Throughput, unit) -> None:

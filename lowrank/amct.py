@@ -124,8 +124,9 @@ def decompose(model: nn.Module, info_path, example_input=None) -> tuple[nn.Modul
     with logging_redirect_tqdm(loggers=[logger]):
         for name, layer in tqdm(convs.items(), desc="auto_decomposition", unit="layer", disable=None, leave=False):
             logger.info("Processing: %r", name)
-            if unsupported_dtype(layer):
-                logger.warning("%s of layer %r, ignored.", unsupported_dtype(layer), name)
+            unsupported = unsupported_dtype(layer)
+            if unsupported:
+                logger.warning("%s of layer %r, ignored.", unsupported, name)
             elif reasons[name]:
                 logger.info("Skip: %r: %s", name, reasons[name])
             else:

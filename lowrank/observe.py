@@ -18,7 +18,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves
 
-from .modules import CONV2D_CONFIG, LINEAR_CONFIG
+from .modules import replacement_class
 from .stats import call_arguments, evaluating
 
 
@@ -79,7 +79,8 @@ def _function_name(func) -> str:
 
 
 def _configuration(layer: nn.Module) -> dict:
-    names = CONV2D_CONFIG if isinstance(layer, nn.Conv2d) else LINEAR_CONFIG
+    """The settings the layer's replacement carries (and so could not follow if they changed)."""
+    names = replacement_class(layer, "svd").CONFIG
     return {name: getattr(layer, name) for name in names if hasattr(layer, name)}
 
 
