@@ -5,13 +5,14 @@ the real msModelSlim (its PyPI package, in this process, on the same model), and
     .venv/bin/python benchmarks/dropin.py --quick    # ResNet-18 at 64x64, the smoke test (a few minutes)
 
 For ``Decompose(model).from_ratio(0.5)`` without and with ``datasets`` (``--batches`` batches of
-``--batch-size`` random images), and ``from_vbmf()``: each tool's time (choosing the configuration,
-then ``decompose_network``), whether the configurations are identical, and each decomposed model's
-relative output error ``||f_decomposed(x) - f(x)|| / ||f(x)||`` on a held-out batch. Targets: identical
-configurations, lowrank at least 20x faster than msModelSlim at an error no worse than its own (x1.001).
-Then AMCT's choice, ``auto_decomposition(model)``: time, layers and ranks, on the same model and on the
-AMCT sample's MNIST network. Weights are random (torchvision's initialisation, seed 0): no pretrained
-weights are reachable here. Prints the tables and saves JSON and a PNG under benchmarks/results/.
+``--batch-size`` random images), and ``from_vbmf()`` (``--calls`` picks some): each tool's time
+(choosing the configuration, then ``decompose_network``), whether the configurations are identical,
+and each decomposed model's relative output error ``||f_decomposed(x) - f(x)|| / ||f(x)||`` on a
+held-out batch. Targets: identical configurations, lowrank at least 20x faster than msModelSlim at an
+error no worse than its own (x1.001). Then AMCT's choice, ``auto_decomposition(model)``: time, layers
+and ranks, on the same model and on the AMCT sample's MNIST network. Weights are random (torchvision's
+initialisation, seed 0): no pretrained weights are reachable here. Prints the tables and saves JSON and
+a PNG under benchmarks/results/.
 """
 
 import argparse
@@ -73,11 +74,11 @@ def run_tool(tool, model, call, datasets, x, dense_output) -> dict:
     }
 
 
-def compare_msmodelslim(model, datasets, x) -> dict:
+def compare_msmodelslim(model, datasets, x, calls) -> dict:
     with torch.no_grad():
         dense_output = model(x)
     results = {}
-    for call in CALLS:
+    for call in calls:
         data = datasets if "datasets" in call else None
         print(f"{call}: msModelSlim ...", flush=True)
         theirs = run_tool(msmodelslim, model, call, data, x, dense_output)
@@ -159,7 +160,7 @@ def main(args) -> int:
         "image_size": size,
         "calibration": {"batches": batches, "batch_size": batch_size},
     }
-    results["msmodelslim"] = compare_msmodelslim(model, datasets, x)
+    results["msmodelslim"] = compare_msmodelslim(model, datasets, x, args.calls)
     results["amct"] = {name: amct_choice(model, x), "mnist_net": amct_choice(Net().eval(), torch.randn(8, 1, 28, 28))}
     results["machine"]["load_average_at_end"] = os.getloadavg()
     print(machine_line(results["machine"]))
@@ -219,6 +220,13 @@ def get_args_parser():
     parser.add_argument("--batches", type=int, default=None, help="calibration batches (default: 8, 5 with --quick)")
     parser.add_argument("--batch-size", type=int, default=None, help="images per batch (default: 8, 32 with --quick)")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    parser.add_argument(
+        "--calls",
+        nargs="+",
+        choices=list(CALLS),
+        default=list(CALLS),
+        help="msModelSlim's calls compared (default: all)",
+    )
     add_output_argument(parser, "dropin")
     return parser
 

@@ -3,6 +3,7 @@ runner's outputs), and their check before any work."""
 
 import argparse
 import math
+import os
 import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,6 +11,7 @@ from pathlib import Path
 from lowrank.io import unwritable
 from lowrank.policy import DEFAULT_RATIO
 
+from .distributed import node_name
 from .entry import RunError
 
 # What a recipe decomposes with when no rank flag is given: its seed's tool, called as the seed calls it.
@@ -297,8 +299,9 @@ def check_mode_args(args, pretrained=None) -> RunMode:
             )
     for name in ("pretrained_path", "decompose_info_path", "decomposed_weights_path"):
         path = getattr(args, name)
-        if path and (mode == "offline" or name == "pretrained_path") and not Path(path).is_file():
-            raise RunError(f"{flag(name)} {path} does not exist")
+        if path and _read_here(name, mode) and not Path(path).is_file():
+            where = f" on {node_name()}" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
+            raise RunError(f"{flag(name)} {path} does not exist{where}")
     run = RunMode(mode, args.decompose_info_path, args.decomposed_weights_path)
     if mode == "online":
         run = RunMode(
@@ -308,6 +311,15 @@ def check_mode_args(args, pretrained=None) -> RunMode:
         )
     _check_run_paths(argparse.Namespace(**{**vars(args), **run.settings()}), mode)
     return run
+
+
+def _read_here(name: str, mode: str) -> bool:
+    """Whether this process reads the file of flag ``name``: every rank reads the offline files and a
+    baseline's pretrained weights; online only rank 0 reads the pretrained weights (RANK, set by the
+    launchers before any process group: the other ranks' nodes need not hold them)."""
+    if name == "pretrained_path":
+        return mode != "online" or os.environ.get("RANK", "0") == "0"
+    return mode == "offline"
 
 
 def _check_run_paths(paths, mode: str) -> None:

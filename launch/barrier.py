@@ -15,8 +15,9 @@ within seconds rather than at the timeout, also where no launcher would stop the
 scheduler does (the sbatch scripts' ``srun --kill-on-bad-exit``): some shared filesystems keep locks
 local to each node.
 
-Multi-node jobs need the artifact folder on a filesystem shared by all nodes: when the other ranks
-never see rank 0's marker, their timeout error says so.
+The artifact folder need not be shared: at the start rank 0 writes a probe next to the info file, and
+a rank that does not see it within seconds (a node-local ``/tmp``, a per-node path) is sent the
+artifacts over the process group, checksummed, and writes them into its own folder.
 """
 
 import contextlib
@@ -30,6 +31,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -48,13 +50,16 @@ from lowrank.io import (
     state_dict_mismatch,
 )
 
-from .distributed import global_rank
+from .distributed import global_rank, log, node_name
 
 DEFAULT_TIMEOUT = 3600.0  # seconds the other ranks wait for rank 0: decomposing a large model takes minutes
 POLL_INTERVAL = 0.2
 # Every this many seconds, the waiting ranks on rank 0's host check that it still holds the artifacts'
 # lock (the system frees it when a process dies, even killed).
 LIVENESS_INTERVAL = 5.0
+# Seconds a rank looks for rank 0's probe: a shared filesystem shows a new file at once (a name never
+# looked up before is in no cache). One slower than that only costs a transfer of files it then holds.
+PROBE_WAIT = 2.0
 
 
 class BarrierError(RuntimeError):
@@ -125,6 +130,9 @@ class Artifacts:
     def lock_path(self) -> Path:
         return self.info_path.with_name(self.info_path.name + ".lock")
 
+    def probe_path(self, token: str) -> Path:
+        return self.info_path.with_name(f"{self.info_path.name}.probe.{token}")
+
     def lock(self, timeout: float):
         """The acquired lock on these paths (``Timeout`` after ``timeout`` s), saying on stderr when
         another job holds it, so that a wait is never silent."""
@@ -175,9 +183,15 @@ def decompose_once(
         weights (checked).
     """
     artifacts = Artifacts(Path(artifacts.info_path), Path(artifacts.weights_path))
+    courier = Courier.for_ranks_without_the_folder(artifacts, token, timeout)
     if global_rank() == 0:
-        return _decompose_on_rank_zero(model, artifacts, load_pretrained, pretrained_path, policy, token, timeout)
-    marker = _wait_for_marker(artifacts, token, timeout)
+        return _decompose_on_rank_zero(
+            model, artifacts, load_pretrained, pretrained_path, policy, token, timeout, courier
+        )
+    if courier.delivers_here():
+        marker = courier.receive(artifacts, timeout)
+    else:
+        marker = _wait_for_marker(artifacts, token, timeout)
     model, changes = _load_artifacts(model, artifacts, marker)
     check_identical_parameters(model)
     return model, changes, marker.get("reused", False)
@@ -201,7 +215,7 @@ def decompose(model: nn.Module, info_path, policy: dict) -> tuple[nn.Module, dic
     return decomposed, changes
 
 
-def _decompose_on_rank_zero(model, artifacts, load_pretrained, pretrained_path, policy, token, timeout):
+def _decompose_on_rank_zero(model, artifacts, load_pretrained, pretrained_path, policy, token, timeout, courier):
     make_parent_dirs(artifacts.info_path)
     # The lock is held until every rank has loaded the artifacts and compared weights (the final
     # collective starts only once they have loaded, so it is short): no other job can overwrite the
@@ -229,15 +243,122 @@ def _decompose_on_rank_zero(model, artifacts, load_pretrained, pretrained_path, 
                 model, changes = decompose(model, artifacts.info_path, policy)
                 save_state_dict(model.state_dict(), artifacts.weights_path)
                 checksums = artifacts.checksums()
-            artifacts.write_marker(status="done", token=token, fingerprint=wanted, checksums=checksums, reused=reused)
+            done = {"status": "done", "token": token, "fingerprint": wanted, "checksums": checksums, "reused": reused}
+            artifacts.write_marker(**done)
         except BaseException as error:
             message = f"{type(error).__name__}: {error}"
             if not isinstance(error, Exception):  # Preempted (a SystemExit), KeyboardInterrupt
                 message = f"it was stopped ({message}) by a signal (a time limit, a preemption) or Ctrl-C: see its log"
             artifacts.write_marker(status="failed", token=token, message=message)
+            with contextlib.suppress(RuntimeError):  # a receiver gone: the error above is the one to tell
+                courier.send({"status": "failed", "token": token, "message": message})
             raise
+        courier.send(done, artifacts)
         check_identical_parameters(model)
     return model, changes, reused
+
+
+class Courier:
+    """Carries rank 0's artifacts to the ranks that do not see its artifact folder, over a gloo group of
+    rank 0 and those ranks (gloo moves CPU tensors under any backend), whose timeout is the barrier's:
+    they wait in it for rank 0's result, however long the decomposition takes."""
+
+    def __init__(self, receivers: list[int], group=None):
+        self.receivers = receivers
+        self.group = group
+
+    @classmethod
+    def for_ranks_without_the_folder(cls, artifacts: Artifacts, token: str, timeout: float) -> "Courier":
+        """Rank 0 writes a probe next to the info file, every rank looks for it for up to PROBE_WAIT
+        seconds, and the ranks that do not see it get a courier (on every rank: creating a group is a
+        collective). A rank 0 that cannot write there stops every rank with its error."""
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return cls([])
+        probe = artifacts.probe_path(token)
+        error = None
+        try:
+            if global_rank() == 0:
+                make_parent_dirs(probe)
+                probe.write_text(token)
+            seen = _sees(probe, token)
+        except OSError as failure:
+            error, seen = f"{type(failure).__name__}: {failure}", False
+        answers = [None] * dist.get_world_size()
+        dist.all_gather_object(answers, (node_name(), seen, error))
+        if global_rank() == 0:
+            probe.unlink(missing_ok=True)
+        if answers[0][2]:
+            raise BarrierError(f"rank 0 cannot write next to {artifacts.info_path}: {answers[0][2]}")
+        receivers = [rank for rank, (_, seen, _) in enumerate(answers) if not seen]
+        if not receivers:
+            return cls([])
+        nodes = sorted({answers[rank][0] for rank in receivers})
+        ranks, folder = ", ".join(map(str, receivers)), artifacts.info_path.parent
+        log(
+            f"[Setup] rank(s) {ranks} on {', '.join(nodes)} do not see {folder} (rank 0's artifact folder, "
+            f"on {answers[0][0]}): rank 0 sends them the artifacts over the process group"
+        )
+        group = dist.new_group([0, *receivers], timeout=timedelta(seconds=timeout), backend="gloo")
+        return cls(receivers, group)
+
+    def delivers_here(self) -> bool:
+        return global_rank() in self.receivers
+
+    def send(self, marker: dict, artifacts: Artifacts | None = None) -> None:
+        """On rank 0: ``marker`` (done or failed), then for a done one the two files."""
+        if not self.receivers:
+            return
+        files = [_read_bytes(path) for path in (artifacts.info_path, artifacts.weights_path)] if artifacts else []
+        dist.broadcast_object_list([marker, [len(file) for file in files]], src=0, group=self.group)
+        for file in files:
+            dist.broadcast(file, src=0, group=self.group)
+
+    def receive(self, artifacts: Artifacts, timeout: float) -> dict:
+        """On a receiving rank: rank 0's marker, with its files written into this rank's folder
+        (unless they are there already), atomically and under that folder's lock."""
+        box = [None, None]
+        try:
+            dist.broadcast_object_list(box, src=0, group=self.group)
+        except RuntimeError as error:  # gloo's timeout, or rank 0 gone
+            raise BarrierError(
+                f"rank 0 sent no decomposition within {timeout:.0f} s ({' '.join(str(error).split())[:200]}): "
+                "it may have died, or be waiting for another job that uses the same artifact paths"
+            ) from None
+        marker, sizes = box
+        if marker["status"] == "failed":
+            raise BarrierError(f"rank 0 failed to decompose the model: {marker['message']}")
+        files = [torch.empty(size, dtype=torch.uint8) for size in sizes]
+        for file in files:
+            dist.broadcast(file, src=0, group=self.group)
+        for (kind, path), file in zip((("info", artifacts.info_path), ("weights", artifacts.weights_path)), files):
+            if hashlib.sha256(file.numpy()).hexdigest() != marker["checksums"][kind]:
+                raise BarrierError(f"the {kind} file rank 0 sent for {path} does not match its checksum")
+        # Files already in place: a folder rank 0 shares after all (seen late; rank 0 holds its lock
+        # until every rank has loaded), or this node's copy from an earlier run.
+        if _intact(artifacts, marker, marker["fingerprint"]):
+            return marker
+        with artifacts.lock(timeout):
+            if _intact(artifacts, marker, marker["fingerprint"]):  # written meanwhile by a rank of this node
+                return marker
+            for path, file in zip((artifacts.info_path, artifacts.weights_path), files):
+                atomic_write(path, lambda handle, file=file: handle.write(file.numpy().tobytes()))
+            artifacts.write_marker(**marker)
+        return marker
+
+
+def _sees(probe: Path, token: str) -> bool:
+    deadline = time.monotonic() + PROBE_WAIT
+    while True:
+        with contextlib.suppress(FileNotFoundError):
+            if probe.read_text() == token:
+                return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(POLL_INTERVAL)
+
+
+def _read_bytes(path: Path) -> torch.Tensor:
+    return torch.frombuffer(bytearray(path.read_bytes()), dtype=torch.uint8)
 
 
 def _intact(artifacts, marker, wanted) -> bool:
@@ -267,9 +388,8 @@ def _wait_for_marker(artifacts, token, timeout) -> dict:
             raise BarrierError(
                 f"rank 0 did not finish the decomposition within {timeout:.0f} s "
                 f"(no result for this run at {artifacts.marker_path}): rank 0 may have died, or be waiting for "
-                "another job that uses the same artifact paths. If the job spans several nodes, the "
-                "artifact folder must be on a filesystem they all share; a larger model may need a longer "
-                "timeout."
+                "another job that uses the same artifact paths; a larger model may need a longer "
+                "--barrier-timeout."
             )
         time.sleep(POLL_INTERVAL)
 
@@ -299,7 +419,7 @@ def load_decomposed(model: nn.Module, info_path, weights_path) -> tuple[nn.Modul
     be read or does not fit raises a BarrierError naming it and its flag."""
     try:
         model, changes = lowrank.decompose_network(model, info_path)
-    except lowrank.DecomposeInfoError as error:
+    except (lowrank.DecomposeInfoError, FileNotFoundError) as error:
         raise BarrierError(f"--decompose-info-path: {error}") from None
     try:
         state_dict = load_state_dict(weights_path)

@@ -5,6 +5,8 @@ CPU) Accelerate's ``process_index`` is 0 on every rank.
 """
 
 import importlib
+import os
+import socket
 import sys
 
 import torch.distributed as dist
@@ -27,6 +29,11 @@ def global_rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
+def node_name() -> str:
+    """This node's name as Slurm calls it, else its host name."""
+    return os.environ.get("SLURMD_NODENAME") or socket.gethostname()
+
+
 def log(line: str) -> None:
     if global_rank() == 0:
         tqdm.write(line, file=sys.stdout)  # prints above the progress bar when there is one
@@ -47,27 +54,40 @@ def rank_zero_first(load, what: str):
     message, after ``what`` (a RuntimeError's message says what is wrong, as the loaders raise it;
     other errors add their type): with ``main_process_first`` the others would fail in their barrier
     with gloo's traceback, or wait in the next collective until its timeout."""
-
-    def attempt():
-        try:
-            return None, load()
-        except Exception as error:  # any: a rank that left alone would keep the others waiting
-            return str(error) if isinstance(error, RuntimeError) else f"{type(error).__name__}: {error}", None
-
-    error, loaded = attempt() if global_rank() == 0 else (None, None)
+    error, loaded = _attempt(load) if global_rank() == 0 else (None, None)
     error = from_rank_zero(error)
     if error:  # rank 0's: the others did not try
         raise RunError(f"{what}: {error}")
     if global_rank() != 0:
-        error, loaded = attempt()
-    errors = [error]
+        error, loaded = _attempt(load)
+    _stop_on_any_error(error, what)
+    return loaded
+
+
+def on_every_rank(load):
+    """``load()`` on every rank at once; an error on any rank ends every rank with the first failing
+    rank's message, after that rank and its node (a file missing on one node), instead of leaving the
+    others waiting in their next collective until its timeout."""
+    error, loaded = _attempt(load)
+    _stop_on_any_error(error)
+    return loaded
+
+
+def _attempt(load):
+    try:
+        return None, load()
+    except Exception as error:  # any: a rank that left alone would keep the others waiting
+        return str(error) if isinstance(error, RuntimeError) else f"{type(error).__name__}: {error}", None
+
+
+def _stop_on_any_error(error: str | None, what: str | None = None) -> None:
+    errors = [(node_name(), error)]
     if dist.is_available() and dist.is_initialized():
         errors = [None] * dist.get_world_size()
-        dist.all_gather_object(errors, error)
-    rank, error = next(((rank, error) for rank, error in enumerate(errors) if error), (None, None))
-    if error:  # a path missing on another node, or not shared with it
-        raise RunError(f"{what}: rank {rank}: {error}")
-    return loaded
+        dist.all_gather_object(errors, (node_name(), error))
+    for rank, (node, error) in enumerate(errors):
+        if error:  # a path missing on another node, or not shared with it
+            raise RunError(f"{what + ': ' if what else ''}rank {rank} on {node}: {error}")
 
 
 def share_rank_zero_buffers(model) -> None:

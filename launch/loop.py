@@ -54,6 +54,15 @@ class ShuffleByEpoch(torch.utils.data.RandomSampler):
         self.generator.manual_seed(self.seed + epoch)
 
 
+def shuffling_seed() -> int:
+    """The seed a DataLoader built with ``shuffle=True`` draws from the global RNG for its sampler at
+    its first batch: the second draw, after the base seed of its workers. Seeding ShuffleByEpoch with
+    it gives such a loader's first epoch (the AMCT sample's batches) where ``torch.manual_seed`` and
+    the model's initialisation came first."""
+    torch.empty((), dtype=torch.int64).random_()  # the workers' base seed
+    return int(torch.empty((), dtype=torch.int64).random_().item())
+
+
 def batches(accelerator, loader, start_batch):
     """Batches forever, epoch after epoch; after a resume, the epoch and position of ``start_batch``."""
     epoch, skip = divmod(start_batch, len(loader))

@@ -25,7 +25,7 @@ from .barrier import (
     run_token,
 )
 from .checkpoints import checkpoint_step
-from .distributed import global_rank, log
+from .distributed import global_rank, log, on_every_rank
 from .entry import RunError
 
 MODES = ("baseline", "online", "offline")
@@ -66,8 +66,8 @@ def prepare_model(
             )
             if reused:
                 log(f"[Decompose] reused the decomposition of an earlier run with the same inputs: {info_path}")
-        elif mode == "offline":
-            model, changes = load_decomposed(model, info_path, weights_path)
+        elif mode == "offline":  # every rank reads the files: one missing on a node stops them all at once
+            model, changes = on_every_rank(lambda: load_decomposed(model, info_path, weights_path))
             check_identical_parameters(model)
         else:
             raise ValueError(f"unknown mode {mode!r}; valid modes: {', '.join(MODES)}")

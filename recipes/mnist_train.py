@@ -50,7 +50,7 @@ from launch.args import (
 from launch.checkpoints import Progress, checkpoint_to_resume, load_checkpoint
 from launch.distributed import from_rank_zero, rank_zero_first
 from launch.entry import run_main
-from launch.loop import ShuffleByEpoch, check_train_batches, evaluate, finish, train
+from launch.loop import ShuffleByEpoch, check_train_batches, evaluate, finish, shuffling_seed, train
 from launch.mnist import Net, load_mnist
 from launch.model import setup_model
 
@@ -106,9 +106,9 @@ def main(args):
     model, cost = setup_model(accelerator, Net(), run, args, torch.zeros(1, 1, 28, 28), "mnist", checkpoint)
 
     # The AMCT sample's sampler seeds itself from the global RNG at its first batch, after the model's
-    # initialisation. The same seed, drawn here (rank 0's, on every process), gives the same batches
-    # (and the same results) on one process as on several.
-    seed = from_rank_zero(int(torch.empty((), dtype=torch.int64).random_().item()))
+    # initialisation. The same seed, drawn here (rank 0's, on every process), gives its batches, the
+    # same on one process as on several.
+    seed = from_rank_zero(shuffling_seed())
     shuffle = ShuffleByEpoch(train_set, seed=seed)
     train_loader = torch.utils.data.DataLoader(
         train_set, batch_size=args.train_batch_size, sampler=shuffle, drop_last=True

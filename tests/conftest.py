@@ -1,5 +1,7 @@
+import gzip
 import importlib.util
 import logging
+import math
 import os
 import socket
 import struct
@@ -130,6 +132,30 @@ def idx(path, shape, data: bytes):
     """Writes an idx file of unsigned bytes: its header (magic number, sizes), then ``data``."""
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(struct.pack(f">{len(shape) + 1}I", 0x0800 + len(shape), *shape) + data)
+
+
+# Images of the MNIST subset the recipe tests train and test on: a few steps of training read a few
+# batches, and evaluating the whole test set (10,000 images) would take most of each run.
+MNIST_SUBSET = {"train": 2048, "t10k": 500}
+
+
+@pytest.fixture(scope="session")
+def mnist_subset(tmp_path_factory) -> Path:
+    """A data folder holding the first MNIST_SUBSET images of each split of the shared MNIST copy,
+    under ``MNIST/raw`` as the recipes read it: real images, one session-wide copy."""
+    source = DATA / "MNIST" / "raw"
+    if not source.is_dir():
+        missing_fixture(f"no MNIST copy at {DATA}")
+    root = tmp_path_factory.mktemp("mnist_subset")
+    for split, count in MNIST_SUBSET.items():
+        for kind, dims in (("images-idx3-ubyte", 3), ("labels-idx1-ubyte", 1)):
+            name = f"{split}-{kind}"
+            plain = source / name
+            data = plain.read_bytes() if plain.is_file() else gzip.decompress((source / f"{name}.gz").read_bytes())
+            shape = struct.unpack(f">{dims}I", data[4 : 4 * (dims + 1)])
+            start = 4 * (dims + 1)
+            idx(root / "MNIST" / "raw" / name, (count, *shape[1:]), data[start : start + count * math.prod(shape[1:])])
+    return root
 
 
 def idx_dataset(root, train=96, test=32, size=(28, 28), seed=0):

@@ -7,15 +7,15 @@ import lowrank
 from launch.mnist import Net, load_mnist
 from lowrank.io import load_state_dict
 from tests.benchmarks.conftest import run_quick
-from tests.conftest import DATA, needs_data
+from tests.conftest import needs_data
 
 
 @pytest.mark.slow
 @pytest.mark.integration
 @needs_data
-def test_quick_accuracy_benchmark_runs_the_recipes(tmp_path):
+def test_quick_accuracy_benchmark_runs_the_recipes(tmp_path, mnist_subset):
     output = tmp_path / "accuracy_mnist.json"
-    stdout = run_quick("accuracy_mnist.py", output, "--data-path", DATA, "--output-dir", tmp_path / "runs")
+    stdout = run_quick("accuracy_mnist.py", output, "--data-path", mnist_subset, "--output-dir", tmp_path / "runs")
     assert "before finetune" in stdout
     figures = json.loads(output.read_text())
     (row,) = figures["rows"]
@@ -26,7 +26,7 @@ def test_quick_accuracy_benchmark_runs_the_recipes(tmp_path):
     model, _ = lowrank.decompose_network(Net(), folder / "decompose_info.json")
     model.load_state_dict(load_state_dict(folder / "decomposed_weights.pth"))
     model.eval()
-    test_set = load_mnist(DATA, train=False)
+    test_set = load_mnist(mnist_subset, train=False)
     images, labels = next(iter(torch.utils.data.DataLoader(test_set, batch_size=len(test_set))))
     with torch.no_grad():
         correct = (model(images).argmax(1) == labels).sum().item()

@@ -1,10 +1,13 @@
 """Runs the barrier in each process of a torchrun job; each rank writes RESULTS/<rank>.json.
 
 torchrun --nproc_per_node 2 tests/launch/barrier_worker.py OUT_DIR PRETRAINED RESULTS [--timeout S] [--hang S]
-    [--change-weights-file | --change-loaded-weights]
+    [--change-weights-file | --change-loaded-weights] [--per-rank-folder] [--offline] [--slow-probe]
 
-The last two make rank 1 meet what the barrier must refuse: the weights file changed after rank 0 wrote
-it (another job on the same paths), or weights that differ from rank 0's once loaded (another copy).
+The tampering flags make rank 1 meet what the barrier must refuse: the weights file changed after rank 0
+wrote it (another job on the same paths), or weights that differ from rank 0's once loaded (another
+copy). ``--per-rank-folder`` gives each rank its own artifact folder, OUT_DIR/rank<N>, as node-local
+folders would; ``--offline`` loads the artifacts there as an offline run does instead.
+``--slow-probe`` has rank 1 miss rank 0's probe in a folder they share, as on a slow filesystem.
 """
 
 import argparse
@@ -21,6 +24,7 @@ from torch import nn
 from launch import barrier
 from launch.barrier import Artifacts, decompose_once, parameters_digest, run_token
 from launch.distributed import before_process_group
+from launch.model import prepare_model
 from lowrank.io import load_state_dict
 
 
@@ -38,27 +42,39 @@ def main():
     tampering = parser.add_mutually_exclusive_group()
     tampering.add_argument("--change-weights-file", action="store_true")
     tampering.add_argument("--change-loaded-weights", action="store_true")
+    parser.add_argument("--per-rank-folder", action="store_true")
+    parser.add_argument("--offline", action="store_true")
+    parser.add_argument("--slow-probe", action="store_true")
     args = parser.parse_args()
     before_process_group()
     dist.init_process_group("gloo")
     rank = dist.get_rank()
     if rank == 1:
         tamper(args)
+        if args.slow_probe:
+            barrier._sees = lambda probe, token: False
 
     def load_pretrained(model):
         time.sleep(args.hang)
         model.load_state_dict(load_state_dict(args.pretrained))
 
-    artifacts = Artifacts(Path(args.out_dir) / "decompose_info.json", Path(args.out_dir) / "decomposed_weights.pth")
+    out_dir = Path(args.out_dir) / f"rank{rank}" if args.per_rank_folder else Path(args.out_dir)
+    artifacts = Artifacts(out_dir / "decompose_info.json", out_dir / "decomposed_weights.pth")
     torch.manual_seed(rank)  # different random init on each rank: the barrier must make them identical
     model = small_model()
     token = run_token()
     results = Path(args.results)
     results.mkdir(parents=True, exist_ok=True)
     try:
-        model, changes, reused = decompose_once(
-            model, artifacts, load_pretrained, args.pretrained, {"method": "spatial", "ratio": 0.3}, token, args.timeout
-        )
+        if args.offline:
+            model, changes, _, reused = prepare_model(
+                model, "offline", info_path=artifacts.info_path, weights_path=artifacts.weights_path
+            )
+        else:
+            policy = {"method": "spatial", "ratio": 0.3}
+            model, changes, reused = decompose_once(
+                model, artifacts, load_pretrained, args.pretrained, policy, token, args.timeout
+            )
     except Exception as error:
         failure = {"rank": rank, "error": f"{type(error).__name__}: {error}"}
         (results / f"{rank}.json").write_text(json.dumps(failure))

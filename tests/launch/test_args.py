@@ -15,6 +15,7 @@ from launch.args import (
     positive_int,
     probability,
 )
+from launch.distributed import node_name
 from launch.entry import RunError
 
 
@@ -344,3 +345,20 @@ def test_the_mode_and_its_files_are_returned_and_the_flags_left_as_they_are(tmp_
         "decompose_info_path": None,
         "decomposed_weights_path": None,
     }
+
+
+def test_each_rank_checks_the_input_files_it_reads_and_names_its_node(tmp_path, monkeypatch):
+    missing = str(tmp_path / "missing.pth")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")  # online, only rank 0 reads the pretrained weights: its node alone needs them
+    assert check_mode_args(online_args(tmp_path, "--pretrained-path", missing)).mode == "online"
+    monkeypatch.setenv("RANK", "0")
+    with pytest.raises(RunError, match=f"^--pretrained-path {missing} does not exist on {node_name()}$"):
+        check_mode_args(online_args(tmp_path, "--pretrained-path", missing))
+    parser = argparse.ArgumentParser()
+    add_decomposition_args(parser, run_mode="offline")
+    add_output_args(parser, output_dir=str(tmp_path / "out"))
+    args = parser.parse_args(["--decompose-info-path", missing, "--decomposed-weights-path", missing])
+    monkeypatch.setenv("RANK", "1")  # offline, every rank reads both files
+    with pytest.raises(RunError, match=f"^--decompose-info-path {missing} does not exist on {node_name()}$"):
+        check_mode_args(args)

@@ -16,6 +16,7 @@ from filelock import FileLock
 import lowrank
 from launch import barrier
 from launch.barrier import Artifacts, BarrierError, decompose_once, load_decomposed, parameters_digest, run_token
+from launch.distributed import node_name
 from launch.entry import Preempted
 from lowrank.io import save_state_dict
 from tests.conftest import torchrun
@@ -42,7 +43,7 @@ def start(out_dir, weights, *extra):
 
 
 def finish(process, timeout=180):
-    _, err = process.communicate(timeout=timeout)
+    process.out, err = process.communicate(timeout=timeout)
     results = {int(path.stem): json.loads(path.read_text()) for path in process.results.glob("*.json")}
     return process.returncode, results, err
 
@@ -84,7 +85,7 @@ def test_the_others_time_out_with_a_clear_message(tmp_path):
     code, results, err = run(tmp_path / "art", weights, "--timeout", "2", "--hang", "30")
     assert code != 0
     assert "rank 0 did not finish the decomposition within 2 s" in results[1]["error"]
-    assert "filesystem they all share" in results[1]["error"]
+    assert "a larger model may need a longer --barrier-timeout" in results[1]["error"]
 
 
 def test_stale_marker_and_lock_do_not_block_or_mislead(tmp_path):
@@ -313,3 +314,52 @@ def test_artifacts_of_another_policy_method_model_or_version_are_never_reused(tm
         assert repr(model("sigmoid")) == repr(model())
     changed = model("sigmoid") if change.startswith("model") else model()
     assert not decompose_alone(tmp_path / "art", weights, policy, changed)
+
+
+def test_a_rank_that_does_not_see_the_artifact_folder_is_sent_the_artifacts(tmp_path):
+    # Each rank its own folder, as on nodes whose artifact folder is node-local.
+    weights = pretrained(tmp_path / "baseline.pth", 0)
+    process = start(tmp_path / "art", weights, "--per-rank-folder")
+    code, results, err = finish(process)
+    assert code == 0, err
+    said = f"[Setup] rank(s) 1 on {node_name()} do not see {tmp_path / 'art/rank0'} (rank 0's artifact folder"
+    assert process.out.count(said) == 1, process.out
+    assert results[0]["digest"] == results[1]["digest"] and not results[1]["reused"]
+    for name in ("decompose_info.json", "decomposed_weights.pth"):
+        assert (tmp_path / "art/rank1" / name).read_bytes() == (tmp_path / "art/rank0" / name).read_bytes()
+    assert err.count("auto_decomposition start.") == 1 and err.count("decompose_network start.") == 1
+    assert not list((tmp_path / "art/rank0").glob("*.probe.*"))  # rank 0 removed its probe
+
+    # A second run: rank 0 reuses its artifacts, rank 1 finds the copy it was sent intact.
+    sent = (tmp_path / "art/rank1/decomposed_weights.pth").stat().st_mtime_ns
+    code, again, err = run(tmp_path / "art", weights, "--per-rank-folder")
+    assert code == 0, err
+    assert again[0]["reused"] and again[1]["reused"] and again[1]["digest"] == results[0]["digest"]
+    assert (tmp_path / "art/rank1/decomposed_weights.pth").stat().st_mtime_ns == sent
+
+    # Offline, a rank whose node lacks a file stops every rank at once, naming its node and the path.
+    missing = tmp_path / "art/rank1/decompose_info.json"
+    missing.unlink()
+    code, results, err = run(tmp_path / "art", weights, "--per-rank-folder", "--offline")
+    assert code != 0
+    for rank in (0, 1):
+        error = results[rank]["error"]
+        assert f"rank 1 on {node_name()}: --decompose-info-path" in error and str(missing) in error, error
+
+
+def test_a_failure_on_rank_zero_reaches_a_rank_without_the_folder(tmp_path):
+    weights = tmp_path / "baseline.pth"
+    weights.write_bytes(b"not a checkpoint")
+    code, results, err = run(tmp_path / "art", weights, "--per-rank-folder")
+    assert code != 0
+    assert "rank 0 failed to decompose the model: ValueError: cannot read weights file" in results[1]["error"]
+    assert not (tmp_path / "art/rank1/decompose_info.json").exists()
+
+
+def test_a_rank_that_misses_the_probe_of_a_shared_folder_loads_the_files_in_place(tmp_path):
+    # Rank 0 holds the folder's lock until every rank has loaded: rank 1 must not wait for it.
+    weights = pretrained(tmp_path / "baseline.pth", 0)
+    code, results, err = run(tmp_path / "art", weights, "--slow-probe")
+    assert code == 0, err
+    assert results[0]["digest"] == results[1]["digest"]
+    assert err.count("auto_decomposition start.") == 1 and err.count("decompose_network start.") == 1

@@ -21,8 +21,9 @@ import lowrank
 from launch import accelerator as launch_accelerator
 from launch import loop
 from launch.checkpoints import Progress, checkpoint_to_resume, complete_checkpoints, load_checkpoint, save_checkpoint
+from launch.distributed import node_name
 from launch.entry import PREEMPTED_EXIT_CODE, RunError
-from launch.loop import ShuffleByEpoch, batches, check_train_batches
+from launch.loop import ShuffleByEpoch, batches, check_train_batches, shuffling_seed
 from launch.model import prepare_model
 from launch.preemption import Preemption, leave_signals_to_the_trainer
 from lowrank.io import save_state_dict
@@ -328,6 +329,18 @@ def test_a_resumed_run_sees_the_batches_the_uninterrupted_one_would_have():
     assert sum(uninterrupted[:5], []) == order
 
 
+def test_the_shuffling_seed_gives_the_first_epoch_of_a_shuffled_dataloader():
+    # The AMCT sample's loader: torch.manual_seed, then the model (any RNG use), then shuffle=True.
+    dataset = torch.utils.data.TensorDataset(torch.arange(50))
+    torch.manual_seed(5)
+    torch.randn(7)
+    plain = [batch[0].tolist() for batch in torch.utils.data.DataLoader(dataset, batch_size=5, shuffle=True)]
+    torch.manual_seed(5)
+    torch.randn(7)
+    sampler = ShuffleByEpoch(dataset, seed=shuffling_seed())
+    assert [batch[0].tolist() for batch in torch.utils.data.DataLoader(dataset, batch_size=5, sampler=sampler)] == plain
+
+
 def test_a_signal_waits_for_the_step_boundary_in_training_and_stops_the_process_elsewhere():
     handlers = {signum: signal.getsignal(signum) for signum in Preemption.SIGNALS}
     try:
@@ -506,7 +519,7 @@ def test_damaged_offline_files_are_named_by_their_flag(tmp_path, damage, message
     else:
         save_state_dict(torch.nn.Sequential(torch.nn.Linear(64, 64)).state_dict(), weights)
     message = message.format(info=info, weights=weights)
-    with pytest.raises(RunError, match=f"rank 0: {message}"):
+    with pytest.raises(RunError, match=f"rank 0 on {node_name()}: {message}"):
         prepare_model(torch.nn.Sequential(torch.nn.Linear(64, 64)), "offline", info_path=info, weights_path=weights)
 
 

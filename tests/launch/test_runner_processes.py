@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from launch.distributed import node_name
 from tests.conftest import accelerate_launch, free_port, needs_deepspeed, run, torchrun
 
 pytestmark = pytest.mark.integration
@@ -50,7 +51,11 @@ def test_deepspeed_trains_as_ddp_with_the_same_flags(stage, ddp, tmp_path):
 @pytest.mark.parametrize(
     "failing_rank, error, message",
     [
-        (1, "RuntimeError", "error: --data-path X: rank 1: no space left"),  # e.g. a path not shared by its node
+        (
+            1,
+            "RuntimeError",
+            f"error: --data-path X: rank 1 on {node_name()}: no space left",
+        ),  # e.g. a path not shared by its node
         (0, "OSError", "error: --data-path X: OSError: no space left"),
         (-1, "OSError", None),
     ],

@@ -25,6 +25,7 @@ from launch.mnist import Net
 from tests.conftest import (
     DATA,
     ENV,
+    MNIST_SUBSET,
     RECIPES,
     ROOT,
     accelerate_launch,
@@ -37,18 +38,14 @@ from tests.conftest import (
     torchrun,
 )
 
-FEW = [
-    "--data-path",
-    str(DATA),
-    "--steps",
-    "6",
-    "--log-steps",
-    "3",
-    "--train-batch-size",
-    "32",
-    "--test-batch-size",
-    "500",
-]
+TEST_IMAGES = MNIST_SUBSET["t10k"]
+
+
+@pytest.fixture(scope="session")
+def few(mnist_subset):
+    """The flags of a short run on the MNIST subset; one test batch holds its whole test set."""
+    flags = ["--steps", "6", "--log-steps", "3", "--train-batch-size", "32", "--test-batch-size", str(TEST_IMAGES)]
+    return ["--data-path", str(mnist_subset), *flags]
 
 
 def scalars(run_dir):
@@ -113,16 +110,16 @@ def amct_launch(*args, nproc=2):
 @pytest.mark.integration
 @pytest.mark.slow
 @needs_data
-def test_the_amct_launcher_and_its_flags(tmp_path):
+def test_the_amct_launcher_and_its_flags(tmp_path, few):
     """The sample's distributed flags, as its users write them: --backend, --init_method (here a tcp://
     rendezvous of its own) and --local_rank 0 after the launcher's --local-rank=N, on every rank."""
     out = tmp_path / "amct"
     init = f"tcp://127.0.0.1:{free_port()}"
-    flags = ["--backend", "gloo", "--init_method", init, "--local_rank", "0", *FEW, "--steps", "2", "--log-steps", "1"]
+    flags = ["--backend", "gloo", "--init_method", init, "--local_rank", "0", *few, "--steps", "2", "--log-steps", "1"]
     result = run(amct_launch(RECIPES / "mnist_train.py", *flags, "--output-dir", out), timeout=300)
     assert "torch.distributed.launch is deprecated" in result.stderr
     assert result.stdout.count("[Train] Step[2/2] Loss:") == 1 and result.stdout.count("[Test] Loss:") == 1
-    assert "/10000)" in result.stdout  # the whole test set, over both processes
+    assert f"/{TEST_IMAGES})" in result.stdout  # the whole test set, over both processes
     run_json = json.loads((out / "checkpoints" / "step_2" / "run.json").read_text())
     assert run_json["world_size"] == 2
     assert (run_json["backend"], run_json["init_method"]) == ("gloo", init)
@@ -130,13 +127,13 @@ def test_the_amct_launcher_and_its_flags(tmp_path):
 
 @pytest.mark.integration
 @needs_data
-def test_the_init_method_is_the_process_groups(tmp_path):
+def test_the_init_method_is_the_process_groups(tmp_path, few):
     """--init-method reaches init_process_group: rank 0 cannot listen on a port another socket holds."""
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         init = f"tcp://127.0.0.1:{taken.getsockname()[1]}"
-        command = amct_launch(RECIPES / "mnist_train.py", *FEW, "--init-method", init, "--output-dir", tmp_path)
+        command = amct_launch(RECIPES / "mnist_train.py", *few, "--init-method", init, "--output-dir", tmp_path)
         result = run(command, check=False, timeout=300)
     assert result.returncode != 0 and "EADDRINUSE" in result.stderr
     assert "[Train]" not in result.stdout
@@ -185,13 +182,13 @@ def test_a_batch_larger_than_the_training_set_is_named(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def baseline(tmp_path_factory):
+def baseline(tmp_path_factory, few):
     out = tmp_path_factory.mktemp("baseline")
     result = run(
         [
             sys.executable,
             str(RECIPES / "mnist_baseline.py"),
-            *FEW,
+            *few,
             "--output-dir",
             out,
             "--save-path",
@@ -204,12 +201,12 @@ def baseline(tmp_path_factory):
 
 @pytest.mark.integration
 @needs_data
-def test_online_on_two_processes(baseline, tmp_path):
+def test_online_on_two_processes(baseline, tmp_path, few):
     out = tmp_path / "online"
     result = run(
         accelerate_launch(
             RECIPES / "mnist_online.py",
-            *FEW,
+            *few,
             "--pretrained-path",
             baseline,
             "--output-dir",
@@ -224,7 +221,9 @@ def test_online_on_two_processes(baseline, tmp_path):
     assert log.count("[lowrank] decompose_network start.") == 1  # the other rank
     assert "[lowrank] Decompose: 'conv2' -> ['conv2.0', 'conv2.1']" in log
     assert result.stdout.count("[Train] Step[3/6] Loss:") == 1 and "[Test] Loss:" in result.stdout
-    assert "Accuracy:" in result.stdout and "(10000)" not in result.stdout and "/10000)" in result.stdout
+    assert (
+        "Accuracy:" in result.stdout and f"({TEST_IMAGES})" not in result.stdout and f"/{TEST_IMAGES})" in result.stdout
+    )
     for name in (
         "decompose_info.json",
         "decomposed_weights.pth",
@@ -250,7 +249,7 @@ def test_online_on_two_processes(baseline, tmp_path):
 
 @pytest.mark.integration
 @needs_data
-def test_offline_two_steps(baseline, tmp_path):
+def test_offline_two_steps(baseline, tmp_path, few):
     out = tmp_path / "offline"
     paths = [
         "--decompose-info-path",
@@ -260,7 +259,7 @@ def test_offline_two_steps(baseline, tmp_path):
     ]
     step1 = run([sys.executable, str(RECIPES / "decompose_model.py"), "--pretrained-path", baseline, *paths])
     assert "Decomposition information file is saved to" in step1.stderr
-    result = run(torchrun(RECIPES / "mnist_offline.py", *FEW, *paths, "--output-dir", out))
+    result = run(torchrun(RECIPES / "mnist_offline.py", *few, *paths, "--output-dir", out))
     log = result.stdout + result.stderr
     assert log.count("[lowrank] decompose_network start.") == 2 and "auto_decomposition start." not in log
     assert "[Test] Loss:" in result.stdout
@@ -354,12 +353,12 @@ def test_decompose_model_waits_for_another_job_writing_the_same_paths(baseline, 
 
 @pytest.mark.integration
 @needs_data
-def test_rank_zero_failure_stops_every_rank(tmp_path):
+def test_rank_zero_failure_stops_every_rank(tmp_path, few):
     corrupt = tmp_path / "corrupt.pth"
     corrupt.write_bytes(b"garbage")
     result = run(
         accelerate_launch(
-            RECIPES / "mnist_online.py", *FEW, "--pretrained-path", corrupt, "--output-dir", tmp_path, port=free_port()
+            RECIPES / "mnist_online.py", *few, "--pretrained-path", corrupt, "--output-dir", tmp_path, port=free_port()
         ),
         check=False,
     )
@@ -371,10 +370,10 @@ def test_rank_zero_failure_stops_every_rank(tmp_path):
     assert "lowrank/io.py" not in result.stderr  # an error message, not a traceback
 
 
-def online_run(baseline, out, steps, *extra):
-    """The arguments of an online run that logs every step and checkpoints into ``out``."""
-    flags = ["--data-path", DATA, "--steps", steps, "--log-steps", "1", "--train-batch-size", "32"]
-    flags += ["--test-batch-size", "500", "--pretrained-path", baseline, "--output-dir", out]
+def online_run(data, baseline, out, steps, *extra):
+    """The arguments of an online run on ``data`` that logs every step and checkpoints into ``out``."""
+    flags = ["--data-path", data, "--steps", steps, "--log-steps", "1", "--train-batch-size", "32"]
+    flags += ["--test-batch-size", TEST_IMAGES, "--pretrained-path", baseline, "--output-dir", out]
     return [RECIPES / "mnist_online.py", *flags, *extra]
 
 
@@ -414,11 +413,11 @@ def signal_at_step(process, step: int, signal_it) -> str:
 
 @pytest.mark.integration
 @needs_data
-def test_preemption_saves_and_resume_continues(baseline, tmp_path):
+def test_preemption_saves_and_resume_continues(baseline, tmp_path, mnist_subset):
     out = tmp_path / "preempt"
 
     def args(steps, *extra):
-        return online_run(baseline, out, steps, *extra)
+        return online_run(mnist_subset, baseline, out, steps, *extra)
 
     process = start_in_own_session(accelerate_launch(*args(1000), port=free_port()))
     # As a scheduler signals the whole job step.
@@ -454,12 +453,14 @@ def test_preemption_saves_and_resume_continues(baseline, tmp_path):
 
 @pytest.mark.integration
 @needs_data
-def test_one_rank_signalled_stops_every_rank_and_the_resumed_run_ends_as_an_uninterrupted_one(baseline, tmp_path):
+def test_one_rank_signalled_stops_every_rank_and_the_resumed_run_ends_as_an_uninterrupted_one(
+    baseline, tmp_path, mnist_subset
+):
     steps = 30
-    run(accelerate_launch(*online_run(baseline, tmp_path / "whole", steps), port=free_port()))
+    run(accelerate_launch(*online_run(mnist_subset, baseline, tmp_path / "whole", steps), port=free_port()))
 
     out, port = tmp_path / "preempted", free_port()
-    process = start_in_own_session(accelerate_launch(*online_run(baseline, out, steps), port=port))
+    process = start_in_own_session(accelerate_launch(*online_run(mnist_subset, baseline, out, steps), port=port))
 
     def signal_rank_one():
         (pid,) = find_processes(
@@ -479,7 +480,7 @@ def test_one_rank_signalled_stops_every_rank_and_the_resumed_run_ends_as_an_unin
     assert set(re.findall(r"exitcode\s*:\s*(-?\d+)", log)) <= {"75"}, log
     assert int(checkpoint.name.split("_")[1]) < steps
 
-    run(accelerate_launch(*online_run(baseline, out, steps, "--resume"), port=free_port()))
+    run(accelerate_launch(*online_run(mnist_subset, baseline, out, steps, "--resume"), port=free_port()))
     whole, resumed = (
         load_file(folder / "checkpoints" / f"step_{steps}" / "model.safetensors")
         for folder in (tmp_path / "whole", out)
@@ -493,16 +494,16 @@ def test_one_rank_signalled_stops_every_rank_and_the_resumed_run_ends_as_an_unin
 @needs_data
 @needs_deepspeed
 @pytest.mark.parametrize("stage", [2, 3])
-def test_online_under_deepspeed_zero(stage, baseline, tmp_path):
+def test_online_under_deepspeed_zero(stage, baseline, tmp_path, few):
     """DeepSpeed on the CPU: Accelerate reports process_index 0 on every rank there, the runner must
     still give rank 0 alone the decomposition and the saving, and every rank its checkpoint shard."""
     out, config = tmp_path / "deepspeed", f"deepspeed_zero{stage}.yaml"
-    command = [RECIPES / "mnist_online.py", *FEW, "--pretrained-path", baseline, "--output-dir", out]
+    command = [RECIPES / "mnist_online.py", *few, "--pretrained-path", baseline, "--output-dir", out]
     result = run(accelerate_launch(*command, "--save-path", out / "finetuned.pth", port=free_port(), config=config))
     log = result.stdout + result.stderr
     assert f"[Setup] 2 process(es) on cpu (gloo), mixed precision no, DeepSpeed ZeRO-{stage}\n" in result.stdout
     assert log.count("[lowrank] auto_decomposition start.") == 1 and log.count("decompose_network start.") == 1
-    assert result.stdout.count("[Test] Loss:") == 1 and "/10000)" in result.stdout  # the whole test set, once
+    assert result.stdout.count("[Test] Loss:") == 1 and f"/{TEST_IMAGES})" in result.stdout  # the whole test set, once
     shards = sorted(path.name for path in (out / "checkpoints" / "step_6").rglob("*optim_states.pt"))
     assert len(shards) == 2, shards  # each rank saved its optimizer shard
     results = json.loads((out / "results.json").read_text())

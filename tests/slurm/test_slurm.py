@@ -21,11 +21,12 @@ import torchvision
 
 from launch.mnist import Net
 from lowrank.io import save_state_dict
-from tests.conftest import DATA, ROOT, find_processes, free_port, missing_fixture, needs_data
+from tests.conftest import MNIST_SUBSET, ROOT, find_processes, free_port, missing_fixture, needs_data
 
 SLURM = ROOT / "slurm"
 CLUSTER = SLURM / "local-cluster.sh"
-FEW = "--train-batch-size 32 --test-batch-size 500 --log-steps 2"
+TEST_IMAGES = MNIST_SUBSET["t10k"]
+FEW = f"--train-batch-size 32 --test-batch-size {TEST_IMAGES} --log-steps 2"
 FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "PREEMPTED", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL"}
 JOB_TIMEOUT = 900  # seconds; 2 cores shared with other work
 
@@ -260,10 +261,11 @@ def run(command, env, cwd=ROOT, timeout=120):
     return result.stdout
 
 
-def job_env(cluster, tmp_path, pretrained, extra_args):
+def job_env(cluster, data, tmp_path, pretrained, extra_args):
+    """The settings of an MNIST job on ``data`` (the MNIST subset)."""
     return {
         **cluster,
-        "DATA_PATH": str(DATA),
+        "DATA_PATH": str(data),
         "PRETRAINED_PATH": str(pretrained),
         "OUTPUT_DIR": str(tmp_path / "out"),
         "EXTRA_ARGS": f"{extra_args} {FEW}",
@@ -324,9 +326,9 @@ def assert_completed(info, log):
 
 def assert_trained(text, output_dir, steps, mode):
     assert f"0: [Train] Step[{steps}/{steps}]" in text, text
-    assert re.search(r"^0: \[Test\] Loss: \d+\.\d+, Accuracy: \d+\.\d+% \(\d+/10000\)$", text, re.M), text
+    assert re.search(rf"^0: \[Test\] Loss: \d+\.\d+, Accuracy: \d+\.\d+% \(\d+/{TEST_IMAGES}\)$", text, re.M), text
     results = json.loads((output_dir / "results.json").read_text())
-    assert results["mode"] == mode and results["steps"] == steps and results["total"] == 10000
+    assert results["mode"] == mode and results["steps"] == steps and results["total"] == TEST_IMAGES
     assert (output_dir / "checkpoints" / f"step_{steps}").is_dir()
 
 
@@ -343,26 +345,35 @@ def test_local_cluster_runs_a_job_on_two_nodes(cluster):
 @pytest.mark.slurm
 @pytest.mark.slow
 @needs_data
-def test_mnist_online_on_two_nodes(cluster, pretrained, tmp_path):
-    env = job_env(cluster, tmp_path, pretrained, "--steps 4")
-    job, log = submit(env, tmp_path)
+def test_mnist_online_on_two_nodes_whose_artifact_folders_are_their_own(cluster, mnist_subset, pretrained, tmp_path):
+    env = {
+        **job_env(cluster, mnist_subset, tmp_path, pretrained, "--steps 4"),
+        "REPO_DIR": str(ROOT),
+        "ART_DIR": str(tmp_path),
+    }
+    script = ROOT / "tests" / "slurm" / "node_local_artifacts.sbatch"
+    job = run(["sbatch", "--parsable", f"--output={tmp_path}/%x-%j.out", script], env).strip().split(";")[0]
+    log = tmp_path / f"node-local-{job}.out"
     assert_completed(wait_for_job(job, env, log), log)
     text = read(log)
-    assert "--machine_rank $SLURM_NODEID" in text and "head 127.0.0.1:" in text  # the echoed launch line
-    # Rank 0, on node 0 (srun's --label prefix), decomposes; the other rank only rebuilds the structure.
+    # Rank 0, on node 0 (srun's --label prefix), decomposes; the other rank, which does not see node 0's
+    # folder, is sent its artifacts, writes them into its own and only rebuilds the structure.
+    said = f"0: [Setup] rank(s) 1 on n2 do not see {tmp_path / 'node0'} (rank 0's artifact folder, on n1)"
+    assert said in text, text
     assert text.count("auto_decomposition start.") == 1 and "0: [lowrank] auto_decomposition start." in text, text
     assert "1: [lowrank] decompose_network start." in text, text
-    output_dir = tmp_path / "out"
-    assert (output_dir / "decompose_info.json").is_file() and (output_dir / "decomposed_weights.pth").is_file()
-    assert_trained(text, output_dir, 4, "online")
+    for name in ("decompose_info.json", "decomposed_weights.pth"):
+        assert (tmp_path / "node1" / name).read_bytes() == (tmp_path / "node0" / name).read_bytes(), name
+    assert re.search(r"^0: \[Train\] first step at \d+\.\d+ s after start$", text, re.M), text
+    assert_trained(text, tmp_path / "out", 4, "online")
 
 
 @pytest.mark.integration
 @pytest.mark.slurm
 @pytest.mark.slow
 @needs_data
-def test_offline_chain_runs_step_2_after_step_1(cluster, pretrained, tmp_path):
-    env = job_env(cluster, tmp_path, pretrained, "--steps 4")
+def test_offline_chain_runs_step_2_after_step_1(cluster, mnist_subset, pretrained, tmp_path):
+    env = job_env(cluster, mnist_subset, tmp_path, pretrained, "--steps 4")
     # From another directory: the script finds the repository itself; the logs land here.
     step1, step2 = run([SLURM / "submit_offline.sh", "--nodes=2"], env, cwd=tmp_path).split()
     pending = job_info(step2, env)
@@ -387,9 +398,9 @@ def test_offline_chain_runs_step_2_after_step_1(cluster, pretrained, tmp_path):
 @pytest.mark.slurm
 @pytest.mark.slow
 @needs_data
-def test_preempted_job_checkpoints_requeues_and_resumes(cluster, pretrained, tmp_path):
+def test_preempted_job_checkpoints_requeues_and_resumes(cluster, mnist_subset, pretrained, tmp_path):
     steps = 50
-    env = job_env(cluster, tmp_path, pretrained, f"--steps {steps}")
+    env = job_env(cluster, mnist_subset, tmp_path, pretrained, f"--steps {steps}")
     job, log = submit(env, tmp_path)
     wait_for_line(log, rf"^0: \[Train\] Step\[2/{steps}\]", job, env, interval=0.1)
     # The training processes wait, stopped, until the signal has come all the way to them: the run
@@ -425,6 +436,12 @@ def test_preempted_job_checkpoints_requeues_and_resumes(cluster, pretrained, tmp
     # The restarted job resumes from the checkpoint, with the first run's decomposition reused.
     assert f"0: [Resume] from {checkpoint} at step {step}" in second_run, text
     assert first_run.count("auto_decomposition start.") == 1 and "auto_decomposition" not in second_run, text
+    # Rank 0, on node 0 (srun's --label prefix), decomposed; the other rank only rebuilt the structure.
+    assert "--machine_rank $SLURM_NODEID" in text and "head 127.0.0.1:" in text  # the echoed launch line
+    assert (
+        "0: [lowrank] auto_decomposition start." in first_run and "1: [lowrank] decompose_network start." in first_run
+    )
+    assert (output_dir / "decompose_info.json").is_file() and (output_dir / "decomposed_weights.pth").is_file()
     logged = [int(number) for number in re.findall(rf"^0: \[Train\] Step\[(\d+)/{steps}\]", second_run, re.M)]
     assert logged and step < logged[0] <= step + 2, second_run  # every --log-steps 2 from the checkpoint on
     assert_trained(second_run, output_dir, steps, "online")
@@ -434,7 +451,7 @@ def test_preempted_job_checkpoints_requeues_and_resumes(cluster, pretrained, tmp
 @pytest.mark.slurm
 @pytest.mark.slow
 def test_an_array_task_requeues_itself_and_no_other_task(cluster, tmp_path):
-    env = {**cluster, "REPO_DIR": str(ROOT), "SLEEP": "30"}
+    env = {**cluster, "REPO_DIR": str(ROOT), "SLEEP": "12"}
     script = ROOT / "tests" / "slurm" / "array_task.sbatch"
     array = run(["sbatch", "--parsable", "--array=0-1", f"--output={tmp_path}/%A_%a.out", script], env, cwd=tmp_path)
     tasks = [f"{array.strip().split(';')[0]}_{task}" for task in (0, 1)]
