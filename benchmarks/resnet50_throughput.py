@@ -21,8 +21,8 @@ Two figures per model:
 
 Models: the dense ResNet-50 (10 classes), ``tucker2`` at ratio 0.5 (msModelSlim's method) and
 ``spatial`` at 0.3 (AMCT's, the library's default), each also with ranks rounded to multiples of 8
-(``--divisor 8``). The decompositions start from a randomly initialised ResNet-50: throughput does not
-depend on the values.
+(``--divisor 8``); ``--variants`` picks some. The decompositions start from a randomly initialised
+ResNet-50: throughput does not depend on the values.
 """
 
 import argparse
@@ -65,6 +65,14 @@ def get_args_parser():
     )
     parser.add_argument("--log-steps", type=int, default=10, help="steps per throughput window (default: 10)")
     parser.add_argument("--workers", type=int, default=12, help="data loading processes (default: 12)")
+    decomposed = [name for name in VARIANTS if name != "dense"]
+    parser.add_argument(
+        "--variants",
+        nargs="+",
+        choices=decomposed,
+        default=decomposed,
+        help="decomposed models measured beside the dense one (default: all)",
+    )
     parser.add_argument(
         "--output",
         type=Path,
@@ -147,7 +155,8 @@ def main(args):
     with tempfile.TemporaryDirectory() as scratch:
         pretrained = Path(scratch) / "resnet50.pth"
         save_state_dict(torchvision.models.resnet50(num_classes=CLASSES).state_dict(), pretrained)
-        for name, policy in VARIANTS.items():
+        for name in ["dense", *args.variants]:
+            policy = VARIANTS[name]
             output_dir = Path(scratch) / name.replace(" ", "_").replace("/", "div")
             windows = run_recipe([*common, *recipe_flags(policy)], pretrained, output_dir)
             results = json.loads((output_dir / "results.json").read_text())
