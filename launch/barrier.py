@@ -130,8 +130,8 @@ class Artifacts:
     def lock_path(self) -> Path:
         return self.info_path.with_name(self.info_path.name + ".lock")
 
-    def probe_path(self, token: str) -> Path:
-        return self.info_path.with_name(f"{self.info_path.name}.probe.{token}")
+    def paths(self) -> tuple[Path, Path]:
+        return self.info_path, self.weights_path
 
     def lock(self, timeout: float):
         """The acquired lock on these paths (``Timeout`` after ``timeout`` s), saying on stderr when
@@ -223,10 +223,13 @@ def _decompose_on_rank_zero(model, artifacts, load_pretrained, pretrained_path, 
     try:
         held = artifacts.lock(timeout)
     except Timeout:
-        raise BarrierError(
+        message = (
             f"another job has held {artifacts.lock_path} for {timeout:.0f} s: it decomposes into the same "
             "artifact paths; give this job its own (--output-dir or the artifact path flags)"
-        ) from None
+        )
+        with contextlib.suppress(RuntimeError):  # a receiver gone
+            courier.send({"status": "failed", "token": token, "message": f"BarrierError: {message}"})
+        raise BarrierError(message) from None
     with held:
         try:
             previous = artifacts.read_marker()
@@ -245,23 +248,24 @@ def _decompose_on_rank_zero(model, artifacts, load_pretrained, pretrained_path, 
                 checksums = artifacts.checksums()
             done = {"status": "done", "token": token, "fingerprint": wanted, "checksums": checksums, "reused": reused}
             artifacts.write_marker(**done)
+            courier.send(done, artifacts)
         except BaseException as error:
             message = f"{type(error).__name__}: {error}"
             if not isinstance(error, Exception):  # Preempted (a SystemExit), KeyboardInterrupt
                 message = f"it was stopped ({message}) by a signal (a time limit, a preemption) or Ctrl-C: see its log"
-            artifacts.write_marker(status="failed", token=token, message=message)
-            with contextlib.suppress(RuntimeError):  # a receiver gone: the error above is the one to tell
+            # Told to the receivers first: writing the marker may fail for the same reason (a full disk).
+            with contextlib.suppress(RuntimeError):  # a receiver gone, or one already sent the files
                 courier.send({"status": "failed", "token": token, "message": message})
+            artifacts.write_marker(status="failed", token=token, message=message)
             raise
-        courier.send(done, artifacts)
         check_identical_parameters(model)
     return model, changes, reused
 
 
 class Courier:
-    """Carries rank 0's artifacts to the ranks that do not see its artifact folder, over a gloo group of
-    rank 0 and those ranks (gloo moves CPU tensors under any backend), whose timeout is the barrier's:
-    they wait in it for rank 0's result, however long the decomposition takes."""
+    """Carries rank 0's artifacts to the ranks that do not see its artifact folders, over a gloo group
+    of rank 0 and those ranks (gloo moves CPU tensors under any backend), whose timeout is the
+    barrier's: they wait in it for rank 0's result, however long the decomposition takes."""
 
     def __init__(self, receivers: list[int], group=None):
         self.receivers = receivers
@@ -269,34 +273,38 @@ class Courier:
 
     @classmethod
     def for_ranks_without_the_folder(cls, artifacts: Artifacts, token: str, timeout: float) -> "Courier":
-        """Rank 0 writes a probe next to the info file, every rank looks for it for up to PROBE_WAIT
-        seconds, and the ranks that do not see it get a courier (on every rank: creating a group is a
-        collective). A rank 0 that cannot write there stops every rank with its error."""
+        """Rank 0 writes a probe next to the info file and one next to the weights file, every rank
+        looks for them for up to PROBE_WAIT seconds, and the ranks that do not see both get a courier
+        (on every rank: creating a group is a collective). A rank 0 that cannot write there stops
+        every rank with its error."""
         if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
             return cls([])
-        probe = artifacts.probe_path(token)
+        probes = sorted({path.with_name(f"{path.name}.probe.{token}") for path in artifacts.paths()})
         error = None
         try:
             if global_rank() == 0:
-                make_parent_dirs(probe)
-                probe.write_text(token)
-            seen = _sees(probe, token)
+                for probe in probes:
+                    make_parent_dirs(probe)
+                    probe.write_text(token)
+            seen = all(_sees(probe, token) for probe in probes)
         except OSError as failure:
             error, seen = f"{type(failure).__name__}: {failure}", False
         answers = [None] * dist.get_world_size()
         dist.all_gather_object(answers, (node_name(), seen, error))
         if global_rank() == 0:
-            probe.unlink(missing_ok=True)
+            for probe in probes:
+                probe.unlink(missing_ok=True)
         if answers[0][2]:
             raise BarrierError(f"rank 0 cannot write next to {artifacts.info_path}: {answers[0][2]}")
         receivers = [rank for rank, (_, seen, _) in enumerate(answers) if not seen]
         if not receivers:
             return cls([])
         nodes = sorted({answers[rank][0] for rank in receivers})
-        ranks, folder = ", ".join(map(str, receivers)), artifacts.info_path.parent
+        folders = sorted({str(probe.parent) for probe in probes})
+        folders = f"both {folders[0]} and {folders[1]}" if len(folders) == 2 else folders[0]
         log(
-            f"[Setup] rank(s) {ranks} on {', '.join(nodes)} do not see {folder} (rank 0's artifact folder, "
-            f"on {answers[0][0]}): rank 0 sends them the artifacts over the process group"
+            f"[Setup] rank(s) {', '.join(map(str, receivers))} on {', '.join(nodes)} do not see {folders}, where "
+            f"rank 0 (on {answers[0][0]}) writes the artifacts: it sends them the files over the process group"
         )
         group = dist.new_group([0, *receivers], timeout=timedelta(seconds=timeout), backend="gloo")
         return cls(receivers, group)
@@ -305,24 +313,25 @@ class Courier:
         return global_rank() in self.receivers
 
     def send(self, marker: dict, artifacts: Artifacts | None = None) -> None:
-        """On rank 0: ``marker`` (done or failed), then for a done one the two files."""
+        """On rank 0: ``marker`` (done or failed), then for a done one the two files, read before
+        anything is sent (a file that cannot be read raises with nothing sent)."""
         if not self.receivers:
             return
-        files = [_read_bytes(path) for path in (artifacts.info_path, artifacts.weights_path)] if artifacts else []
+        files = [_read_file(path) for path in artifacts.paths()] if artifacts else []
         dist.broadcast_object_list([marker, [len(file) for file in files]], src=0, group=self.group)
         for file in files:
             dist.broadcast(file, src=0, group=self.group)
 
     def receive(self, artifacts: Artifacts, timeout: float) -> dict:
-        """On a receiving rank: rank 0's marker, with its files written into this rank's folder
-        (unless they are there already), atomically and under that folder's lock."""
+        """On a receiving rank: rank 0's marker, with its files written atomically into this rank's
+        folders (where they are not there already)."""
         box = [None, None]
         try:
             dist.broadcast_object_list(box, src=0, group=self.group)
         except RuntimeError as error:  # gloo's timeout, or rank 0 gone
             raise BarrierError(
-                f"rank 0 sent no decomposition within {timeout:.0f} s ({' '.join(str(error).split())[:200]}): "
-                "it may have died, or be waiting for another job that uses the same artifact paths"
+                f"rank 0 sent no decomposition ({' '.join(str(error).split())[:200]}): it died, took longer "
+                f"than --barrier-timeout {timeout:.0f} s, or waits for another job that uses the same artifact paths"
             ) from None
         marker, sizes = box
         if marker["status"] == "failed":
@@ -330,20 +339,24 @@ class Courier:
         files = [torch.empty(size, dtype=torch.uint8) for size in sizes]
         for file in files:
             dist.broadcast(file, src=0, group=self.group)
-        for (kind, path), file in zip((("info", artifacts.info_path), ("weights", artifacts.weights_path)), files):
+        for (kind, path), file in zip(zip(("info", "weights"), artifacts.paths()), files):
             if hashlib.sha256(file.numpy()).hexdigest() != marker["checksums"][kind]:
                 raise BarrierError(f"the {kind} file rank 0 sent for {path} does not match its checksum")
-        # Files already in place: a folder rank 0 shares after all (seen late; rank 0 holds its lock
-        # until every rank has loaded), or this node's copy from an earlier run.
-        if _intact(artifacts, marker, marker["fingerprint"]):
-            return marker
-        with artifacts.lock(timeout):
-            if _intact(artifacts, marker, marker["fingerprint"]):  # written meanwhile by a rank of this node
-                return marker
-            for path, file in zip((artifacts.info_path, artifacts.weights_path), files):
-                atomic_write(path, lambda handle, file=file: handle.write(file.numpy().tobytes()))
-            artifacts.write_marker(**marker)
+        _write_received(artifacts, marker, files)
         return marker
+
+
+def _write_received(artifacts: Artifacts, marker: dict, files: list) -> None:
+    """Writes each of rank 0's files, checked, into this rank's folder unless it is in place: a folder
+    rank 0 shares after all (this rank saw its probe late), this node's copy from an earlier run, or
+    what another rank of this node just wrote. No lock: rank 0 holds the one next to a shared info
+    file until every rank has loaded, and an atomic replace by bytes of known checksum is safe; a
+    reader of other bytes (another job) fails its own checksums rather than mixing them."""
+    for (kind, path), file in zip(zip(("info", "weights"), artifacts.paths()), files):
+        with contextlib.suppress(FileNotFoundError):
+            if file_digest(path) == marker["checksums"][kind]:
+                continue
+        atomic_write(path, lambda handle, file=file: handle.write(memoryview(file.numpy())))
 
 
 def _sees(probe: Path, token: str) -> bool:
@@ -357,8 +370,12 @@ def _sees(probe: Path, token: str) -> bool:
         time.sleep(POLL_INTERVAL)
 
 
-def _read_bytes(path: Path) -> torch.Tensor:
-    return torch.frombuffer(bytearray(path.read_bytes()), dtype=torch.uint8)
+def _read_file(path: Path) -> torch.Tensor:
+    """The bytes of ``path`` as a uint8 tensor, read into it without a second copy."""
+    with open(path, "rb") as file:
+        data = torch.empty(os.fstat(file.fileno()).st_size, dtype=torch.uint8)
+        file.readinto(memoryview(data.numpy()))
+    return data
 
 
 def _intact(artifacts, marker, wanted) -> bool:
@@ -436,7 +453,12 @@ def load_decomposed(model: nn.Module, info_path, weights_path) -> tuple[nn.Modul
 
 def _load_artifacts(model, artifacts, marker):
     """``load_decomposed`` of rank 0's artifacts, their checksums verified first."""
-    actual = artifacts.checksums()
+    try:
+        actual = artifacts.checksums()
+    except FileNotFoundError as error:
+        raise BarrierError(
+            f"{error.filename} is missing on this node, although rank 0 wrote it and this rank saw its folder"
+        ) from None
     for kind, path in (("info", artifacts.info_path), ("weights", artifacts.weights_path)):
         if actual[kind] != marker.get("checksums", {}).get(kind):
             raise BarrierError(

@@ -1,12 +1,14 @@
 """Runs the barrier in each process of a torchrun job; each rank writes RESULTS/<rank>.json.
 
 torchrun --nproc_per_node 2 tests/launch/barrier_worker.py OUT_DIR PRETRAINED RESULTS [--timeout S] [--hang S]
-    [--change-weights-file | --change-loaded-weights] [--per-rank-folder] [--offline] [--slow-probe]
+    [--change-weights-file | --change-loaded-weights] [--per-rank-folder | --per-rank-weights] [--offline]
+    [--slow-probe]
 
 The tampering flags make rank 1 meet what the barrier must refuse: the weights file changed after rank 0
 wrote it (another job on the same paths), or weights that differ from rank 0's once loaded (another
 copy). ``--per-rank-folder`` gives each rank its own artifact folder, OUT_DIR/rank<N>, as node-local
-folders would; ``--offline`` loads the artifacts there as an offline run does instead.
+folders would, ``--per-rank-weights`` its own weights folder only; ``--offline`` loads the artifacts
+there as an offline run does instead.
 ``--slow-probe`` has rank 1 miss rank 0's probe in a folder they share, as on a slow filesystem.
 """
 
@@ -42,7 +44,9 @@ def main():
     tampering = parser.add_mutually_exclusive_group()
     tampering.add_argument("--change-weights-file", action="store_true")
     tampering.add_argument("--change-loaded-weights", action="store_true")
-    parser.add_argument("--per-rank-folder", action="store_true")
+    folders = parser.add_mutually_exclusive_group()
+    folders.add_argument("--per-rank-folder", action="store_true")
+    folders.add_argument("--per-rank-weights", action="store_true")
     parser.add_argument("--offline", action="store_true")
     parser.add_argument("--slow-probe", action="store_true")
     args = parser.parse_args()
@@ -59,7 +63,8 @@ def main():
         model.load_state_dict(load_state_dict(args.pretrained))
 
     out_dir = Path(args.out_dir) / f"rank{rank}" if args.per_rank_folder else Path(args.out_dir)
-    artifacts = Artifacts(out_dir / "decompose_info.json", out_dir / "decomposed_weights.pth")
+    weights_dir = Path(args.out_dir) / f"rank{rank}" if args.per_rank_weights else out_dir
+    artifacts = Artifacts(out_dir / "decompose_info.json", weights_dir / "decomposed_weights.pth")
     torch.manual_seed(rank)  # different random init on each rank: the barrier must make them identical
     model = small_model()
     token = run_token()

@@ -322,7 +322,7 @@ def test_a_rank_that_does_not_see_the_artifact_folder_is_sent_the_artifacts(tmp_
     process = start(tmp_path / "art", weights, "--per-rank-folder")
     code, results, err = finish(process)
     assert code == 0, err
-    said = f"[Setup] rank(s) 1 on {node_name()} do not see {tmp_path / 'art/rank0'} (rank 0's artifact folder"
+    said = f"[Setup] rank(s) 1 on {node_name()} do not see {tmp_path / 'art/rank0'}, where rank 0 (on {node_name()})"
     assert process.out.count(said) == 1, process.out
     assert results[0]["digest"] == results[1]["digest"] and not results[1]["reused"]
     for name in ("decompose_info.json", "decomposed_weights.pth"):
@@ -363,3 +363,14 @@ def test_a_rank_that_misses_the_probe_of_a_shared_folder_loads_the_files_in_plac
     assert code == 0, err
     assert results[0]["digest"] == results[1]["digest"]
     assert err.count("auto_decomposition start.") == 1 and err.count("decompose_network start.") == 1
+
+
+def test_a_rank_that_sees_the_info_folder_but_not_the_weights_folder_is_sent_the_weights(tmp_path):
+    weights = pretrained(tmp_path / "baseline.pth", 0)
+    process = start(tmp_path / "art", weights, "--per-rank-weights")
+    code, results, err = finish(process)
+    assert code == 0, err
+    assert f"do not see both {tmp_path / 'art'} and {tmp_path / 'art/rank0'}, where" in process.out, process.out
+    assert results[0]["digest"] == results[1]["digest"]
+    name = "decomposed_weights.pth"
+    assert (tmp_path / "art/rank1" / name).read_bytes() == (tmp_path / "art/rank0" / name).read_bytes()

@@ -456,7 +456,7 @@ def test_preemption_saves_and_resume_continues(baseline, tmp_path, mnist_subset)
 def test_one_rank_signalled_stops_every_rank_and_the_resumed_run_ends_as_an_uninterrupted_one(
     baseline, tmp_path, mnist_subset
 ):
-    steps = 30
+    steps = 12
     run(accelerate_launch(*online_run(mnist_subset, baseline, tmp_path / "whole", steps), port=free_port()))
 
     out, port = tmp_path / "preempted", free_port()
