@@ -130,8 +130,9 @@ class Artifacts:
     def lock_path(self) -> Path:
         return self.info_path.with_name(self.info_path.name + ".lock")
 
-    def paths(self) -> tuple[Path, Path]:
-        return self.info_path, self.weights_path
+    def files(self) -> dict[str, Path]:
+        """The two artifacts by kind, as their checksums and markers name them."""
+        return {"info": self.info_path, "weights": self.weights_path}
 
     def lock(self, timeout: float):
         """The acquired lock on these paths (``Timeout`` after ``timeout`` s), saying on stderr when
@@ -144,7 +145,7 @@ class Artifacts:
             return lock.acquire(timeout=timeout)
 
     def checksums(self) -> dict:
-        return {"info": file_digest(self.info_path), "weights": file_digest(self.weights_path)}
+        return {kind: file_digest(path) for kind, path in self.files().items()}
 
     def write_marker(self, **content) -> None:
         atomic_write(self.marker_path, lambda file: json.dump(content, file), binary=False)
@@ -279,7 +280,7 @@ class Courier:
         every rank with its error."""
         if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
             return cls([])
-        probes = sorted({path.with_name(f"{path.name}.probe.{token}") for path in artifacts.paths()})
+        probes = sorted({path.with_name(f"{path.name}.probe.{token}") for path in artifacts.files().values()})
         error = None
         try:
             if global_rank() == 0:
@@ -317,7 +318,7 @@ class Courier:
         anything is sent (a file that cannot be read raises with nothing sent)."""
         if not self.receivers:
             return
-        files = [_read_file(path) for path in artifacts.paths()] if artifacts else []
+        files = [_read_file(path) for path in artifacts.files().values()] if artifacts else []
         dist.broadcast_object_list([marker, [len(file) for file in files]], src=0, group=self.group)
         for file in files:
             dist.broadcast(file, src=0, group=self.group)
@@ -339,7 +340,7 @@ class Courier:
         files = [torch.empty(size, dtype=torch.uint8) for size in sizes]
         for file in files:
             dist.broadcast(file, src=0, group=self.group)
-        for (kind, path), file in zip(zip(("info", "weights"), artifacts.paths()), files):
+        for (kind, path), file in zip(artifacts.files().items(), files):
             if hashlib.sha256(file.numpy()).hexdigest() != marker["checksums"][kind]:
                 raise BarrierError(f"the {kind} file rank 0 sent for {path} does not match its checksum")
         _write_received(artifacts, marker, files)
@@ -352,7 +353,7 @@ def _write_received(artifacts: Artifacts, marker: dict, files: list) -> None:
     what another rank of this node just wrote. No lock: rank 0 holds the one next to a shared info
     file until every rank has loaded, and an atomic replace by bytes of known checksum is safe; a
     reader of other bytes (another job) fails its own checksums rather than mixing them."""
-    for (kind, path), file in zip(zip(("info", "weights"), artifacts.paths()), files):
+    for (kind, path), file in zip(artifacts.files().items(), files):
         with contextlib.suppress(FileNotFoundError):
             if file_digest(path) == marker["checksums"][kind]:
                 continue
@@ -459,7 +460,7 @@ def _load_artifacts(model, artifacts, marker):
         raise BarrierError(
             f"{error.filename} is missing on this node, although rank 0 wrote it and this rank saw its folder"
         ) from None
-    for kind, path in (("info", artifacts.info_path), ("weights", artifacts.weights_path)):
+    for kind, path in artifacts.files().items():
         if actual[kind] != marker.get("checksums", {}).get(kind):
             raise BarrierError(
                 f"{path} changed after rank 0 wrote it (checksum mismatch): another job may be using the same paths"
