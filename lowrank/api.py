@@ -36,7 +36,10 @@ def auto_decomposition(model: nn.Module, decompose_info_path=None, *, method: st
         method: ``"spatial"`` (AMCT's structure, the default of lowrank's rules), ``"tucker2"``
             (msModelSlim's) or ``"svd"``.
         **policy: lowrank's rank policy, see ``lowrank.policy``: one of ``rank``, ``ratio``, ``energy``,
-            ``vbmf``, ``latency``; and ``layers``, ``exclude``, ``ratio_of``, ``divisor``, ``min_rank``.
+            ``vbmf``, ``latency``, ``budget``; and ``layers``, ``exclude``, ``ratio_of``, ``divisor``,
+            ``min_rank``. ``budget=0.3`` keeps the model's multiply-adds on ``example_input`` at most
+            that fraction of the dense model's, allocating ranks where they cost the least error
+            (``lowrank.budget``).
             With ``method`` alone: ``ratio=0.3`` of each layer's multiply-adds. ``latency=0.5`` times each
             candidate layer, dense and decomposed, on the model's device and keeps only replacements
             measured to run in at most half the dense layer's time; it needs ``example_input``. The
@@ -46,6 +49,10 @@ def auto_decomposition(model: nn.Module, decompose_info_path=None, *, method: st
             The model runs once on it, with AMCT's choice too: layers whose weights are used outside
             their own ``forward`` stay dense, since decomposing them would save nothing
             (``lowrank.observe``); the latency rule times each layer on the input it receives.
+        calibration: an iterable of batches of model inputs (a tensor, a tuple or list of positional
+            arguments, a dict of keyword arguments): every method fits the layers' outputs on them
+            instead of their weights (``lowrank.calibration``), and a budget weighs the output error.
+            ``calibration_batches=N`` reads at most N of them.
 
     Returns:
         ``(model, changes)``: the same model, and ``{"conv2": ["conv2.0", "conv2.1"], ...}`` for

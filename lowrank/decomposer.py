@@ -2,9 +2,9 @@
 calls give msModelSlim's result (``lowrank.msmodelslim``); lowrank's rules are opt-in."""
 
 import copy
+import dataclasses
 import os
 import re
-from dataclasses import dataclass
 
 from torch import nn
 
@@ -156,18 +156,20 @@ class Decompose:
         passed as keyword arguments, a list or tuple as positional ones, a tensor as the one argument
         (msModelSlim skips every statistic on a tensor). The Linear and Conv2d layers decomposed are
         fitted to their inputs' second moment over one pass, in eval mode; ``max_iter`` > 0 reads that
-        many elements (-1: all)."""
+        many elements (-1: all). Under lowrank's rules every method is fitted to the layers' output
+        error on them instead (``lowrank.calibration``), a tensor element included."""
         if self.decompose_config is None and self.policy is None:
             raise ValueError("decompose_config not initialized, call from_xxx functions first.")
         if not isinstance(do_decompose_weight, bool):  # "False" or None would silently pick one of the two
             raise TypeError(f"parameter do_decompose_weight need to be a boolean value, got {do_decompose_weight!r}")
         msmodelslim.check_max_iter(max_iter)
-        if self.policy is not None and datasets is not None:
-            raise ValueError(
-                "datasets= fits msModelSlim's configurations (from_ratio, from_fixed, from_vbmf, from_dict, from_file "
-                "without lowrank's options); lowrank's own rules decompose from the weights alone"
+        policy = self.policy
+        if policy is not None and datasets is not None and do_decompose_weight:
+            # lowrank's rules fit every method to the data (lowrank.calibration), in one pass as msModelSlim's.
+            policy = dataclasses.replace(
+                policy, calibration=datasets, calibration_batches=max_iter if max_iter > 0 else None
             )
-        if self.policy is not None and not do_decompose_weight and self.policy.measures_latency:
+        if policy is not None and not do_decompose_weight and policy.measures_latency:
             raise ValueError(
                 "a latency rule picks ranks from timings, which differ between processes: save the deciding "
                 "process's ranks with Decompose(model, config_file=...) and build the others' structure with "
@@ -181,10 +183,8 @@ class Decompose:
                 "in place with lowrank.auto_decomposition"
             ) from None
         layers = uncompiled(model)
-        if self.policy is not None:
-            decomposed, _ = plan.decompose(
-                layers, self.policy, self.method, do_decompose_weight, None, "decompose_network"
-            )
+        if policy is not None:
+            decomposed, _ = plan.decompose(layers, policy, self.method, do_decompose_weight, None, "decompose_network")
         else:
             config = self.decompose_config
             unknown = msmodelslim.unmatched(layers, config)
@@ -198,9 +198,9 @@ def _save_plan(model, policy, method, path) -> list[Replacement]:
     """The replacements ``policy`` plans for ``model`` (structure only: the model is not changed), saved
     to the info file ``path``."""
     check_info_path(path, "config_file")
-    replacements, skipped, measurements = plan.plan(model, policy, method, False, "Decompose")
-    plan.write_plan(path, model, replacements, skipped, policy, method, measurements)
-    return replacements
+    planned = plan.plan(model, policy, method, False, "Decompose")
+    plan.write_plan(path, model, planned, policy, method)
+    return planned.replacements
 
 
 def _replay_policy(replacements: list[Replacement], config_file) -> RankPolicy:
@@ -213,7 +213,7 @@ def _replay_policy(replacements: list[Replacement], config_file) -> RankPolicy:
     )
 
 
-@dataclass
+@dataclasses.dataclass
 class _ReplayPolicy(RankPolicy):
     """``_replay_policy``'s: a layer it leaves alone is said to be absent from the config file, not to
     miss the keys of a ``layers`` dict that the user never gave."""

@@ -41,6 +41,8 @@ MIN_EIGENVALUE_RATIO = 1e-6
 GRAM_BLOCKS = 4
 # Singular values below this fraction of the largest come from the tools' own SVDs (see evbmf_values).
 EVBMF_SVD_BELOW = 1e-3
+# Data-aware tucker2 adds this fraction of the mean eigenvalue to its input second moment before whitening.
+WHITENING_DAMPING = 0.01
 
 
 def _gram(matrix: torch.Tensor) -> torch.Tensor:
@@ -152,16 +154,53 @@ def spatial_unfold(weight: torch.Tensor, vertical_first: bool) -> torch.Tensor:
     return weight.permute(1, 3, 0, 2).reshape(in_ch * kw, out_ch * kh)
 
 
+def _balanced(left: torch.Tensor, right: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``left`` (m, r) and ``right`` (r, n) rescaled so that each column of ``left`` and the matching row of
+    ``right`` have the same norm (the product is unchanged): the two new layers on the same scale."""
+    scale = (right.norm(dim=1) / left.norm(dim=0)).sqrt()
+    scale = torch.where(torch.isfinite(scale) & (scale > 0), scale, torch.ones_like(scale))
+    return left * scale, right / scale[:, None]
+
+
 @torch.no_grad()
-def spatial_factors(weight: torch.Tensor, rank: int, vertical_first: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def output_weighted_factors(
+    matrix: torch.Tensor, output_moment: torch.Tensor, rank: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Factors ``left`` (m, rank) and ``right`` (rank, n), float64, of the rank-``rank`` matrix that
+    minimises the output error E||(W - W_r) x||² over inputs whose outputs ``W x`` have the uncentred
+    second moment ``output_moment`` (m, m) = W E[x xᵀ] Wᵀ.
+
+    With E[x xᵀ] = L Lᵀ the problem is the best rank-r approximation of W L, P Pᵀ W L, where P holds the
+    leading eigenvectors of W L Lᵀ Wᵀ = ``output_moment``: W_r = P Pᵀ W. No inverse of E[x xᵀ] is needed,
+    however singular it is (directions the data never excite are kept as the weights have them).
+    """
+    _, vectors = torch.linalg.eigh(output_moment.double())
+    basis = vectors[:, -rank:].flip(1)
+    return _balanced(basis, basis.T @ matrix.double())
+
+
+@torch.no_grad()
+def spatial_factors(
+    weight: torch.Tensor, rank: int, vertical_first: bool, input_moment: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """AMCT's spatial decomposition of a (Cout, Cin, kh, kw) kernel into two convolution kernels.
 
     Vertical first: (rank, Cin, kh, 1) then (Cout, rank, 1, kw); otherwise (rank, Cin, 1, kw) then
     (Cout, rank, kh, 1). One truncated SVD of the unfolding, so the error is the optimal one for
-    this structure.
+    this structure. With ``input_moment``, the uncentred second moment of the first factor's input
+    patches (rows of the unfolding: Cin x kh, or Cin x kw), the output error on such inputs is
+    minimised instead (``output_weighted_factors`` on the transposed unfolding; patches at different
+    positions of the last factor's kernel are taken as uncorrelated).
     """
     out_ch, in_ch, kh, kw = weight.shape
-    left, right = low_rank_factors(spatial_unfold(weight, vertical_first), rank)
+    matrix = spatial_unfold(weight, vertical_first)
+    if input_moment is None:
+        left, right = low_rank_factors(matrix, rank)
+    else:
+        matrix = matrix.double()
+        output_moment = matrix.T @ input_moment.double() @ matrix
+        transposed_left, transposed_right = output_weighted_factors(matrix.T, output_moment, rank)
+        left, right = transposed_right.T, transposed_left.T
     first_k, last_k = (kh, kw) if vertical_first else (kw, kh)
     first = left.T.reshape(rank, in_ch, first_k)
     last = right.reshape(rank, out_ch, last_k).transpose(0, 1)
@@ -262,6 +301,31 @@ def tucker2(
     core = (u_out.T @ kernel.reshape(out_ch, -1)).reshape(-1, in_ch) @ u_in
     core = core.reshape(out_rank, kh, kw, in_rank).permute(0, 3, 1, 2)
     return core.double() * scale, u_out.double(), u_in.double()
+
+
+@torch.no_grad()
+def whitened_tucker2(
+    weight: torch.Tensor, input_moment: torch.Tensor, in_rank: int, out_rank: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``tucker2`` fitted to the output error on inputs whose channels have the uncentred second moment
+    ``input_moment`` (Cin x Cin; the positions of a kernel's window taken as uncorrelated).
+
+    With E[x xᵀ] = U S Uᵀ and L = U (S + d)^½, the weighted problem is the plain Tucker-2 of the kernel
+    whose input mode is multiplied by L; its input factor is mapped back by U (S + d)^-½. ``d`` is
+    WHITENING_DAMPING of the mean eigenvalue, as GPTQ dampens its Hessian: input directions that the
+    calibration data hardly excite would otherwise be scaled up without bound. Returns ``core``,
+    ``u_out`` and ``u_in`` as ``tucker2`` (``u_in`` no longer orthonormal), float64.
+    """
+    values, vectors = torch.linalg.eigh(input_moment.double())
+    values = values.clamp_min(0)
+    if values.max() == 0:  # no input ever reached the layer
+        return tucker2(weight, in_rank, out_rank)
+    values = values + WHITENING_DAMPING * values.mean()
+    root = values.sqrt()
+    whitened = torch.einsum("oi...,ij->oj...", weight.double(), vectors * root)
+    dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
+    core, u_out, u_in = tucker2(whitened.to(dtype), in_rank, out_rank)
+    return core, u_out, vectors @ (u_in / root[:, None])
 
 
 def _relative_error(squared_norm: float, energy: float) -> float:

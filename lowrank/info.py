@@ -67,6 +67,7 @@ class Replacement:
     before: Cost
     after: Cost
     weights: list[torch.Tensor] = field(default_factory=list, repr=False)
+    calibrated: bool = False  # the weights were fitted to calibration data
 
     @property
     def new_names(self) -> list[str]:
@@ -87,6 +88,7 @@ class Replacement:
             "modules": modules,
             "params": [self.before.params, self.after.params],
             "macs_per_position": [self.before.macs, self.after.macs],
+            **({"calibrated": True} if self.calibrated else {}),
         }
 
 

@@ -6,12 +6,19 @@ replays without weights), the spectra its rank policies read, and the new weight
 
 Ranks are tuples in data-flow order: ``(r,)`` for ``svd`` and ``spatial``, ``(in_rank, out_rank)``
 for ``tucker2``.
+
+Data-aware decomposition (``lowrank.calibration``) fits the new weights to the output error on
+calibration inputs instead of the weight error. Each method names the rows whose uncentred second
+moment it needs from a layer's call (``calibration_rows``): ``svd`` the layer's outputs without the
+bias, which gives the exact optimum; ``spatial`` its first factor's input patches; ``tucker2`` the
+input channels (both taking a kernel's window positions as uncorrelated).
 """
 
 import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as TF
 from torch import nn
 
 from . import functional as F
@@ -99,6 +106,40 @@ def specs_cost(specs: list[dict]) -> Cost:
     return Cost(params, macs)
 
 
+def _conv_output_size(size: int, kernel: int, stride: int, padding, dilation: int) -> int:
+    """A conv's output length along one axis (``padding`` an int, or ``"valid"``/``"same"``)."""
+    if padding == "same":
+        return size
+    padding = 0 if padding == "valid" else padding
+    return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
+
+
+def chain_macs(specs: list[dict], shape: tuple[int, ...]) -> int:
+    """Multiply-adds of a chain of modules on an input of ``shape`` (the batch included), borders and
+    all, as PyTorch's FLOP counter (``count_flops``) counts them."""
+    total = 0
+    for spec in specs:
+        args = spec["args"]
+        if spec["type"] == "Linear":
+            total += math.prod(shape[:-1]) * args["in_features"] * args["out_features"]
+            shape = (*shape[:-1], args["out_features"])
+            continue
+        padding = args["padding"] if isinstance(args["padding"], str) else None
+        size = [
+            _conv_output_size(
+                shape[-2 + axis],
+                args["kernel_size"][axis],
+                args["stride"][axis],
+                padding or args["padding"][axis],
+                args["dilation"][axis],
+            )
+            for axis in (0, 1)
+        ]
+        shape = (*shape[:-3], args["out_channels"], *size)
+        total += math.prod(shape) * _weight_size(spec) // args["out_channels"]
+    return total
+
+
 def layer_spec(layer: nn.Module) -> dict:
     """The spec of a plain ``Conv2d`` or ``Linear`` configured as ``layer`` (a subclass's too)."""
     kind = "Linear" if isinstance(layer, nn.Linear) else "Conv2d"
@@ -144,16 +185,38 @@ class Method:
     def specs(self, layer: nn.Module, ranks: tuple[int, ...]) -> list[dict]:
         raise NotImplementedError
 
-    def spectra(self, layer: nn.Module) -> list[tuple[torch.Tensor, tuple[int, int]]]:
-        """Per rank: all singular values of the matrix that rank truncates, and that matrix's shape."""
-        return [(F.singular_values(matrix), tuple(matrix.shape)) for matrix in self._matrices(layer)]
+    def spectra(
+        self, layer: nn.Module, moment: torch.Tensor | None = None
+    ) -> list[tuple[torch.Tensor, tuple[int, int]]]:
+        """Per rank: all singular values of the matrix that rank truncates, and that matrix's shape; with
+        the layer's calibration ``moment``, of that matrix weighted by the data, whose truncated squares
+        are the output error."""
+        return [(F.singular_values(matrix), tuple(matrix.shape)) for matrix in self._matrices(layer, moment)]
 
-    def _matrices(self, layer: nn.Module) -> list[torch.Tensor]:
+    def _matrices(self, layer: nn.Module, moment: torch.Tensor | None = None) -> list[torch.Tensor]:
         raise NotImplementedError
 
-    def weights(self, layer: nn.Module, ranks: tuple[int, ...]) -> list[torch.Tensor]:
-        """The new modules' weights, in order, float64."""
+    def calibration_rows(self, layer: nn.Module, inputs: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
+        """From one call of ``layer``: the rows (n, d) whose second moment the data-aware weights need."""
         raise NotImplementedError
+
+    def weights(
+        self, layer: nn.Module, ranks: tuple[int, ...], moment: torch.Tensor | None = None
+    ) -> list[torch.Tensor]:
+        """The new modules' weights, in order, float64; fitted to the calibration data when given the
+        second ``moment`` of the layer's ``calibration_rows``."""
+        raise NotImplementedError
+
+
+def _channels_last_rows(tensor: torch.Tensor, channel_axis: int) -> torch.Tensor:
+    """A tensor's values as rows of its ``channel_axis``: (positions, channels)."""
+    return tensor.movedim(channel_axis, -1).reshape(-1, tensor.shape[channel_axis])
+
+
+def _square_root_matrix(moment: torch.Tensor) -> torch.Tensor:
+    """L with L Lᵀ = ``moment`` (symmetric positive semi-definite), float64."""
+    values, vectors = torch.linalg.eigh(moment.double())
+    return vectors * values.clamp_min(0).sqrt()
 
 
 class SVD(Method):
@@ -162,8 +225,16 @@ class SVD(Method):
 
     name = "svd"
 
-    def _matrices(self, layer):
+    def _matrices(self, layer, moment=None):
+        if moment is not None:  # W L with L Lᵀ = E[x xᵀ], as its Gram matrix W E[x xᵀ] Wᵀ = moment
+            return [_square_root_matrix(moment)]
         return [layer.weight.detach().reshape(layer.weight.shape[0], -1)]
+
+    def calibration_rows(self, layer, inputs, output):
+        bias = layer.bias
+        if bias is not None:
+            output = output - (bias if isinstance(layer, nn.Linear) else bias[:, None, None])
+        return _channels_last_rows(output, -1 if isinstance(layer, nn.Linear) else -3)
 
     def full_ranks(self, layer):
         return (min(layer.weight.shape[0], layer.weight[0].numel()),)
@@ -187,9 +258,13 @@ class SVD(Method):
         last = conv_spec(rank, layer.out_channels, (1, 1), bias=layer.bias is not None)
         return [first, last]
 
-    def weights(self, layer, ranks):
+    def weights(self, layer, ranks, moment=None):
         (rank,) = ranks
-        left, right = F.low_rank_factors(self._matrices(layer)[0], rank)
+        matrix = self._matrices(layer)[0]
+        if moment is None:
+            left, right = F.low_rank_factors(matrix, rank)
+        else:
+            left, right = F.output_weighted_factors(matrix, moment, rank)
         shape = layer.weight.shape
         if isinstance(layer, nn.Linear):
             return [right, left]
@@ -216,8 +291,34 @@ class Spatial(Method):
         vertical, horizontal = (specs_cost(self.specs(layer, (1,), vertical_first=order)) for order in (True, False))
         return (vertical.macs, vertical.params) <= (horizontal.macs, horizontal.params)
 
-    def _matrices(self, layer):
-        return [F.spatial_unfold(layer.weight.detach(), self.vertical_first(layer))]
+    def _matrices(self, layer, moment=None):
+        matrix = F.spatial_unfold(layer.weight.detach(), self.vertical_first(layer))
+        if moment is not None:  # Lᵀ M, with L Lᵀ the first factor's input patches' moment
+            return [_square_root_matrix(moment).T @ matrix.double()]
+        return [matrix]
+
+    def calibration_rows(self, layer, inputs, output):
+        """The first factor's input patches, along its axis of the kernel: rows (Cin x kh) or (Cin x kw),
+        ordered as the rows of ``functional.spatial_unfold``. A string padding is taken as its zeros."""
+        axis = 0 if self.vertical_first(layer) else 1
+
+        def along(values, fill):
+            return (values[0], fill) if axis == 0 else (fill, values[1])
+
+        kernel = layer.kernel_size[axis]
+        if isinstance(layer.padding, str):  # "valid", or "same" (stride 1): half the dilated kernel
+            padding = 0 if layer.padding == "valid" else layer.dilation[axis] * (kernel - 1) // 2
+        else:
+            padding = layer.padding[axis]
+        batched = inputs if inputs.dim() == 4 else inputs.unsqueeze(0)
+        patches = TF.unfold(
+            batched,
+            along(layer.kernel_size, 1),
+            dilation=along(layer.dilation, 1),
+            padding=along((padding, padding), 0),
+            stride=along(layer.stride, 1),
+        )
+        return _channels_last_rows(patches, 1)
 
     def full_ranks(self, layer, vertical_first: bool | None = None):
         vertical = self.vertical_first(layer) if vertical_first is None else vertical_first
@@ -254,9 +355,9 @@ class Spatial(Method):
             padding_mode=layer.padding_mode,
         )
 
-    def weights(self, layer, ranks):
+    def weights(self, layer, ranks, moment=None):
         (rank,) = ranks
-        return list(F.spatial_factors(layer.weight.detach(), rank, self.vertical_first(layer)))
+        return list(F.spatial_factors(layer.weight.detach(), rank, self.vertical_first(layer), moment))
 
 
 class Tucker2(Method):
@@ -273,9 +374,14 @@ class Tucker2(Method):
             return "a 1x1 kernel has no spatial extent"
         return None
 
-    def _matrices(self, layer):
+    def _matrices(self, layer, moment=None):
         weight = layer.weight.detach()
+        if moment is not None:  # the kernel's input mode multiplied by L, L Lᵀ = E[x xᵀ] of its input channels
+            weight = torch.einsum("oi...,ij->oj...", weight.double(), _square_root_matrix(moment))
         return [F.unfold(weight, 1), F.unfold(weight, 0)]
+
+    def calibration_rows(self, layer, inputs, output):
+        return _channels_last_rows(inputs, -3)
 
     def full_ranks(self, layer):
         return (layer.in_channels, layer.out_channels)
@@ -296,9 +402,12 @@ class Tucker2(Method):
             conv_spec(out_rank, layer.out_channels, (1, 1), bias=layer.bias is not None),
         ]
 
-    def weights(self, layer, ranks):
+    def weights(self, layer, ranks, moment=None):
         in_rank, out_rank = ranks
-        core, u_out, u_in = F.tucker2(layer.weight.detach(), in_rank, out_rank)
+        if moment is None:
+            core, u_out, u_in = F.tucker2(layer.weight.detach(), in_rank, out_rank)
+        else:
+            core, u_out, u_in = F.whitened_tucker2(layer.weight.detach(), moment, in_rank, out_rank)
         return [u_in.T[:, :, None, None], core, u_out[:, :, None, None]]
 
 

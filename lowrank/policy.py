@@ -10,7 +10,11 @@ A rule picks the ranks of one layer:
   the dense layer's time (0.5 asks for 2x faster), on the input the layer receives when the model
   runs on ``example_input``; a layer with no rank measured that fast is left alone. The replaced
   layers together then take at most this fraction of their dense time, on the device, dtype, memory
-  format and thread count of the measurement (see ``lowrank.latency``).
+  format and thread count of the measurement (see ``lowrank.latency``);
+- ``budget`` (for the whole model, not in ``layers``): the model's multiply-adds on ``example_input``
+  at most this fraction of the dense model's, the ranks of all the layers it covers allocated together
+  where they cost the least error (``lowrank.budget``); layers that ``layers`` gives a rule of their own
+  count with their own ranks, and a layer no rank makes cheaper stays dense.
 ``layers`` maps regular expressions (matched against the whole layer name, first match wins) to a
 rule for those layers, or to ``None`` to leave them alone; ``exclude`` lists expressions of layers
 to leave alone. With no rule and no ``layers``, the default rule is ``ratio=DEFAULT_RATIO``; with
@@ -41,11 +45,12 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from . import functional as F
+from .calibration import check_batches
 from .latency import largest_within
 from .methods import METHODS, Method, dense_cost
 
 DEFAULT_RATIO = 0.3  # cuts a 3x3 conv about 3x in FLOPs: the seed's MNIST conv2 goes 128->57->128
-RULES = ("rank", "ratio", "energy", "vbmf", "latency")
+RULES = ("rank", "ratio", "energy", "vbmf", "latency", "budget")
 RATIO_OF = ("flops", "params")
 
 
@@ -110,6 +115,10 @@ def make_rule(spec, where: str) -> Rule | None:
         value = _fraction(
             f"{where}: latency", value, " (the fraction of the dense layer's time: 0.5 asks for 2x faster)"
         )
+    elif kind == "budget":
+        if where != "policy":
+            raise ValueError(f"{where}: budget is for the whole model: give it as budget=, not for some layers")
+        value = _fraction("budget", value, " (the fraction of the dense model's multiply-adds)")
     elif value is not True:
         raise ValueError(f"{where}: vbmf must be True, got {value!r}")
     method = spec.get("method")
@@ -132,9 +141,14 @@ class RankPolicy:
     divisor: int = 1
     min_rank: int = 8
     latency: float | None = None
+    budget: float | None = None
     # What the model runs on: model(x), model(*x) for a tuple, model(**x) for a dict. Not recorded. With
     # any rule, the observed forward pass (lowrank.observe) leaves dense the layers it shows to be kept.
     example_input: object = field(default=None, repr=False)
+    # Batches of model inputs (lowrank.calibration): the weights fit each layer's output on them. Not
+    # recorded; the info file records how many were read and their digest.
+    calibration: object = field(default=None, repr=False)
+    calibration_batches: int | None = None
     default: Rule | None = field(init=False, default=None)
 
     def __post_init__(self):
@@ -163,12 +177,26 @@ class RankPolicy:
             self.default = make_rule(given, "policy")
         elif self.layers is None:
             self.default = Rule("ratio", DEFAULT_RATIO)
+        if self.calibration is not None:
+            check_batches(self.calibration, self.calibration_batches)
+        elif self.calibration_batches is not None:
+            raise ValueError("calibration_batches caps the batches read from calibration=, which was not given")
+        if self.allocates and self.example_input is None:
+            raise ValueError(
+                "budget needs example_input=<a tensor, a tuple of the model's positional arguments or a dict of its "
+                "keyword arguments>: the multiply-adds are counted on the inputs the layers receive from it"
+            )
         if self.measures_latency and self.example_input is None:
             raise ValueError(
                 "latency needs example_input=<a tensor, a tuple of the model's positional arguments or a dict of "
                 "its keyword arguments>: "
                 "the layers are timed on the inputs they receive from it"
             )
+
+    @property
+    def allocates(self) -> bool:
+        """Whether a model-level budget allocates ranks (``lowrank.budget``)."""
+        return self.default is not None and self.default.kind == "budget"
 
     @property
     def measures_latency(self) -> bool:
@@ -216,6 +244,8 @@ class RankPolicy:
         ``ranks``, or of the dense layer for ``None``.
         """
         full = method.full_ranks(layer)
+        if rule.kind == "budget":
+            raise ValueError("the budget allocates ranks for the whole model (lowrank.budget), not layer by layer")
         if rule.kind == "latency":
             if time_ranks is None:
                 raise ValueError("the latency rule needs time_ranks, the layer's timings")

@@ -170,8 +170,6 @@ def test_decompose_errors(net, tmp_path):
     for choose in ("from_energy",):
         with pytest.raises(ValueError, match="must be given, got None"):
             getattr(lowrank.Decompose(net), choose)(None)
-    with pytest.raises(ValueError, match="lowrank's own rules decompose from the weights alone"):
-        lowrank.Decompose(net).from_energy(0.5).decompose_network(datasets=[X])
     with pytest.raises(
         ValueError, match="Decompose takes the method when it is built: Decompose\\(model, method='svd'\\)"
     ):
