@@ -1,5 +1,5 @@
-"""The command-line flags every recipe shares (the AMCT sample's decomposition flags and the
-runner's outputs), and their check before any work."""
+"""The command-line flags every recipe shares (the AMCT sample's decomposition flags, the runner's
+outputs, distillation), and their check before any work."""
 
 import argparse
 import math
@@ -90,12 +90,27 @@ def add_policy_args(parser, seed="amct", method="spatial", ratio=DEFAULT_RATIO):
         "values (default: None)",
     )
     rule.add_argument("--vbmf", action="store_true", help="instead of --ratio: ranks estimated by EVBMF (default: off)")
+    rule.add_argument(
+        "--budget",
+        type=fraction,
+        default=None,
+        help="instead of --ratio: the model's multiply-adds on the recipe's example input at most this fraction of "
+        "the dense model's, ranks allocated across the layers where they cost the least error (default: None)",
+    )
     parser.add_argument(
         "--divisor",
         type=positive_int,
         default=1,
         help="lowrank's rules: ranks rounded to a multiple of this, as the rank rule allows; 8 suits GPUs' "
         "bf16/fp16 matrix units (default: 1)",
+    )
+    parser.add_argument(
+        "--calibration-batches",
+        type=non_negative_int,
+        default=0,
+        help="fit the decomposition to the outputs of the first N training batches, read in order with the "
+        "evaluation transforms (msModelSlim's datasets=, or lowrank's data-aware rules); 0: to the weights alone "
+        "(default: 0)",
     )
 
 
@@ -121,14 +136,15 @@ non_negative_int = _number(int, lambda value: value >= 0, "an integer >= 0")
 positive_float = _number(float, lambda value: 0 < value < math.inf, "a positive number")
 non_negative_float = _number(float, lambda value: 0 <= value < math.inf, "a number >= 0")
 probability = _number(float, lambda value: 0 <= value < 1, "a number in [0, 1)")
+unit_interval = _number(float, lambda value: 0 <= value <= 1, "a number in [0, 1]")
 
 
-POLICY_FLAGS = ("method", "ratio", "energy", "vbmf", "divisor")
+POLICY_FLAGS = ("method", "ratio", "energy", "vbmf", "budget", "divisor")
 
 
 def policy_given(args) -> list[str]:
-    """The names of ``add_policy_args``' flags given on the command line (``--divisor 1``, no rounding,
-    is as good as not given)."""
+    """The names of ``add_policy_args``' rank flags given on the command line (``--divisor 1``, no
+    rounding, is as good as not given)."""
     return [
         name
         for name in POLICY_FLAGS
@@ -136,10 +152,11 @@ def policy_given(args) -> list[str]:
     ]
 
 
-def policy_of(args) -> dict:
+def policy_of(args, example_input=None) -> dict:
     """The decomposition that ``add_policy_args``' flags give (``launch.barrier.decompose``'s policy):
     ``{}`` for AMCT's choice, ``{"from_ratio": 0.5}`` for msModelSlim's, or the keywords of
-    ``lowrank.auto_decomposition`` for lowrank's rules."""
+    ``lowrank.auto_decomposition`` for lowrank's rules; ``--budget`` counts multiply-adds on the recipe's
+    ``example_input``."""
     if not policy_given(args):
         return {} if args.seed_rule == "amct" else {"from_ratio": MSMODELSLIM_RATIO}
     # --divisor 1 (no rounding) adds nothing: the policy, and the fingerprint of its artifacts, stay as without it.
@@ -149,6 +166,8 @@ def policy_of(args) -> dict:
         return policy | {"vbmf": True}
     if args.energy is not None:
         return policy | {"energy": args.energy}
+    if args.budget is not None:
+        return policy | {"budget": args.budget, "example_input": example_input}
     return policy | {"ratio": args.ratio or args.default_ratio}
 
 
@@ -185,6 +204,38 @@ def add_output_args(parser: argparse.ArgumentParser, output_dir: str):
         default=2,
         help="earlier runs' checkpoints (checkpoints.<date-time>, set aside by a run without --resume) to keep, "
         "the newest (default: 2)",
+    )
+
+
+# The issue's defaults: the labels and the teacher weigh the same, and a temperature that softens the
+# teacher's outputs enough for its ranking of the wrong classes to count.
+DISTILL_ALPHA = 0.5
+DISTILL_TEMPERATURE = 4.0
+
+
+def add_distill_args(parser: argparse.ArgumentParser):
+    """``--distill`` and its loss's settings (``launch.distill``), which ``check_mode_args`` checks and
+    resolves into the RunMode. Their defaults are None, so that a setting given without ``--distill`` is
+    told from one not given."""
+    group = parser.add_argument_group("distillation")
+    group.add_argument(
+        "--distill",
+        action="store_true",
+        help="finetune the decomposed model against the dense model of --pretrained-path as teacher; needs "
+        "--tensor-decompose (default: off)",
+    )
+    group.add_argument(
+        "--distill-alpha",
+        type=unit_interval,
+        default=None,
+        help=f"with --distill: the task loss's weight; the distillation term's is 1 - alpha (default: {DISTILL_ALPHA})",
+    )
+    group.add_argument(
+        "--distill-temperature",
+        type=positive_float,
+        default=None,
+        help=f"with --distill: the softmax temperature of the teacher's and the student's outputs "
+        f"(default: {DISTILL_TEMPERATURE})",
     )
 
 
@@ -254,11 +305,15 @@ def flag(name: str) -> str:
 @dataclass(frozen=True)
 class RunMode:
     """What the flags ask of the run, once checked (``check_mode_args``): its mode and, when it
-    decomposes, its decomposition's files (online: by default in ``--output-dir``)."""
+    decomposes, its decomposition's files (online: by default in ``--output-dir``), and whether it
+    distils, with which settings (their defaults filled in)."""
 
     mode: str  # baseline, online or offline
     decompose_info_path: str | None = None
     decomposed_weights_path: str | None = None
+    distill: bool = False
+    distill_alpha: float | None = None
+    distill_temperature: float | None = None
 
     def settings(self) -> dict:
         """Under the flags' names, as a checkpoint records them (``--run-mode`` None for a dense run)."""
@@ -266,16 +321,21 @@ class RunMode:
             "run_mode": None if self.mode == "baseline" else self.mode,
             "decompose_info_path": self.decompose_info_path,
             "decomposed_weights_path": self.decomposed_weights_path,
+            "distill": self.distill,
+            "distill_alpha": self.distill_alpha,
+            "distill_temperature": self.distill_temperature,
         }
 
 
 def check_mode_args(args, pretrained=None) -> RunMode:
-    """The run's mode and files, from the flags of ``add_decomposition_args`` and ``add_output_args``
-    (``args`` is left as it is). Missing paths for the mode raise a RunError naming their flag, before
-    any work. Flags the mode would ignore are refused: the rank rule (``add_policy_args``') outside
-    online mode, the pretrained weights offline. ``pretrained`` names a flag other than
-    ``--pretrained-path`` that also provides the weights."""
-    rank_flags = policy_given(args)
+    """The run's mode and files, from the flags of ``add_decomposition_args`` and ``add_output_args``,
+    and its distillation, from those of ``add_distill_args`` where the parser has them (``args`` is left
+    as it is). Missing paths for the mode raise a RunError naming their flag, before any work. Flags the
+    mode would ignore are refused: the rank rule (``add_policy_args``') outside online mode, the
+    pretrained weights offline unless they are ``--distill``'s teacher. ``pretrained`` names a flag
+    other than ``--pretrained-path`` that also provides the weights."""
+    rank_flags = policy_given(args) + (["calibration_batches"] if args.calibration_batches else [])
+    check_calibration_args(args)
     if not args.tensor_decompose:
         # The AMCT sample: these flags must be used together with --tensor-decompose.
         given = [name for name in ("run_mode", "decompose_info_path", "decomposed_weights_path") if getattr(args, name)]
@@ -287,11 +347,14 @@ def check_mode_args(args, pretrained=None) -> RunMode:
     if mode == "online" and not args.pretrained_path and not (pretrained and getattr(args, pretrained)):
         alternative = f" (or {flag(pretrained)})" if pretrained else ""
         raise RunError(f"--pretrained-path{alternative} is required in online mode")
+    distill = _check_distill(args, mode, pretrained)
     if mode == "offline":
         for name in ("decompose_info_path", "decomposed_weights_path"):
             if not getattr(args, name):
                 raise RunError(f"{flag(name)} is required in offline mode")
-        unused = rank_flags + [name for name in ("pretrained_path", pretrained) if name and getattr(args, name)]
+        unused = list(rank_flags)
+        if not distill:
+            unused += [name for name in ("pretrained_path", pretrained) if name and getattr(args, name)]
         if unused:
             raise RunError(
                 f"{', '.join(map(flag, unused))}: not used offline, where the structure and the weights come "
@@ -299,26 +362,66 @@ def check_mode_args(args, pretrained=None) -> RunMode:
             )
     for name in ("pretrained_path", "decompose_info_path", "decomposed_weights_path"):
         path = getattr(args, name)
-        if path and _read_here(name, mode) and not Path(path).is_file():
+        if path and _read_here(name, mode, bool(distill)) and not Path(path).is_file():
             where = f" on {node_name()}" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
             raise RunError(f"{flag(name)} {path} does not exist{where}")
-    run = RunMode(mode, args.decompose_info_path, args.decomposed_weights_path)
+    run = RunMode(mode, args.decompose_info_path, args.decomposed_weights_path, **distill)
     if mode == "online":
         run = RunMode(
             mode,
             args.decompose_info_path or str(Path(args.output_dir) / "decompose_info.json"),
             args.decomposed_weights_path or str(Path(args.output_dir) / "decomposed_weights.pth"),
+            **distill,
         )
     _check_run_paths(argparse.Namespace(**{**vars(args), **run.settings()}), mode)
     return run
 
 
-def _read_here(name: str, mode: str) -> bool:
-    """Whether this process reads the file of flag ``name``: every rank reads the offline files and a
-    baseline's pretrained weights; online only rank 0 reads the pretrained weights (RANK, set by the
-    launchers before any process group: the other ranks' nodes need not hold them)."""
+def check_calibration_args(args) -> None:
+    """Raises a RunError for ``--calibration-batches`` with AMCT's choice, which has no data-aware form."""
+    if args.calibration_batches and not policy_given(args) and args.seed_rule == "amct":
+        raise RunError(
+            "--calibration-batches: AMCT's choice, this recipe's decomposition without rank flags, fits the weights "
+            "alone; add one of lowrank's rank flags (--ratio, --energy, --vbmf, --budget, --method), whose rules fit "
+            "the calibration data"
+        )
+
+
+def _check_distill(args, mode: str, pretrained=None) -> dict:
+    """RunMode's distillation fields from the flags of ``add_distill_args`` (none where the parser lacks
+    them), or a RunError: ``--distill-alpha`` and ``--distill-temperature`` need ``--distill``, which
+    needs a decomposed student and the dense pretrained weights as its teacher, and a training run."""
+    if not getattr(args, "distill", False):
+        given = [name for name in ("distill_alpha", "distill_temperature") if getattr(args, name, None) is not None]
+        if given:
+            raise RunError(
+                f"{', '.join(map(flag, given))} need(s) --distill; without it the run trains on the task loss alone"
+            )
+        return {}
+    if mode == "baseline":
+        raise RunError(
+            "--distill needs --tensor-decompose: the student is the decomposed model, the teacher the dense one"
+        )
+    if not args.pretrained_path and not (pretrained and getattr(args, pretrained)):
+        alternative = f" (or {flag(pretrained)})" if pretrained else ""
+        raise RunError(f"--distill needs --pretrained-path{alternative}: the dense pretrained model is the teacher")
+    if getattr(args, "test_only", False):
+        raise RunError("--distill: not used with --test-only, which does not train")
+    alpha, temperature = args.distill_alpha, args.distill_temperature
+    return {
+        "distill": True,
+        "distill_alpha": DISTILL_ALPHA if alpha is None else alpha,
+        "distill_temperature": DISTILL_TEMPERATURE if temperature is None else temperature,
+    }
+
+
+def _read_here(name: str, mode: str, distill: bool) -> bool:
+    """Whether this process reads the file of flag ``name``: every rank reads the offline files, a
+    baseline's pretrained weights and ``--distill``'s teacher; otherwise online only rank 0 reads the
+    pretrained weights (RANK, set by the launchers before any process group: the other ranks' nodes
+    need not hold them)."""
     if name == "pretrained_path":
-        return mode != "online" or os.environ.get("RANK", "0") == "0"
+        return mode != "online" or distill or os.environ.get("RANK", "0") == "0"
     return mode == "offline"
 
 
@@ -329,8 +432,8 @@ def _check_run_paths(paths, mode: str) -> None:
     files = ["save_path", *(["decompose_info_path", "decomposed_weights_path"] if mode == "online" else [])]
     check_writable(paths, files, folders)
     # One written over another would be lost: the pretrained weights (which a baseline run may train in
-    # place), step 1's files, the trained weights.
-    inputs = ["pretrained_path"] if mode == "online" else []
+    # place; offline they are --distill's teacher), step 1's files, the trained weights.
+    inputs = [] if mode == "baseline" else ["pretrained_path"]
     check_distinct(paths, *inputs, "decompose_info_path", "decomposed_weights_path", "save_path")
     problem = unwritable(Path(paths.output_dir, "checkpoints"), is_folder=True)
     if problem:

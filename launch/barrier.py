@@ -40,6 +40,7 @@ from filelock import FileLock, Timeout
 from torch import nn
 
 import lowrank
+from lowrank import calibration
 from lowrank.info import new_names
 from lowrank.io import (
     atomic_write,
@@ -80,16 +81,23 @@ def run_token() -> str:
 def fingerprint(pretrained_path, model: nn.Module, policy: dict) -> str:
     """Identifies the inputs of a decomposition: the pretrained weights' bytes, the model definition
     (its class source where available, its structure, its parameter shapes and dtypes), the policy
-    and the lowrank version."""
+    (its tensors, the example input and calibration batches, by their values) and the lowrank version."""
     digest = hashlib.sha256()
     digest.update(file_digest(pretrained_path).encode())
     with contextlib.suppress(OSError, TypeError):  # classes defined without source files
         digest.update(inspect.getsource(type(model)).encode())
     digest.update(repr(model).encode())
     digest.update(repr([(k, tuple(v.shape), str(v.dtype)) for k, v in model.state_dict().items()]).encode())
-    digest.update(json.dumps(policy, sort_keys=True, default=str).encode())
+    digest.update(json.dumps(policy, sort_keys=True, default=_by_value).encode())
     digest.update(lowrank.__version__.encode())
     return digest.hexdigest()
+
+
+def _by_value(value) -> str:
+    """A policy value as the fingerprint reads it: a tensor by its values (its text elides them)."""
+    if isinstance(value, torch.Tensor):
+        return f"tensor {calibration.digest([value])}"
+    return str(value)
 
 
 def parameters_digest(model: nn.Module) -> str:
@@ -166,6 +174,7 @@ def decompose_once(
     policy: dict,
     token: str,
     timeout: float = DEFAULT_TIMEOUT,
+    calibration: Callable[[], list] | None = None,
 ) -> tuple[nn.Module, dict, bool]:
     """Decomposes ``model`` in place on every rank, the decomposition itself running on rank 0 only.
 
@@ -177,6 +186,8 @@ def decompose_once(
         policy: what ``decompose`` takes.
         token: this run's token, from ``run_token()``.
         timeout: seconds the other ranks wait for rank 0's marker.
+        calibration: reads the calibration batches (rank 0 alone calls it), which become the policy's
+            ``calibration`` and so part of the fingerprint; None: the weights alone.
 
     Returns:
         ``(model, changes, reused)``; ``reused`` tells that rank 0 found the artifacts of an earlier
@@ -187,7 +198,7 @@ def decompose_once(
     courier = Courier.for_ranks_without_the_folder(artifacts, token, timeout)
     if global_rank() == 0:
         return _decompose_on_rank_zero(
-            model, artifacts, load_pretrained, pretrained_path, policy, token, timeout, courier
+            model, artifacts, load_pretrained, pretrained_path, policy, token, timeout, courier, calibration
         )
     if courier.delivers_here():
         marker = courier.receive(artifacts, timeout)
@@ -216,7 +227,9 @@ def decompose(model: nn.Module, info_path, policy: dict) -> tuple[nn.Module, dic
     return decomposed, changes
 
 
-def _decompose_on_rank_zero(model, artifacts, load_pretrained, pretrained_path, policy, token, timeout, courier):
+def _decompose_on_rank_zero(
+    model, artifacts, load_pretrained, pretrained_path, policy, token, timeout, courier, calibration
+):
     make_parent_dirs(artifacts.info_path)
     # The lock is held until every rank has loaded the artifacts and compared weights (the final
     # collective starts only once they have loaded, so it is short): no other job can overwrite the
@@ -236,6 +249,8 @@ def _decompose_on_rank_zero(model, artifacts, load_pretrained, pretrained_path, 
             previous = artifacts.read_marker()
             # Watched by the others on this host (_check_rank_zero_alive) until the result replaces it.
             artifacts.write_marker(status="running", token=token, host=socket.gethostname())
+            if calibration is not None:
+                policy = {**policy, "calibration": calibration()}
             wanted = fingerprint(pretrained_path, model, policy)
             reused = _intact(artifacts, previous, wanted)
             if reused:

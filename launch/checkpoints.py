@@ -48,6 +48,8 @@ MODEL_SETTINGS = {
     "energy": "--energy",
     "vbmf": "--vbmf",
     "divisor": "--divisor",
+    "budget": "--budget",
+    "calibration_batches": "--calibration-batches",
     # DeepSpeed saves the model and its ZeRO shards its own way, which only DeepSpeed with as many processes reads.
     "deepspeed": "the launcher's DeepSpeed",
     # Nor does DeepSpeed load one stage's shards under another (it fails with a bare AssertionError).
@@ -65,6 +67,10 @@ TRAINING_SETTINGS = {
     "momentum": "--momentum",
     "weight_decay": "--weight-decay",
     "world_size": "the number of processes",
+    # The objective: a resumed run distils as the run it continues did.
+    "distill": "--distill",
+    "distill_alpha": "--distill-alpha",
+    "distill_temperature": "--distill-temperature",
 }
 
 _CHECKPOINT = re.compile(r"step_(\d+)")
@@ -106,6 +112,8 @@ def _saved_settings(checkpoint: Path) -> tuple[dict | None, str | None]:
     # Saved before run.json recorded it: DeepSpeed's checkpoints are those with its model folder.
     saved.setdefault("deepspeed", "on" if (checkpoint / "pytorch_model").is_dir() else "off")
     saved.setdefault("divisor", 1)  # saved before --divisor existed: ranks not rounded
+    saved.setdefault("distill", False)  # saved before --distill existed: trained on the task loss alone
+    saved.setdefault("calibration_batches", 0)  # saved before it existed: decomposed from the weights alone
     for name, size in saved.get("files", {}).items():  # checkpoints of the previous release have no sizes
         path = checkpoint / name
         if not path.is_file():

@@ -73,6 +73,19 @@ def batches(accelerator, loader, start_batch):
         epoch, skip = epoch + 1, 0
 
 
+class Objective:
+    """What ``train`` minimises on a batch: the recipe's loss, ``loss_fn(output, target)``. An objective
+    that needs more of the batch (``launch.distill.Distillation``: the teacher's output on its inputs)
+    overrides ``__call__``; the named terms it returns are logged beside the loss."""
+
+    def __init__(self, loss_fn):
+        self.loss_fn = loss_fn
+
+    def __call__(self, output, target, data) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The loss to minimise, and its terms by name (none here)."""
+        return self.loss_fn(output, target), {}
+
+
 def train(
     accelerator,
     model,
@@ -92,14 +105,16 @@ def train(
     throughput_unit="samples/s",
 ):
     """Trains until ``progress.step == steps`` (optimizer steps; the Accelerator's
-    ``gradient_accumulation_steps`` batches each). ``eval_fn()`` runs every ``eval_steps`` steps before
-    the last. Each log line adds to the AMCT sample's ``[Train] Step[20/200] Loss: ...`` the throughput
+    ``gradient_accumulation_steps`` batches each) on ``loss_fn(output, target)``, or on an ``Objective``.
+    ``eval_fn()`` runs every ``eval_steps`` steps before the last. Each log line adds to the AMCT
+    sample's ``[Train] Step[20/200] Loss: ...`` the objective's terms when it has any, the throughput
     of the training alone (not of checkpoints and evaluations) in ``throughput_unit``, the learning rate
     and the time left. Checkpoints go to ``output_dir`` with the run's
     ``settings`` (``checkpoints.save_checkpoint``). Saves a checkpoint after the last step, so that a
     signal during the final evaluation (which stops at once) loses no training, and returns; or raises
     ``Preempted`` after saving a checkpoint when the job is preempted (also by a signal during that
     last save, once it is complete)."""
+    objective = loss_fn if isinstance(loss_fn, Objective) else Objective(loss_fn)
     model.train()
     first_step = progress.step
     meter = _Throughput(progress.step)
@@ -112,7 +127,7 @@ def train(
         # None when resumed at the last step: not even the loader's workers start.
         for data, target in batches(accelerator, loader, progress.batch) if progress.step < steps else ():
             with accelerator.accumulate(model):
-                loss = loss_fn(model(data), target)
+                loss, terms = objective(model(data), target, data)
                 accelerator.backward(loss)
                 optimizer.step()
                 optimizer.zero_grad()
@@ -125,7 +140,7 @@ def train(
             progress.step += 1
             bar.update()
             if progress.step % log_steps == 0 or progress.step == steps:
-                _log_step(accelerator, optimizer, progress, steps, loss, meter, throughput_unit)
+                _log_step(accelerator, optimizer, progress, steps, loss, terms, meter, throughput_unit)
             if progress.step >= steps:
                 break
             # Between optimizer steps only, so that a checkpoint never holds half-accumulated gradients.
@@ -172,16 +187,22 @@ class _Throughput:
         self.paused_seconds += seconds
 
 
-def _log_step(accelerator, optimizer, progress, steps, loss, meter: _Throughput, unit) -> None:
-    """The AMCT sample's ``[Train]`` line, followed by the throughput, the learning rate and the time
-    left; and TensorBoard's scalars: the loss averaged over the ranks, the learning rate, the throughput."""
-    loss_value = accelerator.reduce(loss.detach(), reduction="mean").item()
+def _log_step(accelerator, optimizer, progress, steps, loss, terms: dict, meter: _Throughput, unit) -> None:
+    """The AMCT sample's ``[Train]`` line, followed by the objective's ``terms`` (``(task 0.1, distill
+    0.2)``), the throughput, the learning rate and the time left; and TensorBoard's scalars: the loss
+    and each term (``train/<name>_loss``) averaged over the ranks, the learning rate, the throughput."""
+    # One collective for the loss and its terms.
+    values = accelerator.reduce(torch.stack([loss, *terms.values()]).detach(), reduction="mean").tolist()
+    loss_value, term_values = values[0], dict(zip(terms, values[1:]))
     throughput = meter.per_second()
     lr = optimizer.param_groups[0]["lr"]
     left = datetime.timedelta(seconds=round(meter.seconds_left(progress.step, steps)))
     line = f"[Train] Step[{progress.step}/{steps}] Loss: {loss_value:.6f}"
+    if term_values:
+        line += f" ({', '.join(f'{name} {value:.6f}' for name, value in term_values.items())})"
     log(f"{line}, {throughput:.1f} {unit}, lr {lr:.6g}, {left} left")
     scalars = {"train/loss": loss_value, "train/learning_rate": lr, "train/samples_per_s": throughput}
+    scalars |= {f"train/{name}_loss": value for name, value in term_values.items()}
     accelerator.log(scalars, step=progress.step)
 
 

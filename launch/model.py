@@ -4,6 +4,8 @@ rank replays the info file and loads the decomposed weights); and its cost, logg
 
 import contextlib
 import copy
+import functools
+import itertools
 import time
 from pathlib import Path
 
@@ -36,18 +38,30 @@ class InputFileError(ValueError):
     file, and ends the run without a traceback."""
 
 
+def load_pretrained_weights(model, path) -> None:
+    """Loads ``--pretrained-path`` ``path`` into ``model``, or raises an InputFileError naming the flag."""
+    try:
+        load_weights(model, load_state_dict(path), path)
+    except (FileNotFoundError, ValueError) as error:  # they name the file and what is wrong with it
+        raise InputFileError(f"--pretrained-path: {error}") from None
+
+
 def prepare_model(
-    model, mode, *, pretrained_path=None, info_path=None, weights_path=None, policy=None, timeout=DEFAULT_TIMEOUT
+    model,
+    mode,
+    *,
+    pretrained_path=None,
+    info_path=None,
+    weights_path=None,
+    policy=None,
+    timeout=DEFAULT_TIMEOUT,
+    calibration=None,
 ):
-    """The model for ``mode``, identical on every rank. Returns ``(model, changes, seconds, reused)``."""
+    """The model for ``mode``, identical on every rank; online, ``calibration()`` gives rank 0 the batches
+    the decomposition fits (``decompose_once``). Returns ``(model, changes, seconds, reused)``."""
     start = time.perf_counter()
     changes, reused = {}, False
-
-    def load_pretrained(dense):
-        try:
-            load_weights(dense, load_state_dict(pretrained_path), pretrained_path)
-        except (FileNotFoundError, ValueError) as error:  # they name the file and what is wrong with it
-            raise InputFileError(f"--pretrained-path: {error}") from None
+    load_pretrained = functools.partial(load_pretrained_weights, path=pretrained_path)
 
     # The weights are loaded or computed, never drawn, but each path draws a different amount (a replay
     # default-initialises, a decomposition does not): the random state is left as it was, so that what
@@ -62,7 +76,7 @@ def prepare_model(
         elif mode == "online":  # the barrier compares the ranks' weights itself
             artifacts = Artifacts(Path(info_path), Path(weights_path))
             model, changes, reused = decompose_once(
-                model, artifacts, load_pretrained, pretrained_path, policy, run_token(), timeout
+                model, artifacts, load_pretrained, pretrained_path, policy, run_token(), timeout, calibration
             )
             if reused:
                 log(f"[Decompose] reused the decomposition of an earlier run with the same inputs: {info_path}")
@@ -118,9 +132,29 @@ def log_decomposition(
     return summary
 
 
-def setup_model(accelerator, dense, run: RunMode, args, example_input, project: str, resume_from=None):
+def calibration_reader(dataset, batches: int, batch_size: int):
+    """What reads the calibration data of ``--calibration-batches`` (None for 0): the inputs of the first
+    ``batches`` batches of ``dataset`` (the training images with the evaluation transforms), in order."""
+    if not batches:
+        return None
+
+    def read():
+        loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size)
+        inputs = [data for data, _ in itertools.islice(loader, batches)]
+        if len(inputs) < batches:
+            raise RunError(f"--calibration-batches {batches}: the training set holds {len(inputs)} batch(es)")
+        log(f"[Decompose] fitting the decomposition to {batches} training batch(es) of {batch_size}")
+        return inputs
+
+    return read
+
+
+def setup_model(
+    accelerator, dense, run: RunMode, args, example_input, project: str, resume_from=None, calibration_set=None
+):
     """The recipes' model setup: ``prepare_model`` on a copy of ``dense`` for ``run`` (from
-    ``check_mode_args``) with the rank rule and barrier flags of ``launch.args``, then TensorBoard's run
+    ``check_mode_args``) with the rank rule and barrier flags of ``launch.args`` (``--calibration-batches``
+    of ``calibration_set``, the training set with the evaluation transforms), then TensorBoard's run
     ``<project>_<mode>`` started (only now: a run that fails on its inputs leaves no empty one), and
     the cost of the model on ``example_input``, with the decomposition logged when there is one. A run
     resumed from the checkpoint ``resume_from`` continues TensorBoard's run: the events an interrupted
@@ -132,8 +166,9 @@ def setup_model(accelerator, dense, run: RunMode, args, example_input, project: 
         pretrained_path=args.pretrained_path,
         info_path=run.decompose_info_path,
         weights_path=run.decomposed_weights_path,
-        policy=policy_of(args),
+        policy=policy_of(args, example_input),
         timeout=args.barrier_timeout,
+        calibration=calibration_reader(calibration_set, args.calibration_batches, args.train_batch_size),
     )
     config = {key: value for key, value in {**vars(args), **run.settings()}.items() if value is not None}
     purge = {"tensorboard": {"purge_step": checkpoint_step(resume_from) + 1}} if resume_from else {}

@@ -1,22 +1,28 @@
 """Offline decomposition, step 1 (the AMCT sample's ``decompose_model.py``): load the pretrained
 network (the MNIST ``Net`` or a torchvision model), decompose it, save the decomposition info file and
 the decomposed weights. Without rank flags, AMCT's choice (``lowrank.auto_decomposition(model, path)``,
-as the AMCT sample); with any of ``--method``, ``--ratio``, ``--energy``, ``--vbmf``, ``--divisor``,
-lowrank's rules.
+as the AMCT sample); with any of ``--method``, ``--ratio``, ``--energy``, ``--vbmf``, ``--budget``,
+``--divisor``, lowrank's rules, which ``--calibration-batches N`` fits to the first N training batches
+of ``--data-path`` (MNIST for ``--model mnist``; for a torchvision model, ``train/`` class folders read
+with the transforms of the model's default torchvision weights), as an online run does.
 
     python recipes/decompose_model.py --pretrained-path runs/baseline/baseline.pth \\
         --decompose-info-path runs/offline/decompose_info.json \\
+        --decomposed-weights-path runs/offline/decomposed_weights.pth
+    python recipes/decompose_model.py --budget 0.3 --calibration-batches 8 --data-path ../shared/data \\
+        --pretrained-path runs/baseline/baseline.pth --decompose-info-path runs/offline/decompose_info.json \\
         --decomposed-weights-path runs/offline/decomposed_weights.pth
     python recipes/decompose_model.py --model resnet50 --method tucker2 --ratio 0.5 \\
         --pretrained-path resnet50.pth --decompose-info-path runs/r50_offline/decompose_info.json \\
         --decomposed-weights-path runs/r50_offline/decomposed_weights.pth
 
 Step 2 is ``mnist_offline.py`` (or ``resnet50_imagenet.py --tensor-decompose --run-mode offline``) with
-the same two paths; the policy flags (``--method``, ``--ratio``, ``--energy``, ``--vbmf``, ``--divisor``) are step 1's
-alone. Errors: a missing or unreadable ``--pretrained-path`` and output paths that cannot be written are
-named before any work; nothing is written when the decomposition fails, and an earlier info file stays
-as it was when the weights cannot be saved or the job is stopped (SIGTERM or SIGUSR1, as a time limit or
-``scancel`` sends) before they are.
+the same two paths; the policy flags (``--method``, ``--ratio``, ``--energy``, ``--vbmf``,
+``--budget``, ``--divisor``, ``--calibration-batches``) are step 1's alone. Errors: a missing or
+unreadable ``--pretrained-path`` and output paths that cannot be written are named before any work;
+nothing is written when the decomposition fails, and an earlier info file stays as it was when the
+weights cannot be saved or the job is stopped (SIGTERM or SIGUSR1, as a time limit or ``scancel``
+sends) before they are.
 """
 
 import argparse
@@ -27,11 +33,18 @@ from pathlib import Path
 import torch
 import torchvision
 
-from launch.args import add_policy_args, check_distinct, check_writable, policy_of, positive_int
+from launch.args import (
+    add_policy_args,
+    check_calibration_args,
+    check_distinct,
+    check_writable,
+    policy_of,
+    positive_int,
+)
 from launch.barrier import Artifacts, decompose
 from launch.entry import RunError, run_main
-from launch.mnist import Net
-from launch.model import torchvision_classifier
+from launch.mnist import Net, load_mnist
+from launch.model import calibration_reader, torchvision_classifier
 from lowrank.io import atomic_write, load_state_dict, load_weights, make_parent_dirs, save_state_dict
 
 
@@ -55,8 +68,35 @@ def get_args_parser():
         default=224,
         help="the images a vision transformer (vit_*) is built for, as step 2's --image-size (default: 224)",
     )
+    parser.add_argument(
+        "--data-path",
+        default=None,
+        help="with --calibration-batches: the folder holding MNIST/raw/ (--model mnist) or train/ (default: None)",
+    )
+    parser.add_argument(
+        "--train-batch-size",
+        type=positive_int,
+        default=32,
+        help="with --calibration-batches: images per calibration batch, as an online run's per-process "
+        "--train-batch-size (default: 32)",
+    )
     add_policy_args(parser)
     return parser
+
+
+def calibration_set(args):
+    """The training images that ``--calibration-batches`` reads, with the evaluation transforms."""
+    if args.model == "mnist":
+        try:
+            return load_mnist(args.data_path, train=True)
+        except RuntimeError as error:  # it says what is missing or damaged, and what to do
+            raise RunError(f"--data-path: {error}") from None
+    transform = torchvision.models.get_model_weights(args.model).DEFAULT.transforms()
+    folder = Path(args.data_path) / "train"
+    try:
+        return torchvision.datasets.ImageFolder(folder, transform)
+    except FileNotFoundError as error:  # no such folder, or no class folder with images
+        raise RunError(f"--data-path {args.data_path}: {folder}: {error}") from None
 
 
 def main(args):
@@ -65,6 +105,9 @@ def main(args):
         raise RunError(
             f"--model {args.model} is neither 'mnist' nor one of torchvision's classifiers: {', '.join(models)}"
         )
+    check_calibration_args(args)
+    if args.calibration_batches and not args.data_path:
+        raise RunError("--calibration-batches reads the training images of --data-path: give it")
     check_distinct(args, "pretrained_path", "decompose_info_path", "decomposed_weights_path")
     check_writable(args, ["decompose_info_path", "decomposed_weights_path"])
     # Their default action would end the process before the restore below (a time limit, scancel).
@@ -85,6 +128,12 @@ def main(args):
         load_weights(model, state_dict, args.pretrained_path)
     except (FileNotFoundError, ValueError) as error:  # they name the file and what is wrong with it
         raise RunError(f"--pretrained-path (for --model {args.model}): {error}") from None
+    policy = policy_of(args, example_input=torch.zeros(1, *input_shape(model, args)))
+    read = calibration_reader(
+        calibration_set(args) if args.calibration_batches else None, args.calibration_batches, args.train_batch_size
+    )
+    if read is not None:
+        policy["calibration"] = read()
     info_path = Path(args.decompose_info_path)
     make_parent_dirs(info_path)
     # The lock that online runs take on the same paths: two jobs never interleave their two files.
@@ -93,7 +142,7 @@ def main(args):
         earlier_info = info_path.read_bytes() if info_path.is_file() else None
         earlier_weights = _identity(weights_path)
         try:
-            model, _ = decompose(model, info_path, policy_of(args))
+            model, _ = decompose(model, info_path, policy)
             save_state_dict(model.state_dict(), weights_path)
         except BaseException:
             # The two files go together: a new info file next to earlier weights would replay wrongly
@@ -106,6 +155,11 @@ def main(args):
                 atomic_write(info_path, lambda file: file.write(earlier_info))
             raise
     print(f"Decomposed weights are saved to: {args.decomposed_weights_path}")
+
+
+def input_shape(model, args) -> tuple[int, ...]:
+    """One image's shape, as step 2 costs the model: MNIST's, or ``--image-size`` RGB."""
+    return (1, 28, 28) if args.model == "mnist" else (3, args.image_size, args.image_size)
 
 
 def _identity(path: Path) -> tuple[int, int] | None:

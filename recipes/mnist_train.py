@@ -22,24 +22,34 @@ that launcher and accepted; the launcher's LOCAL_RANK environment variable picks
 
 ``mnist_baseline.py``, ``mnist_online.py`` and ``mnist_offline.py`` are this script with their mode
 implied. The decomposition is AMCT's choice, as in the sample (``conv2`` at rank 64), unless a rank
-flag (``--method``, ``--ratio``, ``--energy``, ``--vbmf``, ``--divisor``) selects lowrank's rules.
+flag (``--method``, ``--ratio``, ``--energy``, ``--vbmf``, ``--budget``, ``--divisor``) selects lowrank's
+rules; with one, ``--calibration-batches N`` fits them to the first N training batches (data-aware), and
+``--budget R`` keeps the model's multiply-adds at most R of the dense model's, ranks allocated where they
+cost the least error.
+``--distill`` (online or offline, with ``--pretrained-path``) finetunes the decomposed model against
+the dense pretrained one as teacher: ``--distill-alpha`` (default 0.5) weighs the task's loss against
+the teacher's, at ``--distill-temperature`` (default 4).
 
 Errors: a missing path for the chosen mode names its flag before any work, and so does ``--backend
-nccl`` without ``--use-gpu`` or without GPUs, and a flag the mode would ignore (the rank rule,
+nccl`` without ``--use-gpu`` or without GPUs, ``--distill`` without ``--tensor-decompose`` or
+``--pretrained-path``, and a flag the mode would ignore (the rank rule,
 ``--method``/``--ratio``/``--energy``/``--vbmf``/``--divisor``, outside online mode; ``--pretrained-path``
-offline); no MNIST under ``--data-path`` and no internet fails within a minute; a failure on rank 0
-while decomposing stops every rank with rank 0's message; on SIGTERM/SIGUSR1 a checkpoint is saved
-and the process exits with code 75 (rerun with ``--resume``).
+offline without ``--distill``; ``--distill-alpha``/``--distill-temperature`` without ``--distill``); no
+MNIST under ``--data-path`` and no internet fails within a minute; a failure on rank 0 while
+decomposing stops every rank with rank 0's message; on SIGTERM/SIGUSR1 a checkpoint is saved and the
+process exits with code 75 (rerun with ``--resume``).
 """
 
 import argparse
 
 import torch
+import torch.nn.functional as F
 from accelerate.utils import set_seed
 
 from launch.accelerator import create_accelerator
 from launch.args import (
     add_decomposition_args,
+    add_distill_args,
     add_distributed_args,
     add_output_args,
     check_mode_args,
@@ -48,6 +58,7 @@ from launch.args import (
     positive_int,
 )
 from launch.checkpoints import Progress, checkpoint_to_resume, load_checkpoint
+from launch.distill import training_objective
 from launch.distributed import from_rank_zero, rank_zero_first
 from launch.entry import run_main
 from launch.loop import ShuffleByEpoch, check_train_batches, evaluate, finish, shuffling_seed, train
@@ -81,6 +92,7 @@ def get_args_parser(run_mode=None, lr=0.01):
     add_distributed_args(parser)
     add_decomposition_args(parser, run_mode)
     add_output_args(parser, output_dir="runs/mnist")
+    add_distill_args(parser)
     return parser
 
 
@@ -103,7 +115,10 @@ def main(args):
     check_train_batches(len(train_set), args.train_batch_size, accelerator.num_processes)
 
     # model
-    model, cost = setup_model(accelerator, Net(), run, args, torch.zeros(1, 1, 28, 28), "mnist", checkpoint)
+    dense = Net()
+    # The training images calibrate the decomposition: their transform is the test set's (ToTensor).
+    example_input = torch.zeros(1, 1, 28, 28)
+    model, cost = setup_model(accelerator, dense, run, args, example_input, "mnist", checkpoint, train_set)
 
     # The AMCT sample's sampler seeds itself from the global RNG at its first batch, after the model's
     # initialisation. The same seed, drawn here (rank 0's, on every process), gives its batches, the
@@ -114,6 +129,9 @@ def main(args):
         train_set, batch_size=args.train_batch_size, sampler=shuffle, drop_last=True
     )
     test_loader = torch.utils.data.DataLoader(test_set, batch_size=args.test_batch_size)
+
+    # criterion: the sample's, or with --distill against the dense pretrained model as teacher
+    loss_fn = training_objective(accelerator, F.nll_loss, dense, run, args.pretrained_path)
 
     # training
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
@@ -132,6 +150,7 @@ def main(args):
         log_steps=args.log_steps,
         output_dir=args.output_dir,
         settings=settings,
+        loss_fn=loss_fn,
         checkpoint_steps=args.checkpoint_steps,
     )
     metrics = evaluate(accelerator, model, test_loader, step=progress.step)

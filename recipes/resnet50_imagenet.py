@@ -32,6 +32,14 @@ Several nodes (run on each node with its --machine_rank; see slurm/resnet50_gpu.
         --main_process_ip $HEAD_ADDR --num_machines $NODES --num_processes $((NODES * 8)) \\
         recipes/resnet50_imagenet.py ...
 
+``--calibration-batches N`` fits the decomposition to the first N training batches, read in order
+with the validation transforms (msModelSlim's ``datasets=`` for its default, lowrank's data-aware
+rules with a rank flag); ``--budget R`` keeps the model's multiply-adds at most R of the dense
+model's, allocating ranks where they cost the least error. ``--distill`` finetunes the decomposed
+model against the dense pretrained one (``--pretrained-path`` or ``--weights``) as teacher, online or
+offline: ``--distill-alpha`` (default 0.5) weighs the task's loss (cross-entropy with label smoothing)
+against the teacher's, at ``--distill-temperature`` (default 4).
+
 DeepSpeed ZeRO-2, in float32 and without channels_last: ``--config_file
 recipes/configs/deepspeed_zero2.yaml``. Offline: step 1 is ``python recipes/decompose_model.py --model
 resnet50 --method tucker2 --ratio 0.5 --pretrained-path ...`` (lowrank's rules; without rank flags,
@@ -50,13 +58,16 @@ rerun with ``--resume``), plus: no ``train/``/``val/`` under ``--data-path``, a 
 images, class folders in ``val/`` that ``train/`` lacks (``val/`` may hold fewer: its labels follow
 ``train/``'s), a single class; ``--weights`` whose class count differs from the dataset's, or that cannot
 be downloaded; a ``--pretrained-path`` that does not fit ``--model`` with the dataset's classes;
-``--test-only`` with nothing to evaluate but a random initialisation; fp16/bf16 on a device that lacks
-it (fp16 on the CPU, where Accelerate would train in float32); fp16/bf16 under DeepSpeed (its casts
-leave BatchNorm's running statistics in float32, which torch refuses), named before any work. An image
-that cannot be read stops the run with its file name (the checkpoints saved until then resume).
+``--test-only`` with nothing to evaluate but a random initialisation; ``--distill`` with ``--test-only``
+or without ``--tensor-decompose`` or pretrained weights, and ``--distill-alpha``/``--distill-temperature``
+without ``--distill``; fp16/bf16 on a device that lacks it (fp16 on the CPU, where Accelerate would
+train in float32); fp16/bf16 under DeepSpeed (its casts leave BatchNorm's running statistics in
+float32, which torch refuses), named before any work. An image that cannot be read stops the run with
+its file name (the checkpoints saved until then resume).
 """
 
 import argparse
+import copy
 import functools
 import math
 from pathlib import Path
@@ -71,6 +82,7 @@ from torchvision import datasets, transforms
 from launch.accelerator import create_accelerator
 from launch.args import (
     add_decomposition_args,
+    add_distill_args,
     add_distributed_args,
     add_output_args,
     check_mode_args,
@@ -81,6 +93,7 @@ from launch.args import (
     probability,
 )
 from launch.checkpoints import Progress, checkpoint_to_resume, load_checkpoint
+from launch.distill import training_objective
 from launch.distributed import rank_zero_first
 from launch.entry import RunError, run_main
 from launch.loop import ShuffleByEpoch, check_train_batches, end_run, evaluate, finish, train
@@ -202,6 +215,7 @@ def get_args_parser():
     add_distributed_args(parser)
     add_decomposition_args(parser, **POLICY_DEFAULTS)
     add_output_args(parser, output_dir="runs/resnet50")
+    add_distill_args(parser)
     return parser
 
 
@@ -389,12 +403,20 @@ def main(args):
         args.pretrained_path = rank_zero_first(lambda: pretrained_weights_path(weights), f"--weights {args.weights}")
     dense = torchvision_classifier(args.model, classes, args.image_size)
     example_input = torch.zeros(1, 3, args.image_size, args.image_size)
-    model, cost = setup_model(accelerator, dense, run, args, example_input, args.model, checkpoint)
+    # The training images with the validation transforms calibrate the decomposition.
+    calibration_set = copy.copy(train_set)
+    calibration_set.transform = val_set.transform
+    model, cost = setup_model(accelerator, dense, run, args, example_input, args.model, checkpoint, calibration_set)
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
     # A fixed image size: cuDNN's autotuner picks each convolution's fastest algorithm once, as in
     # torchvision's reference (which algorithm wins may differ between runs: not bit-reproducible).
     torch.backends.cudnn.benchmark = gpu
+
+    # criterion: the reference's, or with --distill against the dense pretrained model as teacher
+    memory_format = torch.channels_last if args.channels_last else torch.preserve_format
+    task_loss = functools.partial(F.cross_entropy, label_smoothing=args.label_smoothing)
+    loss_fn = training_objective(accelerator, task_loss, dense, run, args.pretrained_path, memory_format)
 
     # optimizer and schedule, in optimizer steps
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
@@ -427,7 +449,7 @@ def main(args):
         log_steps=args.log_steps,
         output_dir=args.output_dir,
         settings={**vars(args), **run.settings()},  # with the --weights file
-        loss_fn=functools.partial(F.cross_entropy, label_smoothing=args.label_smoothing),
+        loss_fn=loss_fn,
         scheduler=scheduler,
         checkpoint_steps=args.checkpoint_steps,
         eval_steps=steps_per_epoch,

@@ -6,6 +6,7 @@ import pytest
 from launch.args import (
     RunMode,
     add_decomposition_args,
+    add_distill_args,
     add_distributed_args,
     add_output_args,
     check_mode_args,
@@ -38,6 +39,9 @@ def test_the_rank_rule_flags_give_the_decomposition():
     assert policy_of(parse("--energy", "0.9", "--method", "tucker2")) == {"method": "tucker2", "energy": 0.9}
     assert policy_of(parse("--vbmf")) == {"method": "spatial", "vbmf": True}
     assert policy_of(parse("--divisor", "8")) == {"method": "spatial", "divisor": 8, "ratio": 0.3}
+    example = object()  # the recipe's example input, on which the budget counts multiply-adds
+    budget = {"method": "spatial", "budget": 0.3, "example_input": example}
+    assert policy_of(parse("--budget", "0.3"), example) == budget
 
 
 @pytest.mark.parametrize(
@@ -49,6 +53,9 @@ def test_the_rank_rule_flags_give_the_decomposition():
         (["--ratio", "0.5", "--vbmf"], "argument --vbmf: not allowed with argument --ratio"),
         (["--energy", "0.9", "--vbmf"], "argument --vbmf: not allowed with argument --energy"),
         (["--divisor", "0"], "argument --divisor: must be an integer >= 1, got '0'"),
+        (["--budget", "0.3", "--ratio", "0.3"], "argument --ratio: not allowed with argument --budget"),
+        (["--budget", "0"], "argument --budget: must be a number in (0, 1], got '0'"),
+        (["--calibration-batches", "-1"], "argument --calibration-batches: must be an integer >= 0, got '-1'"),
     ],
 )
 def test_bad_rank_rule_flags_are_named(argv, message, capsys):
@@ -149,6 +156,11 @@ def test_decomposition_flags_without_tensor_decompose_are_refused(tmp_path):
         ("offline", ["--ratio", "0.3"], "--ratio: not used offline"),  # lowrank's rules, given
         ("offline", ["--divisor", "1"], None),  # the default, given: changes nothing
         ("online", ["--pretrained-path", "{pretrained}", "--energy", "0.9"], None),
+        (None, ["--calibration-batches", "2", "--ratio", "0.3"], "--ratio, --calibration-batches need(s) --tensor"),
+        ("offline", ["--budget", "0.3", "--calibration-batches", "2"], "--budget, --calibration-batches: not used"),
+        ("online", ["--pretrained-path", "{pretrained}", "--budget", "0.3", "--calibration-batches", "8"], None),
+        # AMCT's choice, the MNIST recipes' default, has no data-aware form: a rank flag must say which rules.
+        ("online", ["--pretrained-path", "{pretrained}", "--calibration-batches", "8"], "--calibration-batches: AMCT"),
     ],
 )
 def test_flags_the_mode_would_ignore_are_refused(tmp_path, run_mode, argv, message):
@@ -344,6 +356,9 @@ def test_the_mode_and_its_files_are_returned_and_the_flags_left_as_they_are(tmp_
         "run_mode": None,
         "decompose_info_path": None,
         "decomposed_weights_path": None,
+        "distill": False,
+        "distill_alpha": None,
+        "distill_temperature": None,
     }
 
 
@@ -362,3 +377,97 @@ def test_each_rank_checks_the_input_files_it_reads_and_names_its_node(tmp_path, 
     monkeypatch.setenv("RANK", "1")  # offline, every rank reads both files
     with pytest.raises(RunError, match=f"^--decompose-info-path {missing} does not exist on {node_name()}$"):
         check_mode_args(args)
+
+
+def distill_args(tmp_path, *argv, run_mode="online"):
+    """``argv`` parsed by a recipe's parser with the distillation flags (and the ImageNet recipe's
+    ``--weights`` and ``--test-only``); ``{pretrained}``, ``{info}`` and ``{weights}`` are (empty) files in
+    ``tmp_path``."""
+    files = {name: tmp_path / f"{name}.pth" for name in ("pretrained", "info", "weights")}
+    for path in files.values():
+        path.write_bytes(b"")
+    parser = argparse.ArgumentParser()
+    add_decomposition_args(parser, run_mode=run_mode)
+    add_output_args(parser, output_dir=str(tmp_path / "out"))
+    add_distill_args(parser)
+    parser.add_argument("--weights")
+    parser.add_argument("--test-only", action="store_true")
+    return parser.parse_args([arg.format(**files) for arg in argv])
+
+
+def test_distillation_settings_are_resolved_into_the_run_mode(tmp_path):
+    run = check_mode_args(distill_args(tmp_path, "--pretrained-path", "{pretrained}", "--distill"))
+    assert (run.distill, run.distill_alpha, run.distill_temperature) == (True, 0.5, 4.0)
+    assert run.settings()["distill_alpha"] == 0.5  # recorded by checkpoints as the run used it
+    argv = ["--pretrained-path", "{pretrained}", "--distill", "--distill-alpha", "1", "--distill-temperature", "2"]
+    run = check_mode_args(distill_args(tmp_path, *argv))
+    assert (run.distill_alpha, run.distill_temperature) == (1.0, 2.0)
+    assert not check_mode_args(distill_args(tmp_path, "--pretrained-path", "{pretrained}")).distill
+    # Offline, --pretrained-path is the teacher: accepted with --distill, refused without it.
+    offline = ["--decompose-info-path", "{info}", "--decomposed-weights-path", "{weights}", "--pretrained-path"]
+    run = check_mode_args(distill_args(tmp_path, *offline, "{pretrained}", "--distill", run_mode="offline"))
+    assert (run.mode, run.distill) == ("offline", True)
+    with pytest.raises(RunError, match="^--pretrained-path: not used offline"):
+        check_mode_args(distill_args(tmp_path, *offline, "{pretrained}", run_mode="offline"))
+    # A recipe's other source of the weights (the ImageNet recipe's --weights) gives a teacher too.
+    args = distill_args(tmp_path, *offline[:-1], "--weights", "IMAGENET1K_V2", "--distill", run_mode="offline")
+    assert check_mode_args(args, pretrained="weights").distill
+
+
+@pytest.mark.parametrize(
+    "run_mode, argv, message",
+    [
+        ("online", ["--distill-alpha", "0.3"], "--distill-alpha need(s) --distill; without it"),
+        (
+            "online",
+            ["--distill-temperature", "2", "--distill-alpha", "0.5"],
+            "--distill-alpha, --distill-temperature need(s) --distill",
+        ),
+        (None, ["--distill"], "--distill needs --tensor-decompose: the student is the decomposed model"),
+        ("offline", ["--distill"], "--distill needs --pretrained-path: the dense pretrained model is the teacher"),
+        ("online", ["--distill", "--test-only"], "--distill: not used with --test-only"),
+    ],
+)
+def test_distillation_flags_that_cannot_be_used_are_refused(tmp_path, run_mode, argv, message):
+    files = (
+        ["--decompose-info-path", "{info}", "--decomposed-weights-path", "{weights}"] if run_mode == "offline" else []
+    )
+    pretrained = ["--pretrained-path", "{pretrained}"] if run_mode == "online" else []
+    args = distill_args(tmp_path, *pretrained, *files, *argv, run_mode=run_mode)
+    with pytest.raises(RunError) as stopped:
+        check_mode_args(args)
+    assert str(stopped.value).startswith(message)
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--distill-alpha", "1.5"], "argument --distill-alpha: must be a number in [0, 1], got '1.5'"),
+        (["--distill-alpha", "nan"], "argument --distill-alpha: must be a number in [0, 1], got 'nan'"),
+        (["--distill-temperature", "0"], "argument --distill-temperature: must be a positive number, got '0'"),
+    ],
+)
+def test_bad_distillation_flags_are_named(argv, message, capsys):
+    parser = argparse.ArgumentParser()
+    add_distill_args(parser)
+    with pytest.raises(SystemExit):
+        parser.parse_args(argv)
+    assert message in capsys.readouterr().err
+
+
+def test_the_distillation_flags_show_their_default():
+    parser = argparse.ArgumentParser()
+    add_distill_args(parser)
+    helps = {action.dest: action.help for action in parser._actions if action.dest != "help"}
+    assert helps["distill"].endswith("(default: off)")
+    assert helps["distill_alpha"].endswith("(default: 0.5)")
+    assert helps["distill_temperature"].endswith("(default: 4.0)")
+
+
+def test_every_rank_of_a_distilling_run_needs_the_teacher(tmp_path, monkeypatch):
+    missing = str(tmp_path / "missing.pth")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")  # online, rank 1 reads the pretrained weights only as the teacher
+    assert check_mode_args(distill_args(tmp_path, "--pretrained-path", missing)).mode == "online"
+    with pytest.raises(RunError, match=f"^--pretrained-path {missing} does not exist on {node_name()}$"):
+        check_mode_args(distill_args(tmp_path, "--pretrained-path", missing, "--distill"))

@@ -374,3 +374,19 @@ def test_a_rank_that_sees_the_info_folder_but_not_the_weights_folder_is_sent_the
     assert results[0]["digest"] == results[1]["digest"]
     name = "decomposed_weights.pth"
     assert (tmp_path / "art/rank1" / name).read_bytes() == (tmp_path / "art/rank0" / name).read_bytes()
+
+
+def test_the_fingerprint_reads_the_policys_tensors_by_value(tmp_path):
+    """Calibration batches and the budget's example input are fingerprinted by their values, which a
+    tensor's text elides: a rerun on other data decomposes again."""
+    pretrained = tmp_path / "dense.pth"
+    pretrained.write_bytes(b"weights")
+    model = small_model()
+    batches = [torch.zeros(64, 64)]
+    other = [torch.zeros(64, 64).index_fill_(0, torch.tensor([31]), 1.0)]
+    assert str(batches) == str(other)
+    policy = {"method": "spatial", "ratio": 0.3}
+    first = barrier.fingerprint(pretrained, model, {**policy, "calibration": batches})
+    assert first == barrier.fingerprint(pretrained, model, {**policy, "calibration": [torch.zeros(64, 64)]})
+    assert first != barrier.fingerprint(pretrained, model, {**policy, "calibration": other})
+    assert first != barrier.fingerprint(pretrained, model, policy)

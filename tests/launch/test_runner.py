@@ -102,6 +102,25 @@ def test_resume_needs_the_same_settings(trainer, tmp_path):
     assert checkpoint_to_resume(run_args(tmp_path / "empty"), world_size=1) is None
 
 
+def test_a_resume_distils_as_the_run_it_continues(trainer, tmp_path):
+    accelerator, _, progress = trainer
+    progress.step = 5
+    distilling = {"distill": True, "distill_alpha": 0.5, "distill_temperature": 4.0}
+    saved = save_checkpoint(accelerator, tmp_path, progress, run_args(tmp_path, **distilling))
+    assert checkpoint_to_resume(run_args(tmp_path, **distilling), world_size=1) == saved
+    with pytest.raises(RunError, match=r"saved with other settings: --distill-alpha 0.5 \(now 0.7\)\."):
+        checkpoint_to_resume(run_args(tmp_path, **distilling | {"distill_alpha": 0.7}), world_size=1)
+    plain = {"distill": False, "distill_alpha": None, "distill_temperature": None}
+    assert checkpoint_to_resume(run_args(tmp_path, test_only=True, **plain), world_size=1) == saved  # same model
+    # Saved before --distill existed: trained on the task loss alone, as a run without --distill continues it.
+    run_json = saved / "run.json"
+    old = {key: value for key, value in json.loads(run_json.read_text()).items() if not key.startswith("distill")}
+    run_json.write_text(json.dumps(old))
+    assert checkpoint_to_resume(run_args(tmp_path, **plain), world_size=1) == saved
+    with pytest.raises(RunError, match=r"saved with other settings: --distill False \(now True\)\."):
+        checkpoint_to_resume(run_args(tmp_path, **distilling), world_size=1)
+
+
 def test_a_resume_keeps_the_recipes_settings_and_an_evaluation_only_the_models(trainer, tmp_path):
     accelerator, _, progress = trainer
     progress.step = 5

@@ -22,6 +22,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from launch.barrier import Artifacts
 from launch.entry import RunError
 from launch.mnist import Net
+from lowrank.io import load_state_dict
 from tests.conftest import (
     DATA,
     ENV,
@@ -39,6 +40,8 @@ from tests.conftest import (
 )
 
 TEST_IMAGES = MNIST_SUBSET["t10k"]
+# lowrank's data-aware budget, which the online run below and the offline step 1 share.
+CALIBRATED = ["--budget", "0.3", "--calibration-batches", "2"]
 
 
 @pytest.fixture(scope="session")
@@ -199,23 +202,19 @@ def baseline(tmp_path_factory, few):
     return out / "baseline.pth"
 
 
+@pytest.fixture(scope="module")
+def online(tmp_path_factory, baseline, few):
+    """An online run of ``few`` steps on two processes from ``baseline``, decomposed ``CALIBRATED``: its
+    --output-dir (holding its decomposition and ``finetuned.pth``) and its output."""
+    out = tmp_path_factory.mktemp("online")
+    command = [RECIPES / "mnist_online.py", *few, *CALIBRATED, "--pretrained-path", baseline, "--output-dir", out]
+    return out, run(accelerate_launch(*command, "--save-path", out / "finetuned.pth", port=free_port()))
+
+
 @pytest.mark.integration
 @needs_data
-def test_online_on_two_processes(baseline, tmp_path, few):
-    out = tmp_path / "online"
-    result = run(
-        accelerate_launch(
-            RECIPES / "mnist_online.py",
-            *few,
-            "--pretrained-path",
-            baseline,
-            "--output-dir",
-            out,
-            "--save-path",
-            out / "finetuned.pth",
-            port=free_port(),
-        )
-    )
+def test_online_on_two_processes(online, baseline):
+    out, result = online
     log = result.stdout + result.stderr
     assert log.count("[lowrank] auto_decomposition start.") == 1  # rank 0 only
     assert log.count("[lowrank] decompose_network start.") == 1  # the other rank
@@ -241,15 +240,78 @@ def test_online_on_two_processes(baseline, tmp_path, few):
         "decomposition/flops_after",
     ):
         assert tag in tags, tag
+    assert "train/task_loss" not in tags and "(task" not in result.stdout  # terms with --distill only
     assert [event.step for event in events.Scalars("train/loss")] == [3, 6]
     comparison = run([sys.executable, str(RECIPES / "compare_runs.py"), baseline.parent, out]).stdout
     row = next(line for line in comparison.splitlines() if line.startswith(str(out)))
-    assert row.split()[1] == "online" and row.endswith("x") and float(row.split()[-1][:-1]) > 2.5  # FLOPs cut
+    assert row.split()[1] == "online" and row.endswith("x") and float(row.split()[-1][:-1]) > 3.3  # FLOPs cut
+    # --budget 0.3 and --calibration-batches 2: rank 0 alone read the first two training batches.
+    assert "[Decompose] fitting the decomposition to 2 training batch(es) of 32" in result.stdout
+    assert result.stdout.count("[Decompose] fitting") == 1
+    policy = json.loads((out / "decompose_info.json").read_text())["policy"]
+    assert policy["calibration"]["batches"] == 2 and policy["rule"] == "budget=0.3"
+    flops = json.loads((out / "results.json").read_text())["flops"]
+    assert flops == policy["allocation"]["macs"] <= 0.3 * policy["allocation"]["dense_macs"]
+
+
+def train_losses(stdout: str) -> list[tuple[str, str, str]]:
+    """The loss of each ``[Train]`` line as printed, with its task and distillation terms ('' without)."""
+    line = r"^\[Train\] Step\[\d+/\d+\] Loss: ([\d.]+)(?: \(task ([\d.]+), distill ([\d.]+)\))?, "
+    return re.findall(line, stdout, re.M)
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+@needs_data
+def test_distillation_at_alpha_one_is_the_plain_run_and_a_resume_distils_as_before(online, baseline, tmp_path, few):
+    plain_out, plain = online
+    out = tmp_path / "distill"
+    command = [RECIPES / "mnist_online.py", *few, *CALIBRATED, "--pretrained-path", baseline, "--output-dir", out]
+    distill = [*command, "--distill", "--distill-alpha", "1"]
+    result = run(accelerate_launch(*distill, "--save-path", out / "finetuned.pth", port=free_port()))
+    assert "[Distill] against the dense pretrained model: loss = 1 x task + 0 x T^2 x KL" in result.stdout
+    losses = train_losses(result.stdout)
+    assert [loss for loss, _, _ in losses] == [loss for loss, _, _ in train_losses(plain.stdout)] and len(losses) == 2
+    assert all(task == loss and float(term) > 0 for loss, task, term in losses)
+    weights, plain_weights = (torch.load(path / "finetuned.pth", weights_only=True) for path in (out, plain_out))
+    assert weights.keys() == plain_weights.keys()
+    for key, value in plain_weights.items():
+        assert torch.equal(weights[key], value), key  # bit for bit
+    tags, events = scalars(out / "mnist_online")
+    assert [event.step for event in events.Scalars("train/distill_loss")] == [3, 6] and "train/task_loss" in tags
+
+    # A resume distils and decomposes as the run it continues: other settings are refused before any work.
+    changed = [*map(str, command), "--resume", "--distill", "--calibration-batches", "3"]
+    other = run([sys.executable, *changed], check=False, timeout=120)
+    assert other.returncode != 0 and "--distill-alpha 1.0 (now 0.5)" in other.stderr
+    assert "--calibration-batches 2 (now 3)" in other.stderr
+    resumed = run(accelerate_launch(*distill, "--steps", "8", "--resume", port=free_port()))
+    assert f"[Resume] from {out / 'checkpoints' / 'step_6'} at step 6" in resumed.stdout
+    assert re.search(r"^\[Train\] Step\[8/8\] Loss: [\d.]+ \(task [\d.]+, distill [\d.]+\), ", resumed.stdout, re.M)
 
 
 @pytest.mark.integration
 @needs_data
-def test_offline_two_steps(baseline, tmp_path, few):
+def test_offline_distillation_on_two_processes(online, baseline, tmp_path, few):
+    """Offline, --pretrained-path is the teacher, which every rank reads; the student is the online run's
+    decomposition, replayed."""
+    decomposed = online[0]
+    paths = ["--decompose-info-path", decomposed / "decompose_info.json"]
+    paths += ["--decomposed-weights-path", decomposed / "decomposed_weights.pth"]
+    command = [RECIPES / "mnist_offline.py", *few, *paths, "--pretrained-path", baseline, "--distill"]
+    result = run(torchrun(*command, "--output-dir", tmp_path / "offline"))
+    assert (result.stdout + result.stderr).count("[lowrank] decompose_network start.") == 2
+    assert "[Distill] against the dense pretrained model: loss = 0.5 x task + 0.5 x T^2 x KL" in result.stdout
+    losses = train_losses(result.stdout)
+    assert len(losses) == 2 and "[Test] Loss:" in result.stdout
+    for loss, task, distill in losses:
+        assert float(distill) > 0 and float(loss) == pytest.approx((float(task) + float(distill)) / 2, abs=2e-6)
+
+
+@pytest.mark.integration
+@needs_data
+def test_offline_two_steps(online, baseline, tmp_path, few, mnist_subset):
+    """Step 1 with the online run's data-aware budget decomposes as the online run did."""
     out = tmp_path / "offline"
     paths = [
         "--decompose-info-path",
@@ -257,8 +319,17 @@ def test_offline_two_steps(baseline, tmp_path, few):
         "--decomposed-weights-path",
         out / "decomposed_weights.pth",
     ]
-    step1 = run([sys.executable, str(RECIPES / "decompose_model.py"), "--pretrained-path", baseline, *paths])
+    step1 = [RECIPES / "decompose_model.py", "--pretrained-path", baseline, *paths, *CALIBRATED]
+    step1 = run([sys.executable, *map(str, step1), "--data-path", str(mnist_subset)])
     assert "Decomposition information file is saved to" in step1.stderr
+    offline_info, online_info = (
+        json.loads((folder / "decompose_info.json").read_text()) for folder in (out, online[0])
+    )
+    assert offline_info["policy"] == online_info["policy"]  # the same batches (sha256) and multiply-adds
+    assert offline_info["layers"] == online_info["layers"]
+    weights, online_weights = (load_state_dict(folder / "decomposed_weights.pth") for folder in (out, online[0]))
+    for key, value in online_weights.items():  # other thread counts: equal up to rounding
+        torch.testing.assert_close(weights[key], value, rtol=1e-5, atol=1e-6)
     result = run(torchrun(RECIPES / "mnist_offline.py", *few, *paths, "--output-dir", out))
     log = result.stdout + result.stderr
     assert log.count("[lowrank] decompose_network start.") == 2 and "auto_decomposition start." not in log
@@ -332,6 +403,25 @@ def test_decompose_model_names_bad_inputs(model, saved, message, tmp_path, capsy
         recipe["main"](recipe["get_args_parser"]().parse_args(list(map(str, args))))
     assert message in str(error.value) and str(error.value).startswith("--")
     assert model == "resnet5" or f"(for --model {model}): " in str(error.value)
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["pretrained.pth"]  # nothing written
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--calibration-batches", "2"], "--calibration-batches: AMCT's choice, this recipe's decomposition"),
+        (["--calibration-batches", "2", "--ratio", "0.3"], "--calibration-batches reads the training images of"),
+        (["--calibration-batches", "2", "--ratio", "0.3", "--data-path", "{tmp}/none"], "--data-path: MNIST is not"),
+    ],
+)
+def test_decompose_model_names_bad_calibration_flags(flags, message, tmp_path, monkeypatch):
+    monkeypatch.setattr(socket, "getaddrinfo", lambda *args, **kwargs: (_ for _ in ()).throw(OSError("offline")))
+    recipe = runpy.run_path(str(RECIPES / "decompose_model.py"))
+    torch.save(Net().state_dict(), tmp_path / "pretrained.pth")
+    paths = ["--decompose-info-path", tmp_path / "info.json", "--decomposed-weights-path", tmp_path / "weights.pth"]
+    args = ["--pretrained-path", tmp_path / "pretrained.pth", *paths, *(flag.format(tmp=tmp_path) for flag in flags)]
+    with pytest.raises(RunError, match=re.escape(message)):
+        recipe["main"](recipe["get_args_parser"]().parse_args(list(map(str, args))))
     assert sorted(path.name for path in tmp_path.iterdir()) == ["pretrained.pth"]  # nothing written
 
 
