@@ -3,9 +3,10 @@ gathers for each layer to decompose the uncentred second moment E[r rᵀ] of the
 to (``Method.calibration_rows``: outputs for svd, input patches for spatial, input channels for
 tucker2).
 
-The sums are kept in float64 on the layer's device. A call contributes at most MAX_ROWS rows (evenly
-spaced positions), so that memory is one d x d matrix per layer, whatever the number of samples, and
-the time grows with the number of batches but not with their resolution.
+The sums are kept in float64 on the layer's device: memory is one d x d matrix per layer, whatever the
+number of samples. A call with more than MAX_ROWS rows contributes MAX_ROWS of them, drawn at random
+(from a generator seeded for each pass: the result is reproducible) and weighted by the call's number
+of rows: the products then cost a bounded time per call, whatever the resolution.
 
 A batch is passed as msModelSlim passes ``datasets`` elements: a dict as keyword arguments, a list or
 tuple as positional ones, anything else (a tensor) as the one argument.
@@ -18,13 +19,18 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torch.utils._pytree import tree_leaves
+from torch.utils._pytree import tree_flatten
 from tqdm import tqdm
 
 from .methods import Method
 from .stats import evaluating
 
 MAX_ROWS = 8192
+SEED = 0
+
+
+class CalibrationError(ValueError):
+    """A layer's statistics could not be gathered (not the model failing on a batch)."""
 
 
 @dataclass
@@ -64,8 +70,11 @@ def check_batches(batches, max_batches) -> None:
 
 
 def update_digest(digest, batch) -> None:
-    """Adds a batch's tensors (values, shapes and dtypes) and other leaves to ``digest``."""
-    for leaf in tree_leaves(batch):
+    """Adds a batch's structure (its containers and keys), its tensors (values, shapes and dtypes) and
+    its other leaves to ``digest``."""
+    leaves, structure = tree_flatten(batch)
+    digest.update(str(structure).encode())
+    for leaf in leaves:
         if isinstance(leaf, torch.Tensor):
             digest.update(f"{tuple(leaf.shape)} {leaf.dtype}".encode())
             digest.update(leaf.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
@@ -90,18 +99,27 @@ def calibrate(
     come back afterwards. A layer that no batch reaches has no moment."""
     check_batches(batches, max_batches)
     sums, counts = {}, {}
+    generator = torch.Generator().manual_seed(SEED)
 
     def record(name, method):
         def hook(module, args, output):
             if not args or not isinstance(args[0], torch.Tensor) or not isinstance(output, torch.Tensor):
                 return
-            rows = method.calibration_rows(module, args[0].detach(), output.detach())
-            rows = rows[:: max(1, -(-rows.shape[0] // MAX_ROWS))].double()
-            if name not in sums:
-                sums[name] = rows.new_zeros(rows.shape[1], rows.shape[1])
-                counts[name] = 0
-            sums[name].addmm_(rows.T, rows)
-            counts[name] += rows.shape[0]
+            try:
+                rows = method.calibration_rows(module, args[0].detach(), output.detach())
+                total = rows.shape[0]
+                if total > MAX_ROWS:  # random rows: a regular stride would see one column of every image
+                    rows = rows[torch.randperm(total, generator=generator)[:MAX_ROWS].to(rows.device)]
+                rows = rows.double()
+                if name not in sums:
+                    sums[name] = rows.new_zeros(rows.shape[1], rows.shape[1])
+                    counts[name] = 0
+                sums[name].addmm_(rows.T, rows, alpha=total / rows.shape[0])
+                counts[name] += total
+            except Exception as error:
+                raise CalibrationError(
+                    f"calibration: the statistics of {name!r} could not be gathered ({type(error).__name__}: {error})"
+                ) from error
 
         return hook
 
@@ -115,6 +133,8 @@ def calibrate(
                 args, kwargs = batch_arguments(batch)
                 try:
                     model(*args, **kwargs)
+                except CalibrationError:
+                    raise
                 except (RuntimeError, TypeError, ValueError, AttributeError, KeyError, IndexError) as error:
                     raise ValueError(
                         f"calibration: the model does not run on batch {index} ({type(error).__name__}: {error}); a "

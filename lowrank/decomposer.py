@@ -3,6 +3,7 @@ calls give msModelSlim's result (``lowrank.msmodelslim``); lowrank's rules are o
 
 import copy
 import dataclasses
+import itertools
 import os
 import re
 
@@ -86,8 +87,12 @@ class Decompose:
             raise ValueError(f"{missing[0]} must be given, got None")
         policy = make_policy({"exclude": excludes or (), "divisor": divisor, **options}, valid_extra=())
         if self.config_file is not None:
+            if policy.calibration is not None and iter(policy.calibration) is policy.calibration:
+                # An iterator is read once: a budget's plan reads it now, the weights when decompose_network runs.
+                batches = list(itertools.islice(policy.calibration, policy.calibration_batches))
+                policy = dataclasses.replace(policy, calibration=batches, calibration_batches=None)
             replacements = _save_plan(uncompiled(self.model), policy, self.method, self.config_file)
-            policy = _replay_policy(replacements, self.config_file)
+            policy = _replay_policy(replacements, self.config_file, policy)
         self.decompose_config, self.policy = None, policy
         return self
 
@@ -164,8 +169,9 @@ class Decompose:
             raise TypeError(f"parameter do_decompose_weight need to be a boolean value, got {do_decompose_weight!r}")
         msmodelslim.check_max_iter(max_iter)
         policy = self.policy
-        if policy is not None and datasets is not None and do_decompose_weight:
-            # lowrank's rules fit every method to the data (lowrank.calibration), in one pass as msModelSlim's.
+        # lowrank's rules fit every method to the data (lowrank.calibration), in one pass as msModelSlim's; a
+        # budget weighs the data's errors, so that a process building the structure alone builds the same.
+        if policy is not None and datasets is not None and (do_decompose_weight or policy.allocates):
             policy = dataclasses.replace(
                 policy, calibration=datasets, calibration_batches=max_iter if max_iter > 0 else None
             )
@@ -203,12 +209,14 @@ def _save_plan(model, policy, method, path) -> list[Replacement]:
     return planned.replacements
 
 
-def _replay_policy(replacements: list[Replacement], config_file) -> RankPolicy:
+def _replay_policy(replacements: list[Replacement], config_file, chosen_by: RankPolicy | None = None) -> RankPolicy:
     """A policy giving exactly these layers, read from ``config_file``, their recorded method and ranks,
-    and no other layer."""
+    and no other layer; fitted to the calibration data of the policy that chose them (``chosen_by``), if any."""
     return _ReplayPolicy(
         layers={re.escape(r.name): {"rank": list(r.ranks), "method": r.method} for r in replacements},
         min_rank=1,
+        calibration=chosen_by.calibration if chosen_by else None,
+        calibration_batches=chosen_by.calibration_batches if chosen_by else None,
         config_file=str(config_file),
     )
 

@@ -41,8 +41,10 @@ MIN_EIGENVALUE_RATIO = 1e-6
 GRAM_BLOCKS = 4
 # Singular values below this fraction of the largest come from the tools' own SVDs (see evbmf_values).
 EVBMF_SVD_BELOW = 1e-3
-# Data-aware tucker2 adds this fraction of the mean eigenvalue to its input second moment before whitening.
-WHITENING_DAMPING = 0.01
+# Data-aware fits add this fraction of the mean eigenvalue to an input second moment, as GPTQ dampens its
+# Hessian: directions that the calibration samples hardly excite (fewer samples than dimensions, dead
+# channels) are fitted as the weights have them instead of arbitrarily, and whitening stays bounded.
+DAMPING = 0.01
 
 
 def _gram(matrix: torch.Tensor) -> torch.Tensor:
@@ -162,21 +164,53 @@ def _balanced(left: torch.Tensor, right: torch.Tensor) -> tuple[torch.Tensor, to
     return left * scale, right / scale[:, None]
 
 
+def dampened(input_moment: torch.Tensor) -> torch.Tensor:
+    """An input second moment with DAMPING of its mean eigenvalue (its mean diagonal) added to its
+    diagonal, float64."""
+    moment = input_moment.double()
+    return moment + DAMPING * moment.diagonal().mean() * torch.eye(
+        len(moment), dtype=moment.dtype, device=moment.device
+    )
+
+
+def dampened_output(output_moment: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
+    """The output second moment W E[x xᵀ] Wᵀ of ``matrix`` W, as if E[x xᵀ] were ``dampened``: the mean
+    eigenvalue of E[x xᵀ] is taken as tr(W E[x xᵀ] Wᵀ) / tr(W Wᵀ), exact for isotropic inputs."""
+    moment, matrix = output_moment.double(), matrix.double()
+    gram = matrix @ matrix.T
+    scale = moment.trace() / gram.trace() if gram.trace() > 0 else 0.0
+    return moment + DAMPING * scale * gram
+
+
 @torch.no_grad()
-def output_weighted_factors(
-    matrix: torch.Tensor, output_moment: torch.Tensor, rank: int
+def weighted_factors(
+    matrix: torch.Tensor,
+    rank: int,
+    *,
+    input_moment: torch.Tensor | None = None,
+    output_moment: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Factors ``left`` (m, rank) and ``right`` (rank, n), float64, of the rank-``rank`` matrix that
-    minimises the output error E||(W - W_r) x||² over inputs whose outputs ``W x`` have the uncentred
-    second moment ``output_moment`` (m, m) = W E[x xᵀ] Wᵀ.
+    minimises the output error E||(W - W_r) x||² of ``matrix`` W, given either the uncentred second
+    moment of its inputs x (n, n) or that of its outputs W x (m, m); pass them ``dampened``.
 
-    With E[x xᵀ] = L Lᵀ the problem is the best rank-r approximation of W L, P Pᵀ W L, where P holds the
-    leading eigenvectors of W L Lᵀ Wᵀ = ``output_moment``: W_r = P Pᵀ W. No inverse of E[x xᵀ] is needed,
-    however singular it is (directions the data never excite are kept as the weights have them).
+    With E[x xᵀ] = L Lᵀ the problem is the best rank-r approximation of W L, P Pᵀ W L, where P holds
+    the leading left singular vectors of W L, the leading eigenvectors of W E[x xᵀ] Wᵀ: W_r = P Pᵀ W,
+    with no inverse of E[x xᵀ]. From the input moment, P comes from W L on its smaller side.
     """
-    _, vectors = torch.linalg.eigh(output_moment.double())
-    basis = vectors[:, -rank:].flip(1)
-    return _balanced(basis, basis.T @ matrix.double())
+    matrix = matrix.double()
+    if output_moment is not None:
+        _, vectors = torch.linalg.eigh(output_moment.double())
+        basis = vectors[:, -rank:].flip(1)
+    else:
+        basis = leading_subspace(matrix @ square_root(input_moment), rank)
+    return _balanced(basis, basis.T @ matrix)
+
+
+def square_root(moment: torch.Tensor) -> torch.Tensor:
+    """L with L Lᵀ = ``moment`` (symmetric positive semi-definite), float64."""
+    values, vectors = torch.linalg.eigh(moment.double())
+    return vectors * values.clamp_min(0).sqrt()
 
 
 @torch.no_grad()
@@ -189,17 +223,18 @@ def spatial_factors(
     (Cout, rank, kh, 1). One truncated SVD of the unfolding, so the error is the optimal one for
     this structure. With ``input_moment``, the uncentred second moment of the first factor's input
     patches (rows of the unfolding: Cin x kh, or Cin x kw), the output error on such inputs is
-    minimised instead (``output_weighted_factors`` on the transposed unfolding; patches at different
-    positions of the last factor's kernel are taken as uncorrelated).
+    minimised instead (``weighted_factors`` of the transposed unfolding, whose inputs the patches are,
+    with the moment ``dampened``; patches at different positions of the last factor's kernel are taken
+    as uncorrelated).
     """
     out_ch, in_ch, kh, kw = weight.shape
     matrix = spatial_unfold(weight, vertical_first)
     if input_moment is None:
         left, right = low_rank_factors(matrix, rank)
-    else:
+    else:  # the outputs' moment Mᵀ C M is as large as C: one eigendecomposition instead of two
         matrix = matrix.double()
-        output_moment = matrix.T @ input_moment.double() @ matrix
-        transposed_left, transposed_right = output_weighted_factors(matrix.T, output_moment, rank)
+        output_moment = matrix.T @ dampened(input_moment) @ matrix
+        transposed_left, transposed_right = weighted_factors(matrix.T, rank, output_moment=output_moment)
         left, right = transposed_right.T, transposed_left.T
     first_k, last_k = (kh, kw) if vertical_first else (kw, kh)
     first = left.T.reshape(rank, in_ch, first_k)
@@ -310,18 +345,15 @@ def whitened_tucker2(
     """``tucker2`` fitted to the output error on inputs whose channels have the uncentred second moment
     ``input_moment`` (Cin x Cin; the positions of a kernel's window taken as uncorrelated).
 
-    With E[x xᵀ] = U S Uᵀ and L = U (S + d)^½, the weighted problem is the plain Tucker-2 of the kernel
-    whose input mode is multiplied by L; its input factor is mapped back by U (S + d)^-½. ``d`` is
-    WHITENING_DAMPING of the mean eigenvalue, as GPTQ dampens its Hessian: input directions that the
-    calibration data hardly excite would otherwise be scaled up without bound. Returns ``core``,
+    With the ``dampened`` moment U S Uᵀ and L = U S^½, the weighted problem is the plain Tucker-2 of
+    the kernel whose input mode is multiplied by L; its input factor is mapped back by U S^-½ (the
+    damping keeps it bounded where the calibration data hardly excite a direction). Returns ``core``,
     ``u_out`` and ``u_in`` as ``tucker2`` (``u_in`` no longer orthonormal), float64.
     """
-    values, vectors = torch.linalg.eigh(input_moment.double())
-    values = values.clamp_min(0)
-    if values.max() == 0:  # no input ever reached the layer
+    if not input_moment.diagonal().max() > 0:  # no input ever reached the layer
         return tucker2(weight, in_rank, out_rank)
-    values = values + WHITENING_DAMPING * values.mean()
-    root = values.sqrt()
+    values, vectors = torch.linalg.eigh(dampened(input_moment))
+    root = values.clamp_min(0).sqrt()
     whitened = torch.einsum("oi...,ij->oj...", weight.double(), vectors * root)
     dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
     core, u_out, u_in = tucker2(whitened.to(dtype), in_rank, out_rank)

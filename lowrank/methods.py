@@ -10,8 +10,9 @@ for ``tucker2``.
 Data-aware decomposition (``lowrank.calibration``) fits the new weights to the output error on
 calibration inputs instead of the weight error. Each method names the rows whose uncentred second
 moment it needs from a layer's call (``calibration_rows``): ``svd`` the layer's outputs without the
-bias, which gives the exact optimum; ``spatial`` its first factor's input patches; ``tucker2`` the
-input channels (both taking a kernel's window positions as uncorrelated).
+bias, or the inputs of a Linear or 1x1 conv with fewer inputs than outputs, which give the exact
+optimum; ``spatial`` its first factor's input windows; ``tucker2`` the input channels (both taking a
+kernel's window positions as uncorrelated). Every fit adds ``functional.DAMPING`` to the input moment.
 """
 
 import math
@@ -213,10 +214,29 @@ def _channels_last_rows(tensor: torch.Tensor, channel_axis: int) -> torch.Tensor
     return tensor.movedim(channel_axis, -1).reshape(-1, tensor.shape[channel_axis])
 
 
-def _square_root_matrix(moment: torch.Tensor) -> torch.Tensor:
-    """L with L Lᵀ = ``moment`` (symmetric positive semi-definite), float64."""
-    values, vectors = torch.linalg.eigh(moment.double())
-    return vectors * values.clamp_min(0).sqrt()
+def _patch_rows(layer: nn.Conv2d, inputs: torch.Tensor, axes: tuple[int, ...]) -> torch.Tensor:
+    """The windows of ``inputs`` that a conv reads with ``layer``'s kernel, stride, padding and dilation
+    along ``axes`` (0: height, 1: width) and none along the others, as rows (channels x window),
+    channels first as a kernel flattens. A string padding is taken as zeros: none for "valid", half
+    the dilated kernel for "same"; other padding modes as zeros."""
+
+    def along(values, fill):
+        return tuple(values[axis] if axis in axes else fill for axis in (0, 1))
+
+    if isinstance(layer.padding, str):
+        half = [d * (k - 1) // 2 for k, d in zip(layer.kernel_size, layer.dilation)]
+        padding = (0, 0) if layer.padding == "valid" else half
+    else:
+        padding = layer.padding
+    batched = inputs if inputs.dim() == 4 else inputs.unsqueeze(0)
+    patches = TF.unfold(
+        batched,
+        along(layer.kernel_size, 1),
+        dilation=along(layer.dilation, 1),
+        padding=along(padding, 0),
+        stride=along(layer.stride, 1),
+    )
+    return _channels_last_rows(patches, 1)
 
 
 class SVD(Method):
@@ -225,12 +245,29 @@ class SVD(Method):
 
     name = "svd"
 
+    @staticmethod
+    def fits_inputs(layer) -> bool:
+        """Whether the data-aware weights read the inputs' second moment (a Linear or 1x1 conv with fewer
+        inputs than outputs) rather than the outputs': the smaller of the two, and a k x k conv's
+        outputs, which are fewer than its input windows' values."""
+        weight = layer.weight
+        return weight[0].numel() < weight.shape[0] and (isinstance(layer, nn.Linear) or weight[0, 0].numel() == 1)
+
     def _matrices(self, layer, moment=None):
-        if moment is not None:  # W L with L Lᵀ = E[x xᵀ], as its Gram matrix W E[x xᵀ] Wᵀ = moment
-            return [_square_root_matrix(moment)]
-        return [layer.weight.detach().reshape(layer.weight.shape[0], -1)]
+        matrix = layer.weight.detach().reshape(layer.weight.shape[0], -1)
+        if moment is None:
+            return [matrix]
+        if self.fits_inputs(layer):  # W L, L Lᵀ the dampened input moment
+            return [matrix.double() @ F.square_root(F.dampened(moment))]
+        return [F.square_root(F.dampened_output(moment, matrix))]  # its Gram matrix is W L Lᵀ Wᵀ
 
     def calibration_rows(self, layer, inputs, output):
+        if self.fits_inputs(layer):
+            return (
+                inputs.reshape(-1, layer.in_features)
+                if isinstance(layer, nn.Linear)
+                else _patch_rows(layer, inputs, (0, 1))
+            )
         bias = layer.bias
         if bias is not None:
             output = output - (bias if isinstance(layer, nn.Linear) else bias[:, None, None])
@@ -263,8 +300,10 @@ class SVD(Method):
         matrix = self._matrices(layer)[0]
         if moment is None:
             left, right = F.low_rank_factors(matrix, rank)
+        elif self.fits_inputs(layer):
+            left, right = F.weighted_factors(matrix, rank, input_moment=F.dampened(moment))
         else:
-            left, right = F.output_weighted_factors(matrix, moment, rank)
+            left, right = F.weighted_factors(matrix, rank, output_moment=F.dampened_output(moment, matrix))
         shape = layer.weight.shape
         if isinstance(layer, nn.Linear):
             return [right, left]
@@ -293,32 +332,14 @@ class Spatial(Method):
 
     def _matrices(self, layer, moment=None):
         matrix = F.spatial_unfold(layer.weight.detach(), self.vertical_first(layer))
-        if moment is not None:  # Lᵀ M, with L Lᵀ the first factor's input patches' moment
-            return [_square_root_matrix(moment).T @ matrix.double()]
+        if moment is not None:  # Lᵀ M, with L Lᵀ the first factor's dampened input patches' moment
+            return [F.square_root(F.dampened(moment)).T @ matrix.double()]
         return [matrix]
 
     def calibration_rows(self, layer, inputs, output):
-        """The first factor's input patches, along its axis of the kernel: rows (Cin x kh) or (Cin x kw),
-        ordered as the rows of ``functional.spatial_unfold``. A string padding is taken as its zeros."""
-        axis = 0 if self.vertical_first(layer) else 1
-
-        def along(values, fill):
-            return (values[0], fill) if axis == 0 else (fill, values[1])
-
-        kernel = layer.kernel_size[axis]
-        if isinstance(layer.padding, str):  # "valid", or "same" (stride 1): half the dilated kernel
-            padding = 0 if layer.padding == "valid" else layer.dilation[axis] * (kernel - 1) // 2
-        else:
-            padding = layer.padding[axis]
-        batched = inputs if inputs.dim() == 4 else inputs.unsqueeze(0)
-        patches = TF.unfold(
-            batched,
-            along(layer.kernel_size, 1),
-            dilation=along(layer.dilation, 1),
-            padding=along((padding, padding), 0),
-            stride=along(layer.stride, 1),
-        )
-        return _channels_last_rows(patches, 1)
+        """The first factor's input windows, along its axis of the kernel: rows (Cin x kh) or (Cin x kw),
+        ordered as the rows of ``functional.spatial_unfold``."""
+        return _patch_rows(layer, inputs, (0 if self.vertical_first(layer) else 1,))
 
     def full_ranks(self, layer, vertical_first: bool | None = None):
         vertical = self.vertical_first(layer) if vertical_first is None else vertical_first
@@ -377,7 +398,7 @@ class Tucker2(Method):
     def _matrices(self, layer, moment=None):
         weight = layer.weight.detach()
         if moment is not None:  # the kernel's input mode multiplied by L, L Lᵀ = E[x xᵀ] of its input channels
-            weight = torch.einsum("oi...,ij->oj...", weight.double(), _square_root_matrix(moment))
+            weight = torch.einsum("oi...,ij->oj...", weight.double(), F.square_root(F.dampened(moment)))
         return [F.unfold(weight, 1), F.unfold(weight, 0)]
 
     def calibration_rows(self, layer, inputs, output):

@@ -85,7 +85,7 @@ def plan(model, policy: RankPolicy, conv_method: str, with_weights: bool, what: 
                 logger.info("Skip: %r: %s", name, reason)
             elif replacement:
                 replacements.append(replacement)
-    if budgeted:
+    if policy.allocates:  # also when no layer is left to it: the others alone may exceed it
         allocation = _allocate(model, policy, budgeted, replacements, skipped, observation, moments, with_weights)
         order = list(candidates)
         replacements.sort(key=lambda replacement: order.index(replacement.name))
@@ -215,7 +215,10 @@ def _allocate(model, policy, budgeted, replacements, skipped, observation, momen
     for name, option in chosen.items():
         layer, method = budgeted[name]
         if option.ranks is None:
-            skipped[name] = f"budget={budget} keeps it dense: other layers cost less error per multiply-add saved"
+            if len(options[name]) == 1:
+                skipped[name] = f"no rank of at least min_rank {policy.min_rank} makes it cheaper on example_input"
+            else:
+                skipped[name] = f"budget={budget} keeps it dense: other layers cost less error per multiply-add saved"
             logger.info("Skip: %r: %s", name, skipped[name])
         else:
             replacements.append(_replacement(name, layer, method, option.ranks, with_weights, moments.get(name)))

@@ -52,6 +52,7 @@ RUN_BY = {
     "benchmarks/latency.py": "tests/benchmarks/test_latency.py",
     "benchmarks/launch_overhead.py": "tests/benchmarks/test_launch_overhead.py",
     "benchmarks/resnet50_throughput.py": "tests/benchmarks/test_resnet50_throughput.py",
+    "benchmarks/quality.py": "tests/benchmarks/test_quality.py",
     "docs/diagram.py": "tests/test_docs.py",
 }
 # Commands that only set up the shell (the tests pass the same environment their own way).

@@ -116,6 +116,11 @@ def test_budget_errors(deep):
         lowrank.auto_decomposition(deep, budget=1.5, example_input=EXAMPLE)
     with pytest.raises(ValueError, match="budget=0.01: decomposing every layer it covers at its smallest ranks"):
         lowrank.auto_decomposition(deep, budget=0.01, example_input=EXAMPLE)
+    # No layer left to the budget: what the others do must still meet it.
+    with pytest.raises(ValueError, match="budget=0.5: .* leaves 1.000 of the dense model's multiply-adds"):
+        lowrank.auto_decomposition(deep, budget=0.5, exclude=[".*"], example_input=EXAMPLE)
+    with pytest.raises(ValueError, match="budget=0.1: .* leaves 0.[2-9]"):
+        lowrank.auto_decomposition(deep, budget=0.1, layers={r"features\.3\.0": {"rank": 48}}, example_input=EXAMPLE)
     assert isinstance(deep.fc, nn.Linear)  # nothing was decomposed
 
 

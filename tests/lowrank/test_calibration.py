@@ -8,8 +8,10 @@ import torch
 from torch import nn
 
 import lowrank
-from lowrank.calibration import digest
-from lowrank.functional import output_weighted_factors
+from lowrank import calibration, functional
+from lowrank.calibration import calibrate, digest
+from lowrank.functional import weighted_factors
+from lowrank.methods import METHODS
 
 
 def anisotropic(batches, shape, seed=0):
@@ -36,10 +38,14 @@ def composed_linear(sequential):
     return sequential[1].weight.double() @ sequential[0].weight.double()
 
 
-def test_a_linear_layer_gets_the_closed_form_optimum_for_its_input_covariance():
+@pytest.mark.parametrize("features", [(12, 10), (6, 16)], ids=["from-outputs", "from-inputs"])
+def test_a_linear_layer_gets_the_closed_form_optimum_for_its_input_covariance(features, monkeypatch):
+    """Without damping, the closed form [W L]_r L^-1 (L the Cholesky factor of the input covariance), from
+    the outputs' second moment or, with fewer inputs than outputs, from the inputs'."""
+    monkeypatch.setattr(functional, "DAMPING", 0.0)
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(12, 10))
-    batches = anisotropic(4, (12,))
+    model = nn.Sequential(nn.Linear(*features))
+    batches = anisotropic(4, features[:1])
     inputs = torch.cat(batches).double()
     covariance = inputs.T @ inputs / len(inputs)
     root = torch.linalg.cholesky(covariance)
@@ -77,11 +83,41 @@ def test_data_aware_weights_cut_the_output_error_on_held_out_inputs(layer, metho
     assert output_error(model, data_aware, held_out) < 0.9 * output_error(model, weight_only, held_out)
 
 
-def test_output_weighted_factors_at_full_rank_are_exact_even_for_singular_inputs():
+def test_weighted_factors_at_full_rank_are_exact_even_for_singular_inputs():
     weight = torch.randn(6, 8, dtype=torch.float64)
     inputs = torch.randn(100, 3, dtype=torch.float64) @ torch.randn(3, 8, dtype=torch.float64)  # rank 3 of 8
-    left, right = output_weighted_factors(weight, weight @ (inputs.T @ inputs) @ weight.T, 6)
-    torch.testing.assert_close(left @ right, weight)
+    moment = inputs.T @ inputs
+    for given in ({"output_moment": weight @ moment @ weight.T}, {"input_moment": moment}):
+        left, right = weighted_factors(weight, 6, **given)
+        torch.testing.assert_close(left @ right, weight)
+
+
+def test_directions_the_calibration_data_never_excite_are_fitted_as_the_weights_have_them():
+    """Inputs in a 4-dimensional subspace, rank 8: the damping fits the other 4 directions to the
+    weights, where an undamped fit would take arbitrary ones."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 32))
+    subspace = torch.randn(4, 32)
+    batches = [torch.randn(32, 4) @ subspace for _ in range(2)]
+    decomposed, _ = lowrank.auto_decomposition(copy.deepcopy(model), rank=8, min_rank=1, calibration=batches)
+    weight_only, _ = lowrank.auto_decomposition(copy.deepcopy(model), rank=8, min_rank=1)
+    in_subspace, anywhere = torch.randn(64, 4) @ subspace, torch.randn(64, 32)
+    assert output_error(model, decomposed, in_subspace) < 1e-2
+    assert output_error(model, decomposed, anywhere) < 1.2 * output_error(model, weight_only, anywhere)
+
+
+def test_large_calls_are_sampled_at_random_positions_and_weighted_by_their_size(monkeypatch):
+    """A regular stride through (image, row, column) positions would see the same columns of every
+    image: here only the first, whose channels differ from the others'."""
+    monkeypatch.setattr(calibration, "MAX_ROWS", 512)
+    layer = nn.Conv2d(4, 8, 3, padding=1)
+    images = torch.randn(32, 4, 8, 8)
+    images[..., 0] *= 4  # the first column of every image
+    small = 100 * torch.randn(1, 4, 2, 2)  # a call of 4 rows, which must weigh 4 against 2048
+    moment = calibrate(nn.Sequential(layer), {"0": (layer, METHODS["tucker2"])}, [images, small]).moments["0"]
+    rows = torch.cat([images.movedim(1, -1).reshape(-1, 4), small.movedim(1, -1).reshape(-1, 4)]).double()
+    expected = rows.T @ rows / len(rows)
+    assert (moment - expected).norm() < 0.15 * expected.norm()
 
 
 class Branches(nn.Module):
@@ -159,3 +195,38 @@ def test_bad_calibration_input_is_named():
     with pytest.raises(ValueError, match="the model does not run on batch 0 .*without the labels"):
         lowrank.auto_decomposition(model, ratio=0.5, calibration=labelled)
     assert isinstance(model[0], nn.Linear)  # nothing was decomposed
+
+
+def test_a_failure_to_gather_statistics_is_not_blamed_on_the_batch(monkeypatch):
+    def fail(*args):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(METHODS["svd"], "calibration_rows", fail)
+    model = nn.Sequential(nn.Linear(4, 4))
+    with pytest.raises(ValueError, match=r"the statistics of '0' could not be gathered \(RuntimeError: out of memory"):
+        lowrank.auto_decomposition(model, rank=2, min_rank=1, calibration=[torch.randn(2, 4)])
+    assert isinstance(model[0], nn.Linear) and not model[0]._forward_hooks
+
+
+def test_the_digest_reads_the_keys_of_keyword_batches():
+    x, mask = torch.zeros(2), torch.ones(2)
+    assert digest([{"x": x, "mask": mask}]) != digest([{"mask": x, "x": mask}])
+
+
+def test_decompose_with_a_config_file_fits_the_data_and_every_process_builds_the_same_budget(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(12, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1))
+    batches, held_out = anisotropic(3, (12, 8, 8)), anisotropic(1, (12, 8, 8), seed=1)[0]
+    options = {"divisor": 1, "min_rank": 1}
+    fitted = lowrank.Decompose(model, tmp_path / "a.json", method="spatial").from_ratio(
+        0.4, calibration=iter(batches), **options
+    )
+    weight_only = lowrank.Decompose(model, tmp_path / "b.json", method="spatial").from_ratio(0.4, **options)
+    assert output_error(model, fitted.decompose_network(), held_out) < 0.9 * output_error(
+        model, weight_only.decompose_network(), held_out
+    )
+    budget = {"budget": 0.4, "example_input": held_out[:1], **options}
+    weights = lowrank.Decompose(model, method="spatial").from_dict({}, **budget).decompose_network(datasets=batches)
+    structure = lowrank.Decompose(model, method="spatial").from_dict({}, **budget)
+    structure = structure.decompose_network(do_decompose_weight=False, datasets=batches)
+    assert [p.shape for p in structure.parameters()] == [p.shape for p in weights.parameters()]
