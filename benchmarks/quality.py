@@ -401,7 +401,7 @@ def plot(results, path):
 def main(args):
     if args.quick:
         args.ratios, args.steps, args.baseline_steps, args.calibration_batches = [0.15], 2, 4, 2
-        args.test_images, args.held_out, args.resnet_batch = 64, 16, 2
+        args.test_images, args.held_out, args.resnet_batch, args.networks = 64, 16, 2, ["DeepNet"]
     torch.manual_seed(SEED)
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -468,7 +468,7 @@ def get_args_parser():
     parser.add_argument(
         "--quick",
         action="store_true",
-        help="ratio 0.15, 2 steps, 2 calibration batches, 64 test images, ResNet-18 on 32x32: a smoke test",
+        help="DeepNet at ratio 0.15, 2 steps, 2 calibration batches, 64 test images, ResNet-18 on 32x32: a smoke test",
     )
     return parser
 

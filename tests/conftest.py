@@ -168,3 +168,21 @@ def idx_dataset(root, train=96, test=32, size=(28, 28), seed=0):
         idx(raw / f"{split}-images-idx3-ubyte", images.shape, images.numpy().tobytes())
         idx(raw / f"{split}-labels-idx1-ubyte", labels.shape, labels.numpy().tobytes())
     return raw
+
+
+@pytest.fixture(scope="session")
+def few(mnist_subset):
+    """The flags of a short run on the MNIST subset; one test batch holds its whole test set."""
+    test_images = MNIST_SUBSET["t10k"]
+    flags = ["--steps", "6", "--log-steps", "3", "--train-batch-size", "32", "--test-batch-size", str(test_images)]
+    return ["--data-path", str(mnist_subset), *flags]
+
+
+@pytest.fixture(scope="session")
+def baseline(tmp_path_factory, few):
+    """The MNIST baseline of ``few`` steps, one process: its weights, next to its results.json."""
+    out = tmp_path_factory.mktemp("baseline")
+    command = [sys.executable, str(RECIPES / "mnist_baseline.py"), *few, "--output-dir", out]
+    result = run([*command, "--save-path", out / "baseline.pth"])
+    assert "[Train] Step[6/6] Loss:" in result.stdout and "[Test] Loss:" in result.stdout
+    return out / "baseline.pth"

@@ -1,4 +1,5 @@
 import json
+import shutil
 
 import pytest
 import torch
@@ -13,9 +14,12 @@ from tests.conftest import needs_data
 @pytest.mark.slow
 @pytest.mark.integration
 @needs_data
-def test_quick_accuracy_benchmark_runs_the_recipes(tmp_path, mnist_subset):
+def test_quick_accuracy_benchmark_runs_the_recipes(tmp_path, mnist_subset, baseline):
     output = tmp_path / "accuracy_mnist.json"
-    stdout = run_quick("accuracy_mnist.py", output, "--data-path", mnist_subset, "--output-dir", tmp_path / "runs")
+    # --reuse takes the session's baseline run, as an interrupted benchmark takes its own.
+    shutil.copytree(baseline.parent, tmp_path / "runs" / "baseline")
+    arguments = ["--data-path", mnist_subset, "--output-dir", tmp_path / "runs", "--reuse"]
+    stdout = run_quick("accuracy_mnist.py", output, *arguments)
     assert "before finetune" in stdout
     figures = json.loads(output.read_text())
     (row,) = figures["rows"]

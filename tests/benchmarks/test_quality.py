@@ -14,6 +14,7 @@ def test_quick_quality_benchmark_measures_every_variant(tmp_path, mnist_subset):
     stdout = run_quick("quality.py", output, "--data-path", mnist_subset, "--output-dir", tmp_path / "runs")
     assert "Targets:" in stdout and "calibration adds at most 10%" in stdout
     figures = json.loads(output.read_text())
+    assert list(figures["networks"]) == ["DeepNet"]
     for name, network in figures["networks"].items():
         variants = {(row["target"], row["variant"]) for row in network["rows"]}
         assert variants == {

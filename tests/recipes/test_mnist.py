@@ -44,13 +44,6 @@ TEST_IMAGES = MNIST_SUBSET["t10k"]
 CALIBRATED = ["--budget", "0.3", "--calibration-batches", "2"]
 
 
-@pytest.fixture(scope="session")
-def few(mnist_subset):
-    """The flags of a short run on the MNIST subset; one test batch holds its whole test set."""
-    flags = ["--steps", "6", "--log-steps", "3", "--train-batch-size", "32", "--test-batch-size", str(TEST_IMAGES)]
-    return ["--data-path", str(mnist_subset), *flags]
-
-
 def scalars(run_dir):
     """Scalars of one TensorBoard run folder (the hyperparameters sit in a sub-run of their own)."""
     events = EventAccumulator(str(run_dir))
@@ -182,24 +175,6 @@ def test_a_batch_larger_than_the_training_set_is_named(tmp_path):
     result = run([sys.executable, str(RECIPES / "mnist_baseline.py"), *args], check=False, timeout=120)
     assert result.returncode != 0
     assert "--train-batch-size 60001 x 1 process(es) needs at least 60001 training samples" in result.stderr
-
-
-@pytest.fixture(scope="module")
-def baseline(tmp_path_factory, few):
-    out = tmp_path_factory.mktemp("baseline")
-    result = run(
-        [
-            sys.executable,
-            str(RECIPES / "mnist_baseline.py"),
-            *few,
-            "--output-dir",
-            out,
-            "--save-path",
-            out / "baseline.pth",
-        ]
-    )
-    assert "[Train] Step[6/6] Loss:" in result.stdout and "[Test] Loss:" in result.stdout
-    return out / "baseline.pth"
 
 
 @pytest.fixture(scope="module")
