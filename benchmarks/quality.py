@@ -179,8 +179,9 @@ def layer_errors(dense, decomposed, changes, images) -> dict[str, float]:
 
 
 def ranks_of(model, changes) -> dict[str, int]:
-    """The rank of each replaced layer: its first module's output channels."""
-    return {name: model.get_submodule(name)[0].out_channels for name in changes}
+    """The rank of each replaced layer: its first module's outputs."""
+    firsts = {name: model.get_submodule(name)[0] for name in changes}
+    return {name: getattr(first, "out_channels", None) or first.out_features for name, first in firsts.items()}
 
 
 def baseline(name, settings, train_set, out: Path, reuse: bool, steps: int):
