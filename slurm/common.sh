@@ -56,6 +56,7 @@ job_ref() {
 # to the job step as SIGTERM, which the launchers forward to their workers, and the runner turns into
 # a checkpoint and exit code 75.
 signal_step() {
+    signalled=1
     echo "[slurm] USR1: asking the workers to save a checkpoint"
     # A job step that srun is still creating would miss the signal, and run on until the time limit.
     for _ in $(seq 30); do
@@ -88,6 +89,8 @@ requeue_if_preempted() {
 # preempted run or exits with the step's status.
 wait_and_exit() {
     local status=0
+    # A USR1 that came after srun started but before $srun_pid was set found nothing to signal.
+    [[ -z $preempted || -n $signalled ]] || signal_step
     wait "$srun_pid" || status=$?
     # The trap interrupts wait: wait again until the job step has really ended.
     while kill -0 "$srun_pid" 2>/dev/null; do

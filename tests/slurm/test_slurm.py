@@ -207,6 +207,23 @@ def test_an_array_task_signals_and_requeues_itself_not_the_array(tmp_path, scrip
     assert (tmp_path / "stubs" / "scancel.log").read_text().splitlines() == ["--signal=TERM 7_0"], log
 
 
+def test_a_usr1_before_the_step_pid_is_known_still_signals_the_step(tmp_path):
+    """A USR1 that comes between srun's start and ``srun_pid=$!`` (a loaded node) finds no step to
+    signal in the trap: wait_and_exit signals it, once."""
+    stubs = tmp_path / "stubs"
+    stubs.mkdir()
+    for name in ("squeue", "scancel", "scontrol"):
+        (stubs / name).write_text(STUBS[name])
+        (stubs / name).chmod(0o755)
+    script = f"source {SLURM / 'common.sh'}; preempted=1; sleep 1 & srun_pid=$!; wait_and_exit"
+    env = {"PATH": f"{stubs}{os.pathsep}{os.environ['PATH']}", "STUB_DIR": str(stubs), "SLURM_JOB_ID": "7"}
+    result = subprocess.run(
+        ["bash", "-c", script], env={**env, "OUTPUT_DIR": str(tmp_path)}, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert (stubs / "scancel.log").read_text().splitlines() == ["--signal=TERM 7"]
+
+
 def free_port_block(count):
     """The first of ``count`` consecutive TCP ports free right now on localhost."""
     for _ in range(100):
