@@ -11,7 +11,8 @@ Run from the repository root (about 30 minutes on 2 idle CPU cores):
 For each network: the dense baseline is trained once (saved in ``--output-dir``; ``--reuse`` takes it
 again), and 8 training batches, read in order, are the calibration data. Then, at each model FLOPs
 ratio of ``--ratios`` (multiply-adds of one 1x28x28 image, decomposed over dense), with the spatial
-method and ranks down to 1:
+method and lowrank's default ``min_rank=8`` (lower for every variant where a uniform ratio cannot reach
+the target with it):
 
 1. ``uniform``: ``ratio=r``, every layer cut to the same fraction of its FLOPs, from its weights, with
    the largest ``r`` whose model stays within the FLOPs ratio;
@@ -64,6 +65,7 @@ CALIBRATION_BATCHES, CALIBRATION_BATCH = 8, 128
 FINETUNE_BATCH, FINETUNE_LR = 64, 0.001
 HELD_OUT = 512  # test images for the per-layer output errors (not calibration data)
 VARIANTS = ("uniform", "data-aware", "budget", "budget+distill")
+MIN_RANKS = (8, 4, 2, 1)  # lowrank's default first
 SEED = 0
 
 
@@ -131,29 +133,32 @@ def flops_ratio(model, dense_flops) -> float:
 
 
 def decompose(model, **options):
-    """The spatial decomposition of a copy of ``model``, ranks down to 1 (the default ``min_rank=8`` would
-    leave DeepNet's 32-channel conv dense below a ratio of 0.125, out of a uniform ratio's reach)."""
-    return lowrank.auto_decomposition(copy.deepcopy(model), method="spatial", min_rank=1, **options)
+    """The spatial decomposition of a copy of ``model``."""
+    return lowrank.auto_decomposition(copy.deepcopy(model), method="spatial", **options)
 
 
-def uniform_ratio(model, target, dense_flops) -> float:
-    """The largest per-layer ratio (to 1e-3) whose decomposed model stays within ``target`` of the FLOPs.
-    Not a bisection over (0, 1]: below some ratio a layer's rank falls under min_rank and it stays
-    dense, so the FLOPs rise again. A scan from 1 down finds the first ratio that fits, and a
-    bisection refines it within the step above."""
+def uniform_ratio(model, target, dense_flops) -> tuple[float, int]:
+    """The largest per-layer ratio (to 1e-3) whose decomposed model stays within ``target`` of the FLOPs,
+    and the min_rank it needs: the default 8, or less where no ratio reaches the target with it (a
+    layer whose rank would fall below min_rank stays dense: DeepNet's 32-channel conv below 0.125).
+    Not a bisection over (0, 1], since the FLOPs rise again where a layer stays dense: a scan from 1
+    down finds the first ratio that fits, and a bisection refines it within the step above."""
 
-    def fits(ratio):
-        return flops_ratio(decompose(model, ratio=ratio)[0], dense_flops) <= target
+    def fits(ratio, min_rank):
+        return flops_ratio(decompose(model, ratio=ratio, min_rank=min_rank)[0], dense_flops) <= target
 
     step = 0.02
-    low = next((1 - step * index for index in range(int(1 / step)) if fits(1 - step * index)), None)
-    if low is None:
+    for min_rank in MIN_RANKS:
+        low = next((1 - step * i for i in range(int(1 / step)) if fits(1 - step * i, min_rank)), None)
+        if low is not None:
+            break
+    else:
         raise SystemExit(f"no uniform ratio reaches a FLOPs ratio of {target}")
     high = low + step
     while high - low > 1e-3:
         middle = (low + high) / 2
-        low, high = (middle, high) if fits(middle) else (low, middle)
-    return low
+        low, high = (middle, high) if fits(middle, min_rank) else (low, middle)
+    return low, min_rank
 
 
 @torch.no_grad()
@@ -206,11 +211,13 @@ def evaluate_network(name, settings, data, args, out):
     result = {"dense_accuracy": accuracy(dense, test_set), "dense_flops": dense_flops, "rows": []}
     print(f"{name}: dense accuracy {100 * result['dense_accuracy']:.2f}%, {dense_flops:,} FLOPs", flush=True)
     for target in args.ratios:
-        ratio = uniform_ratio(dense, target, dense_flops)
+        ratio, min_rank = uniform_ratio(dense, target, dense_flops)
         built = {
-            "uniform": decompose(dense, ratio=ratio),
-            "data-aware": decompose(dense, ratio=ratio, calibration=calibration),
-            "budget": decompose(dense, budget=target, example_input=EXAMPLE, calibration=calibration),
+            "uniform": decompose(dense, ratio=ratio, min_rank=min_rank),
+            "data-aware": decompose(dense, ratio=ratio, min_rank=min_rank, calibration=calibration),
+            "budget": decompose(
+                dense, budget=target, min_rank=min_rank, example_input=EXAMPLE, calibration=calibration
+            ),
         }
         built["budget+distill"] = (copy.deepcopy(built["budget"][0]), built["budget"][1])
         for variant in VARIANTS:
@@ -220,6 +227,7 @@ def evaluate_network(name, settings, data, args, out):
                 "target": target,
                 "variant": variant,
                 "uniform_ratio": ratio if variant in ("uniform", "data-aware") else None,
+                "min_rank": min_rank,
                 "flops_ratio": flops_ratio(model, dense_flops),
                 "params": lowrank.count_parameters(model),
                 "ranks": ranks_of(model, changes),
