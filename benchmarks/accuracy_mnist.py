@@ -36,9 +36,9 @@ from common import (
     machine_info,
     machine_line,
     output_path,
+    publish,
     pyplot,
     save_figure,
-    save_json,
     table,
 )
 
@@ -165,13 +165,7 @@ def main(args):
         for method in args.methods:
             results["rows"].append(run_policy(method, name, baseline, common, out, args.reuse))
     results["machine"]["load_average_at_end"] = os.getloadavg()
-    print()
-    print(report(results))
-    save_json(results, output)
-    print(f"\nSaved {output}")
-    figure = Path(output).with_suffix(".png")
-    plot(results, figure)
-    print(f"Saved {figure}")
+    publish(results, output, report, plot)
 
 
 def get_args_parser():

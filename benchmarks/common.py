@@ -86,6 +86,18 @@ def save_json(results, path) -> None:
     atomic_write(path, lambda file: json.dump(results, file, indent=2, default=str), binary=False)
 
 
+def publish(results, output, report, plot) -> None:
+    """A benchmark's end: prints ``report(results)``, saves the JSON at ``output`` and draws
+    ``plot(results, path)`` into the PNG next to it."""
+    print()
+    print(report(results))
+    save_json(results, output)
+    print(f"\nSaved {output}")
+    figure = Path(output).with_suffix(".png")
+    plot(results, figure)
+    print(f"Saved {figure}")
+
+
 def pyplot():
     """matplotlib's pyplot on the Agg backend (files only, no display needed)."""
     import matplotlib

@@ -50,9 +50,9 @@ from common import (
     machine_info,
     machine_line,
     output_path,
+    publish,
     pyplot,
     save_figure,
-    save_json,
     table,
     verdict,
 )
@@ -113,13 +113,7 @@ def main(args):
             verdict(median["online_cached"] <= median["offline"] + CACHED_SLACK_S),
         )
     ]
-    print()
-    print(report(results))
-    save_json(results, output)
-    print(f"\nSaved {output}")
-    figure = Path(output).with_suffix(".png")
-    plot(results, figure)
-    print(f"Saved {figure}")
+    publish(results, output, report, plot)
 
 
 def report(results):

@@ -47,9 +47,9 @@ from common import (
     machine_info,
     machine_line,
     output_path,
+    publish,
     pyplot,
     save_figure,
-    save_json,
     table,
     verdict,
 )
@@ -436,13 +436,7 @@ def main(args):
     calibration = [images for images, _ in itertools.islice(loader, args.calibration_batches)]
     results["timing"] = timing(args, net, calibration)
     results["machine"]["load_average_at_end"] = os.getloadavg()
-    print()
-    print(report(results))
-    save_json(results, output)
-    print(f"\nSaved {output}")
-    figure = Path(output).with_suffix(".png")
-    plot(results, figure)
-    print(f"Saved {figure}")
+    publish(results, output, report, plot)
 
 
 def get_args_parser():
