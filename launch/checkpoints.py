@@ -50,6 +50,7 @@ MODEL_SETTINGS = {
     "divisor": "--divisor",
     "budget": "--budget",
     "calibration_batches": "--calibration-batches",
+    "sequential_calibration": "--sequential-calibration",
     # DeepSpeed saves the model and its ZeRO shards its own way, which only DeepSpeed with as many processes reads.
     "deepspeed": "the launcher's DeepSpeed",
     # Nor does DeepSpeed load one stage's shards under another (it fails with a bare AssertionError).
@@ -114,6 +115,7 @@ def _saved_settings(checkpoint: Path) -> tuple[dict | None, str | None]:
     saved.setdefault("divisor", 1)  # saved before --divisor existed: ranks not rounded
     saved.setdefault("distill", False)  # saved before --distill existed: trained on the task loss alone
     saved.setdefault("calibration_batches", 0)  # saved before it existed: decomposed from the weights alone
+    saved.setdefault("sequential_calibration", False)
     for name, size in saved.get("files", {}).items():  # checkpoints of the previous release have no sizes
         path = checkpoint / name
         if not path.is_file():

@@ -35,16 +35,18 @@ class CalibrationError(ValueError):
 
 @dataclass
 class Calibration:
-    """What the pass gathered: per layer name, E[r rᵀ] (float64); the number of batches read and a
-    digest of their values."""
+    """What the pass gathered: per layer name, E[r rᵀ] (float64), in the order of the layers' first
+    calls; the number of batches read and a digest of their values; whether the weights are then
+    fitted layer after layer (``lowrank.sequential``)."""
 
     moments: dict[str, torch.Tensor]
     batches: int
     digest: str
+    sequential: bool = False
 
     def describe(self) -> dict:
         """For the info file: the weights came from these inputs (the structure replays without them)."""
-        return {"batches": self.batches, "sha256": self.digest}
+        return {"batches": self.batches, "sha256": self.digest, "sequential": self.sequential}
 
 
 def batch_arguments(batch) -> tuple[tuple, dict]:

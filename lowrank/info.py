@@ -68,6 +68,7 @@ class Replacement:
     after: Cost
     weights: list[torch.Tensor] = field(default_factory=list, repr=False)
     calibrated: bool = False  # the weights were fitted to calibration data
+    bias: torch.Tensor | None = field(default=None, repr=False)  # a fitted bias; None: the layer's own
 
     @property
     def new_names(self) -> list[str]:

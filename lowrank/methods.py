@@ -201,6 +201,10 @@ class Method:
         """From one call of ``layer``: the rows (n, d) whose second moment the data-aware weights need."""
         raise NotImplementedError
 
+    def fits_outputs(self, layer: nn.Module) -> bool:
+        """Whether ``calibration_rows`` are the layer's outputs (else they come from its inputs alone)."""
+        return False
+
     def weights(
         self, layer: nn.Module, ranks: tuple[int, ...], moment: torch.Tensor | None = None
     ) -> list[torch.Tensor]:
@@ -239,6 +243,11 @@ def _patch_rows(layer: nn.Conv2d, inputs: torch.Tensor, axes: tuple[int, ...]) -
     return _channels_last_rows(patches, 1)
 
 
+def kernel_rows(layer: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
+    """The input values that a Linear layer's or a conv's kernel reads, as rows (``_patch_rows``)."""
+    return inputs.reshape(-1, layer.in_features) if isinstance(layer, nn.Linear) else _patch_rows(layer, inputs, (0, 1))
+
+
 class SVD(Method):
     """``Linear`` -> Linear(in, r) -> Linear(r, out); ``Conv2d`` -> the layer's kernel to r channels, then
     a 1x1 conv (stride, padding and dilation stay on the first)."""
@@ -261,13 +270,12 @@ class SVD(Method):
             return [matrix.double() @ F.square_root(F.dampened(moment))]
         return [F.square_root(F.dampened_output(moment, matrix))]  # its Gram matrix is W L Lᵀ Wᵀ
 
+    def fits_outputs(self, layer):
+        return not self.fits_inputs(layer)
+
     def calibration_rows(self, layer, inputs, output):
         if self.fits_inputs(layer):
-            return (
-                inputs.reshape(-1, layer.in_features)
-                if isinstance(layer, nn.Linear)
-                else _patch_rows(layer, inputs, (0, 1))
-            )
+            return kernel_rows(layer, inputs)
         bias = layer.bias
         if bias is not None:
             output = output - (bias if isinstance(layer, nn.Linear) else bias[:, None, None])

@@ -240,3 +240,15 @@ def _own_attributes(layer: nn.Module) -> dict:
         for name, value in vars(layer).items()
         if name not in STANDARD_ATTRIBUTES and name not in config and not isinstance(value, nn.Module)
     }
+
+
+@torch.no_grad()
+def fill(layer: nn.Module, new: nn.Sequential, weights: list[torch.Tensor], bias: torch.Tensor | None = None):
+    """``new`` with ``weights`` copied in (cast to its dtype) and on its last module ``bias``, or without
+    one ``layer``'s bias; as it is when there are no weights."""
+    if weights:  # every parameter of the uninitialised modules is filled in
+        for module, value in zip(new, weights, strict=True):
+            module.weight.copy_(value)
+        if getattr(layer, "bias", None) is not None:  # the only bias, on the last module
+            new[-1].bias.copy_(layer.bias if bias is None else bias)
+    return new

@@ -23,8 +23,8 @@ from .info import DecomposeInfoError
 from .io import atomic_write
 from .log import logger
 from .methods import METHODS, linear_spec
-from .modules import build_replacement
-from .plan import fill, log_done, swap
+from .modules import build_replacement, fill
+from .plan import log_done, swap
 from .stats import count_parameters
 
 VBMF = "vbmf"

@@ -2,6 +2,8 @@
 ranks, the new weights); the replacements are built without touching the model; then they are
 swapped in. An error while planning or building leaves the model whole."""
 
+import dataclasses
+import itertools
 import math
 import os
 import time
@@ -20,9 +22,10 @@ from .eligibility import LAYER_TYPES, scan
 from .info import Replacement, new_names, write_info
 from .log import logger
 from .methods import chain_macs, dense_cost, layer_spec, method_for, output_shape_changes
-from .modules import build_replacement
+from .modules import build_replacement, fill
 from .observe import Observation, observe
 from .policy import RankPolicy
+from .sequential import refit
 from .stats import count_flops, count_parameters
 
 
@@ -67,6 +70,10 @@ def plan(model, policy: RankPolicy, conv_method: str, with_weights: bool, what: 
         example = f", such as {max(layers, key=lambda name: name.count('.'))!r}" if any(layers) else ""
         logger.warning("%s matches no conv or linear layer (expressions match whole names%s)", unmatched, example)
     observation = _observe(model, policy, candidates)
+    sequential = with_weights and policy.sequential
+    if sequential:  # read once, for the calibration pass and then two passes per layer
+        batches = list(itertools.islice(policy.calibration, policy.calibration_batches))
+        policy = dataclasses.replace(policy, calibration=batches, calibration_batches=None)
     calibrated = with_weights or policy.allocates  # the budget's errors are measured on the data too
     calibration = _calibrate(model, policy, candidates, conv_method, observation) if calibrated else None
     moments = calibration.moments if calibration else {}
@@ -89,6 +96,9 @@ def plan(model, policy: RankPolicy, conv_method: str, with_weights: bool, what: 
         allocation = _allocate(model, policy, budgeted, replacements, skipped, observation, moments, with_weights)
         order = list(candidates)
         replacements.sort(key=lambda replacement: order.index(replacement.name))
+    if sequential:
+        calibration.sequential = True
+        refit(model, replacements, policy.calibration, moments)
     return Plan(replacements, skipped, measurements, calibration, allocation)
 
 
@@ -167,10 +177,12 @@ def _plan_layer(
     reason = output_shape_changes(layer, specs)
     if reason:
         return reason, None
-    return None, _replacement(name, layer, method, ranks, with_weights, moment)
+    return None, _replacement(name, layer, method, ranks, with_weights and not policy.sequential, moment)
 
 
 def _replacement(name, layer, method, ranks, with_weights, moment) -> Replacement:
+    """The plan of one layer; with its weights when ``with_weights`` (which sequential fits leave to
+    ``lowrank.sequential.refit``, once every layer has its ranks)."""
     replacement = Replacement(
         name, method.name, ranks, method.specs(layer, ranks), before=dense_cost(layer), after=method.cost(layer, ranks)
     )
@@ -221,7 +233,11 @@ def _allocate(model, policy, budgeted, replacements, skipped, observation, momen
                 skipped[name] = f"budget={budget} keeps it dense: other layers cost less error per multiply-add saved"
             logger.info("Skip: %r: %s", name, skipped[name])
         else:
-            replacements.append(_replacement(name, layer, method, option.ranks, with_weights, moments.get(name)))
+            replacements.append(
+                _replacement(
+                    name, layer, method, option.ranks, with_weights and not policy.sequential, moments.get(name)
+                )
+            )
     total = dense_total - fixed_savings - sum(options[name][0].macs - option.macs for name, option in chosen.items())
     logger.info(
         "budget=%s: multiply-adds on example_input %d -> %d (%.4f of the dense model's)",
@@ -259,6 +275,7 @@ def build(model: nn.Module, replacements: list[Replacement]) -> list[tuple[str, 
             layer,
             build_replacement(layer, replacement.specs, replacement.method, initialise=not replacement.weights),
             replacement.weights,
+            replacement.bias,
         )
         # Layers that shared a weight (or bias) Parameter share their replacements' (AMCT keeps them tied).
         for original, attribute, news in ((layer.weight, "weight", new), (layer.bias, "bias", new[-1:])):
@@ -271,18 +288,6 @@ def build(model: nn.Module, replacements: list[Replacement]) -> list[tuple[str, 
                 tied[id(original)] = list(news)
         built.append((replacement.name, new))
     return built
-
-
-@torch.no_grad()
-def fill(layer: nn.Module, new: nn.Sequential, weights: list[torch.Tensor]) -> nn.Sequential:
-    """``new`` with ``weights`` copied in (cast to its dtype) and ``layer``'s bias on its last module;
-    as it is when there are no weights."""
-    if weights:  # every parameter of the uninitialised modules is filled in
-        for module, value in zip(new, weights, strict=True):
-            module.weight.copy_(value)
-        if getattr(layer, "bias", None) is not None:  # the only bias, on the last module
-            new[-1].bias.copy_(layer.bias)
-    return new
 
 
 def swap(model: nn.Module, built: list[tuple[str, nn.Sequential]]) -> tuple[nn.Module, dict[str, list[str]]]:

@@ -149,6 +149,9 @@ class RankPolicy:
     # recorded; the info file records how many were read and their digest.
     calibration: object = field(default=None, repr=False)
     calibration_batches: int | None = None
+    # With calibration: the layers fitted one after another, each correcting the error of those before it
+    # (lowrank.sequential); the info file's calibration record says so.
+    sequential: bool = False
     default: Rule | None = field(init=False, default=None)
 
     def __post_init__(self):
@@ -181,6 +184,12 @@ class RankPolicy:
             check_batches(self.calibration, self.calibration_batches)
         elif self.calibration_batches is not None:
             raise ValueError("calibration_batches caps the batches read from calibration=, which was not given")
+        if not isinstance(self.sequential, bool):
+            raise ValueError(f"sequential must be True or False, got {self.sequential!r}")
+        if self.sequential and self.calibration is None:
+            raise ValueError(
+                "sequential=True fits the layers to calibration data, one after another: give calibration="
+            )
         if self.allocates and self.example_input is None:
             raise ValueError(
                 "budget needs example_input=<a tensor, a tuple of the model's positional arguments or a dict of its "

@@ -42,6 +42,8 @@ def test_the_rank_rule_flags_give_the_decomposition():
     example = object()  # the recipe's example input, on which the budget counts multiply-adds
     budget = {"method": "spatial", "budget": 0.3, "example_input": example}
     assert policy_of(parse("--budget", "0.3"), example) == budget
+    sequential = parse("--budget", "0.3", "--calibration-batches", "2", "--sequential-calibration")
+    assert policy_of(sequential, example) == budget | {"sequential": True}  # the barrier adds the batches
 
 
 @pytest.mark.parametrize(
@@ -161,6 +163,27 @@ def test_decomposition_flags_without_tensor_decompose_are_refused(tmp_path):
         ("online", ["--pretrained-path", "{pretrained}", "--budget", "0.3", "--calibration-batches", "8"], None),
         # AMCT's choice, the MNIST recipes' default, has no data-aware form: a rank flag must say which rules.
         ("online", ["--pretrained-path", "{pretrained}", "--calibration-batches", "8"], "--calibration-batches: AMCT"),
+        ("online", ["--pretrained-path", "{pretrained}", "--ratio", "0.3", "--sequential-calibration"], "--sequential"),
+        (
+            "online",
+            ["--pretrained-path", "{pretrained}", "--calibration-batches", "8", "--sequential-calibration"],
+            "--seq",
+        ),
+        ("offline", ["--sequential-calibration"], "--sequential-calibration fits lowrank's rules"),
+        ("offline", ["--ratio", "0.3", "--calibration-batches", "2", "--sequential-calibration"], "--ratio, --calib"),
+        (
+            "online",
+            [
+                "--pretrained-path",
+                "{pretrained}",
+                "--ratio",
+                "0.3",
+                "--calibration-batches",
+                "2",
+                "--sequential-calibration",
+            ],
+            None,
+        ),
     ],
 )
 def test_flags_the_mode_would_ignore_are_refused(tmp_path, run_mode, argv, message):

@@ -156,7 +156,7 @@ def test_the_info_file_records_the_calibration_and_replays_without_it(tmp_path, 
     assert set(changes) == {"conv", "head", "unused"}
     assert any("No calibration input reached unused" in message for message in lowrank_log)
     document = json.loads(info.read_text())
-    assert document["policy"]["calibration"] == {"batches": 2, "sha256": digest(batches[:2])}
+    assert document["policy"]["calibration"] == {"batches": 2, "sha256": digest(batches[:2]), "sequential": False}
     calibrated = {layer["name"]: layer.get("calibrated", False) for layer in document["layers"]}
     assert calibrated == {"conv": True, "head": True, "unused": False}
 

@@ -40,8 +40,8 @@ from tests.conftest import (
 )
 
 TEST_IMAGES = MNIST_SUBSET["t10k"]
-# lowrank's data-aware budget, which the online run below and the offline step 1 share.
-CALIBRATED = ["--budget", "0.3", "--calibration-batches", "2"]
+# lowrank's data-aware budget, fitted layer after layer, which the online run below and the offline step 1 share.
+CALIBRATED = ["--budget", "0.3", "--calibration-batches", "2", "--sequential-calibration"]
 
 
 def scalars(run_dir):
@@ -224,7 +224,8 @@ def test_online_on_two_processes(online, baseline):
     assert "[Decompose] fitting the decomposition to 2 training batch(es) of 32" in result.stdout
     assert result.stdout.count("[Decompose] fitting") == 1
     policy = json.loads((out / "decompose_info.json").read_text())["policy"]
-    assert policy["calibration"]["batches"] == 2 and policy["rule"] == "budget=0.3"
+    assert policy["calibration"] == {**policy["calibration"], "batches": 2, "sequential": True}
+    assert policy["rule"] == "budget=0.3"
     flops = json.loads((out / "results.json").read_text())["flops"]
     assert flops == policy["allocation"]["macs"] <= 0.3 * policy["allocation"]["dense_macs"]
 
