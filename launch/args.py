@@ -345,7 +345,6 @@ def check_mode_args(args, pretrained=None) -> RunMode:
     rank_flags = policy_given(args) + [
         name for name in ("calibration_batches", "sequential_calibration") if getattr(args, name)
     ]
-    check_calibration_args(args)
     if not args.tensor_decompose:
         # The AMCT sample: these flags must be used together with --tensor-decompose.
         given = [name for name in ("run_mode", "decompose_info_path", "decomposed_weights_path") if getattr(args, name)]
@@ -370,6 +369,7 @@ def check_mode_args(args, pretrained=None) -> RunMode:
                 f"{', '.join(map(flag, unused))}: not used offline, where the structure and the weights come "
                 "from --decompose-info-path and --decomposed-weights-path: give them to step 1 (decompose_model.py)"
             )
+    check_calibration_args(args)
     for name in ("pretrained_path", "decompose_info_path", "decomposed_weights_path"):
         path = getattr(args, name)
         if path and _read_here(name, mode, bool(distill)) and not Path(path).is_file():

@@ -217,6 +217,7 @@ def _replay_policy(replacements: list[Replacement], config_file, chosen_by: Rank
         min_rank=1,
         calibration=chosen_by.calibration if chosen_by else None,
         calibration_batches=chosen_by.calibration_batches if chosen_by else None,
+        sequential=chosen_by.sequential if chosen_by else False,
         config_file=str(config_file),
     )
 

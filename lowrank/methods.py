@@ -221,24 +221,22 @@ def _channels_last_rows(tensor: torch.Tensor, channel_axis: int) -> torch.Tensor
 def _patch_rows(layer: nn.Conv2d, inputs: torch.Tensor, axes: tuple[int, ...]) -> torch.Tensor:
     """The windows of ``inputs`` that a conv reads with ``layer``'s kernel, stride, padding and dilation
     along ``axes`` (0: height, 1: width) and none along the others, as rows (channels x window),
-    channels first as a kernel flattens. A string padding is taken as zeros: none for "valid", half
-    the dilated kernel for "same"; other padding modes as zeros."""
+    channels first as a kernel flattens. Padded as the conv pads: its padding mode, and "same"'s larger
+    half after the input for an even kernel."""
 
     def along(values, fill):
         return tuple(values[axis] if axis in axes else fill for axis in (0, 1))
 
-    if isinstance(layer.padding, str):
-        half = [d * (k - 1) // 2 for k, d in zip(layer.kernel_size, layer.dilation)]
-        padding = (0, 0) if layer.padding == "valid" else half
-    else:
-        padding = layer.padding
+    # F.pad's order, as the conv keeps it: width's two sides, then height's
+    sides = list(layer._reversed_padding_repeated_twice)
+    for axis, first in ((1, 0), (0, 2)):
+        if axis not in axes:
+            sides[first : first + 2] = (0, 0)
     batched = inputs if inputs.dim() == 4 else inputs.unsqueeze(0)
+    if any(sides):
+        batched = TF.pad(batched, sides, mode="constant" if layer.padding_mode == "zeros" else layer.padding_mode)
     patches = TF.unfold(
-        batched,
-        along(layer.kernel_size, 1),
-        dilation=along(layer.dilation, 1),
-        padding=along(padding, 0),
-        stride=along(layer.stride, 1),
+        batched, along(layer.kernel_size, 1), dilation=along(layer.dilation, 1), stride=along(layer.stride, 1)
     )
     return _channels_last_rows(patches, 1)
 

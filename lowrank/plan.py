@@ -7,6 +7,7 @@ import itertools
 import math
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -69,11 +70,10 @@ def plan(model, policy: RankPolicy, conv_method: str, with_weights: bool, what: 
     for unmatched in policy.unmatched(layers):
         example = f", such as {max(layers, key=lambda name: name.count('.'))!r}" if any(layers) else ""
         logger.warning("%s matches no conv or linear layer (expressions match whole names%s)", unmatched, example)
-    observation = _observe(model, policy, candidates)
     sequential = with_weights and policy.sequential
     if sequential:  # read once, for the calibration pass and then two passes per layer
-        batches = list(itertools.islice(policy.calibration, policy.calibration_batches))
-        policy = dataclasses.replace(policy, calibration=batches, calibration_batches=None)
+        policy = dataclasses.replace(policy, calibration=_batches_in_memory(policy), calibration_batches=None)
+    observation = _observe(model, policy, candidates)
     calibrated = with_weights or policy.allocates  # the budget's errors are measured on the data too
     calibration = _calibrate(model, policy, candidates, conv_method, observation) if calibrated else None
     moments = calibration.moments if calibration else {}
@@ -96,10 +96,25 @@ def plan(model, policy: RankPolicy, conv_method: str, with_weights: bool, what: 
         allocation = _allocate(model, policy, budgeted, replacements, skipped, observation, moments, with_weights)
         order = list(candidates)
         replacements.sort(key=lambda replacement: order.index(replacement.name))
+    if calibration is not None:
+        calibration.sequential = policy.sequential
     if sequential:
-        calibration.sequential = True
         refit(model, replacements, policy.calibration, moments)
     return Plan(replacements, skipped, measurements, calibration, allocation)
+
+
+def _batches_in_memory(policy: RankPolicy) -> list:
+    """``sequential``'s calibration batches, as a list: its passes read them two times per layer."""
+    batches = policy.calibration
+    if batches is None:  # Decompose gives its data to decompose_network, so the rule alone cannot check it
+        raise ValueError("sequential=True fits the layers to calibration data, one after another: give calibration=")
+    if policy.calibration_batches is None and not isinstance(batches, Sequence):
+        raise ValueError(
+            "sequential=True keeps the calibration batches in memory and runs the model over them two times per "
+            f"layer: give calibration_batches=N (Decompose: max_iter=N) to read the first N of this "
+            f"{type(batches).__name__}, or a list"
+        )
+    return list(itertools.islice(batches, policy.calibration_batches))
 
 
 def _observe(model: nn.Module, policy: RankPolicy, candidates: dict[str, nn.Module]) -> Observation:

@@ -186,10 +186,6 @@ class RankPolicy:
             raise ValueError("calibration_batches caps the batches read from calibration=, which was not given")
         if not isinstance(self.sequential, bool):
             raise ValueError(f"sequential must be True or False, got {self.sequential!r}")
-        if self.sequential and self.calibration is None:
-            raise ValueError(
-                "sequential=True fits the layers to calibration data, one after another: give calibration="
-            )
         if self.allocates and self.example_input is None:
             raise ValueError(
                 "budget needs example_input=<a tensor, a tuple of the model's positional arguments or a dict of its "

@@ -52,6 +52,7 @@ def compensated(weight: torch.Tensor, cross: torch.Tensor, moment: torch.Tensor)
     return torch.linalg.solve(system, (weight @ cross + damping * weight).T).T
 
 
+@torch.no_grad()
 def refit(model: nn.Module, replacements: list, batches: list, moments: dict[str, torch.Tensor]) -> None:
     """Sets the weights (and bias) of each of ``replacements`` by the sequential fit on ``batches``, the
     layers taken in the order of ``moments``, the calibration pass's (first calls). The first layer,
@@ -65,11 +66,22 @@ def refit(model: nn.Module, replacements: list, batches: list, moments: dict[str
         for name in tqdm(names, desc="Sequential calibration", unit="layer", disable=None, leave=False):
             replacement = by_name[name]
             layer, method = model.get_submodule(name), METHODS[replacement.method]
-            corrects = layer.weight[0].numel() + 1 <= MAX_WIDTH
-            if not corrects:
-                logger.info("%r is fitted to its inputs without correcting for the layers before it (too wide)", name)
-            gathered = _moments(model, layer, method, batches, fitted, corrects) if fitted else None
-            if gathered is None:  # the first layer, or one no batch reaches (plan.plan has warned of it)
+            gathered = None
+            if fitted and name in moments:  # else the first layer, or one that no batch reaches
+                corrects = layer.weight[0].numel() + 1 <= MAX_WIDTH
+                if not corrects:
+                    logger.info(
+                        "%r is fitted to its inputs without correcting for the layers before it (too wide)", name
+                    )
+                try:
+                    gathered = _moments(model, layer, method, batches, fitted, corrects)
+                except _Unpaired as unpaired:
+                    logger.warning(
+                        "%r is fitted to its inputs without correcting for the layers before it: %s", name, unpaired
+                    )
+                    corrects = False
+                    gathered = _moments(model, layer, method, batches, fitted, corrects)
+            if gathered is None:  # as in one pass (plan.plan has warned of a layer that no batch reaches)
                 replacement.weights = method.weights(layer, replacement.ranks, moments.get(name))
                 replacement.calibrated = name in moments
             else:
@@ -122,15 +134,22 @@ def _set(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent), child, module)
 
 
+class _Unpaired(ValueError):
+    """The partly decomposed model called the layer otherwise than the dense one (a data-dependent forward)."""
+
+
 @torch.no_grad()
 def _moments(model, layer, method, batches, fitted, corrects: bool) -> dict | None:
     """Over ``batches``, from x in the dense model and x̂ in the model with the ``fitted`` layers in
     place: with ``corrects``, ``cross`` E[x x̂ᵀ] and ``inputs`` E[x̂ x̂ᵀ] of ``layer``'s kernel rows
     (``_with_ones``); and ``method``'s moment of x̂ (``calibration_rows``), unless those rows are the outputs
-    of the layer to correct, whose moment follows from ``inputs``. None when no batch reaches ``layer``."""
-    calls = []
+    of the layer to correct, whose moment follows from ``inputs``. None when no batch reaches ``layer``;
+    _Unpaired, with ``corrects``, when the two models call it a different number of times or shapes."""
+    calls = []  # copies: the rest of the forward pass may change its inputs in place (x += f(x))
     handle = layer.register_forward_pre_hook(
-        lambda module, args: calls.append(args[0].detach()) if args and isinstance(args[0], torch.Tensor) else None
+        lambda module, args: (
+            calls.append(args[0].detach().clone()) if args and isinstance(args[0], torch.Tensor) else None
+        )
     )
     gathers_method = not (corrects and method.fits_outputs(layer))
     sums, counts = {}, {"kernel": 0, "method": 0}
@@ -141,21 +160,27 @@ def _moments(model, layer, method, batches, fitted, corrects: bool) -> dict | No
             return slice(None)
         return torch.randperm(total, generator=generator)[:MAX_ROWS].to(device)
 
-    def add(key, left, right, total):  # products in float32 (4x faster than float64 here), sums in float64
-        product = (left.float().T @ right.float()).double() * (total / len(left))
-        sums[key] = sums[key] + product if key in sums else product
+    def add(key, left, right, total):  # products in float32 (2x faster than float64 here), sums in float64
+        product = left.float().T @ right.float()
+        if key not in sums:
+            sums[key] = torch.zeros(product.shape, dtype=torch.float64, device=product.device)
+        sums[key].add_(product, alpha=total / len(left))
 
     try:
         for batch in batches:
             args, kwargs = batch_arguments(batch)
-            model(*args, **kwargs)
-            dense, calls[:] = list(calls), []
+            dense = []
+            if corrects:
+                model(*args, **kwargs)
+                dense, calls[:] = list(calls), []
             with _installed(model, fitted):
                 model(*args, **kwargs)
             current, calls[:] = list(calls), []
-            for x, x_hat in zip(dense, current):
+            if corrects and [x.shape for x in dense] != [x.shape for x in current]:
+                raise _Unpaired(f"its calls differ between the two models ({len(dense)} and {len(current)} calls)")
+            for index, x_hat in enumerate(current):
                 if corrects:
-                    rows, rows_hat = kernel_rows(layer, x), kernel_rows(layer, x_hat)
+                    rows, rows_hat = kernel_rows(layer, dense[index]), kernel_rows(layer, x_hat)
                     total = len(rows)
                     chosen = sampled(total, rows.device)  # the same rows of both
                     rows, rows_hat = _with_ones(layer, rows[chosen]), _with_ones(layer, rows_hat[chosen])

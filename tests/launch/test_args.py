@@ -169,7 +169,7 @@ def test_decomposition_flags_without_tensor_decompose_are_refused(tmp_path):
             ["--pretrained-path", "{pretrained}", "--calibration-batches", "8", "--sequential-calibration"],
             "--seq",
         ),
-        ("offline", ["--sequential-calibration"], "--sequential-calibration fits lowrank's rules"),
+        ("offline", ["--sequential-calibration"], "--sequential-calibration: not used offline"),
         ("offline", ["--ratio", "0.3", "--calibration-batches", "2", "--sequential-calibration"], "--ratio, --calib"),
         (
             "online",

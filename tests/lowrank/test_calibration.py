@@ -11,7 +11,7 @@ import lowrank
 from lowrank import calibration, functional
 from lowrank.calibration import calibrate, digest
 from lowrank.functional import weighted_factors
-from lowrank.methods import METHODS
+from lowrank.methods import METHODS, kernel_rows
 
 
 def anisotropic(batches, shape, seed=0):
@@ -230,3 +230,27 @@ def test_decompose_with_a_config_file_fits_the_data_and_every_process_builds_the
     structure = lowrank.Decompose(model, method="spatial").from_dict({}, **budget)
     structure = structure.decompose_network(do_decompose_weight=False, datasets=batches)
     assert [p.shape for p in structure.parameters()] == [p.shape for p in weights.parameters()]
+
+
+@pytest.mark.parametrize(
+    "layer",
+    [
+        nn.Conv2d(3, 5, 3, padding=1, padding_mode="reflect"),
+        nn.Conv2d(3, 5, 3, padding=(2, 1), padding_mode="circular", dilation=2),
+        nn.Conv2d(3, 5, (3, 5), padding=2, padding_mode="replicate", stride=(2, 1)),
+        nn.Conv2d(3, 5, 2, padding="same"),
+        nn.Conv2d(3, 5, 4, padding="same", dilation=(1, 2)),
+        nn.Conv2d(3, 5, 3, padding="valid", stride=2),
+    ],
+    ids=["reflect", "circular-dilated", "replicate-strided", "same-even", "same-even-dilated", "valid"],
+)
+@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel lengths")  # PyTorch's, on the conv itself
+def test_the_rows_a_kernel_reads_are_the_convs_own_windows(layer):
+    """Each padding mode and "same" with an even kernel (its larger half after the input): the rows times
+    the kernel are the conv's outputs, which the svd moments and the sequential fits rely on."""
+    torch.manual_seed(0)
+    inputs = torch.randn(2, 3, 9, 10)
+    with torch.no_grad():
+        expected = layer(inputs) - layer.bias[:, None, None]
+        rows = kernel_rows(layer, inputs) @ layer.weight.reshape(5, -1).T
+    torch.testing.assert_close(rows, expected.movedim(1, -1).reshape(-1, 5))

@@ -149,3 +149,80 @@ def test_a_layer_too_wide_to_compensate_is_fitted_to_the_inputs_it_gets(monkeypa
     assert not torch.equal(narrow[3][0].weight, one_pass[3][0].weight)  # but fitted to x̂
     errors = [output_error(model, fitted, held_out) for fitted in (compensated_fit, narrow, one_pass)]
     assert errors[0] < errors[1] < errors[2], errors
+
+
+class Residual(nn.Module):
+    """A residual block that adds in place: the inputs the hooks saw change after the layer ran."""
+
+    def __init__(self):
+        super().__init__()
+        self.first, self.second = nn.Linear(16, 16), nn.Linear(16, 16)
+
+    def forward(self, x):
+        hidden = torch.relu(self.first(x))
+        return hidden.add_(self.second(hidden))
+
+
+def test_layers_see_their_inputs_as_they_were_called_whatever_the_forward_does_in_place():
+    torch.manual_seed(0)
+    in_place = Residual()
+    out_of_place = copy.deepcopy(in_place)
+    out_of_place.forward = lambda x: (lambda h: h + out_of_place.second(h))(torch.relu(out_of_place.first(x)))
+    batches = anisotropic(4, (16,))
+    options = {"ratio": 0.3, "min_rank": 1, "calibration": batches, "sequential": True}
+    fitted = [lowrank.auto_decomposition(model, **options)[0].second for model in (in_place, out_of_place)]
+    for new, reference in zip(*fitted):
+        torch.testing.assert_close(new.weight, reference.weight)
+    torch.testing.assert_close(fitted[0][-1].bias, fitted[1][-1].bias)
+
+
+class Routed(nn.Module):
+    """A layer applied to the rows its input routes to it: the decomposed model calls it on other rows."""
+
+    def __init__(self):
+        super().__init__()
+        self.first, self.expert = nn.Linear(16, 16), nn.Linear(16, 16)
+
+    def forward(self, x):
+        hidden = self.first(x)
+        return self.expert(hidden[hidden[:, -1] > 0])  # a feature that the decomposed first layer changes
+
+
+def test_a_layer_called_otherwise_in_the_decomposed_model_is_fitted_to_the_inputs_it_gets(lowrank_log):
+    torch.manual_seed(0)
+    model = Routed()
+    batches = anisotropic(4, (16,))
+    decomposed, changes = lowrank.auto_decomposition(
+        copy.deepcopy(model), ratio=0.3, min_rank=1, calibration=batches, sequential=True
+    )
+    assert list(changes) == ["first", "expert"]
+    expected = "'expert' is fitted to its inputs without correcting for the layers before it: its calls differ"
+    assert any(message.startswith(expected) for message in lowrank_log)
+    assert torch.equal(decomposed.expert[-1].bias, model.expert.bias)
+
+
+def test_the_batches_kept_in_memory_need_a_cap_unless_they_are_a_list():
+    model, shape, batches = deep("linear")
+    with pytest.raises(ValueError, match="give calibration_batches=N .* of this generator, or a list"):
+        lowrank.auto_decomposition(model, ratio=0.3, calibration=(batch for batch in batches), sequential=True)
+    assert all(not isinstance(module, nn.Sequential) for module in model.children())  # left whole
+    lowrank.auto_decomposition(model, ratio=0.3, calibration=iter(batches), calibration_batches=2, sequential=True)
+
+
+def test_decompose_fits_layer_after_layer_with_its_datasets_and_its_config_file(tmp_path):
+    model, shape, batches = deep("conv")
+    expected, _ = lowrank.auto_decomposition(
+        copy.deepcopy(model), method="tucker2", ratio=0.3, min_rank=1, calibration=batches, sequential=True
+    )
+    direct = lowrank.Decompose(model).from_ratio(0.3, divisor=1, min_rank=1, ratio_of="flops", sequential=True)
+    path = tmp_path / "config.json"
+    saved = lowrank.Decompose(model, config_file=str(path)).from_ratio(
+        0.3, divisor=1, min_rank=1, ratio_of="flops", sequential=True, calibration=batches
+    )
+    for decomposed in (direct.decompose_network(datasets=batches), saved.decompose_network()):
+        for key, value in expected.state_dict().items():
+            torch.testing.assert_close(decomposed.state_dict()[key], value, msg=key)
+    budgeted = tmp_path / "budget.json"  # a budget's plan reads the data, and its config file records how
+    budget = {"budget": 0.5, "example_input": batches[0][:1], "min_rank": 1, "divisor": 1}
+    lowrank.Decompose(model, config_file=str(budgeted)).from_dict({}, **budget, sequential=True, calibration=batches)
+    assert json.loads(budgeted.read_text())["policy"]["calibration"]["sequential"] is True
