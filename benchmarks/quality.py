@@ -140,17 +140,16 @@ def decompose(model, **options):
     return lowrank.auto_decomposition(copy.deepcopy(model), method="spatial", **options)
 
 
-def uniform_ratio(model, target, dense_flops) -> tuple[float, int]:
+def uniform_ratio(model, target, dense_flops, step=0.02) -> tuple[float, int]:
     """The largest per-layer ratio (to 1e-3) whose decomposed model stays within ``target`` of the FLOPs,
     and the min_rank it needs: the default 8, or less where no ratio reaches the target with it (a
     layer whose rank would fall below min_rank stays dense: DeepNet's 32-channel conv below 0.125).
     Not a bisection over (0, 1], since the FLOPs rise again where a layer stays dense: a scan from 1
-    down finds the first ratio that fits, and a bisection refines it within the step above."""
+    down, in ``step``s, finds the first ratio that fits, and a bisection refines it within the step above."""
 
     def fits(ratio, min_rank):
         return flops_ratio(decompose(model, ratio=ratio, min_rank=min_rank)[0], dense_flops) <= target
 
-    step = 0.02
     for min_rank in MIN_RANKS:
         low = next((1 - step * i for i in range(int(1 / step)) if fits(1 - step * i, min_rank)), None)
         if low is not None:
@@ -208,13 +207,13 @@ def evaluate_network(name, settings, data, args, out):
     train_set, test_set = data
     dense = baseline(name, settings, train_set, out, args.reuse, args.baseline_steps or settings["steps"])
     dense_flops = lowrank.count_flops(dense, EXAMPLE)
-    loader = torch.utils.data.DataLoader(train_set, batch_size=CALIBRATION_BATCH)
+    loader = torch.utils.data.DataLoader(train_set, batch_size=args.calibration_batch_size)
     calibration = [images for images, _ in itertools.islice(loader, args.calibration_batches)]
     held_out = next(iter(torch.utils.data.DataLoader(test_set, batch_size=args.held_out)))[0]
     result = {"dense_accuracy": accuracy(dense, test_set), "dense_flops": dense_flops, "rows": []}
     print(f"{name}: dense accuracy {100 * result['dense_accuracy']:.2f}%, {dense_flops:,} FLOPs", flush=True)
     for target in args.ratios:
-        ratio, min_rank = uniform_ratio(dense, target, dense_flops)
+        ratio, min_rank = uniform_ratio(dense, target, dense_flops, step=0.1 if args.quick else 0.02)
         built = {
             "uniform": decompose(dense, ratio=ratio, min_rank=min_rank),
             "data-aware": decompose(dense, ratio=ratio, min_rank=min_rank, calibration=calibration),
@@ -428,6 +427,7 @@ def plot(results, path):
 def main(args):
     if args.quick:
         args.ratios, args.steps, args.baseline_steps, args.calibration_batches = [0.15], 2, 4, 2
+        args.calibration_batch_size = 32
         args.test_images, args.held_out, args.resnet_batch, args.networks = 64, 16, 2, ["DeepNet"]
     torch.manual_seed(SEED)
     out = Path(args.output_dir)
@@ -443,7 +443,7 @@ def main(args):
         results["networks"][name] = evaluate_network(name, NETWORKS[name], data, args, out)
     lowrank.set_logger_level("info")
     net = baseline("Net", NETWORKS["Net"], data[0], out, True, args.baseline_steps or NETWORKS["Net"]["steps"])
-    loader = torch.utils.data.DataLoader(data[0], batch_size=CALIBRATION_BATCH)
+    loader = torch.utils.data.DataLoader(data[0], batch_size=args.calibration_batch_size)
     calibration = [images for images, _ in itertools.islice(loader, args.calibration_batches)]
     results["timing"] = timing(args, net, calibration)
     results["machine"]["load_average_at_end"] = os.getloadavg()
@@ -473,7 +473,13 @@ def get_args_parser():
         "--calibration-batches",
         type=int,
         default=CALIBRATION_BATCHES,
-        help=f"calibration batches of {CALIBRATION_BATCH} (default: {CALIBRATION_BATCHES})",
+        help=f"calibration batches of --calibration-batch-size (default: {CALIBRATION_BATCHES})",
+    )
+    parser.add_argument(
+        "--calibration-batch-size",
+        type=int,
+        default=CALIBRATION_BATCH,
+        help=f"images per calibration batch (default: {CALIBRATION_BATCH})",
     )
     parser.add_argument(
         "--networks", nargs="+", default=list(NETWORKS), choices=list(NETWORKS), help="(default: Net DeepNet)"
@@ -489,7 +495,8 @@ def get_args_parser():
     parser.add_argument(
         "--quick",
         action="store_true",
-        help="DeepNet at ratio 0.15, 2 steps, 2 calibration batches, 64 test images, ResNet-18 on 32x32: a smoke test",
+        help="DeepNet at ratio 0.15, 2 steps, 2 calibration batches of 32, 64 test images, ResNet-18 on 32x32, "
+        "a coarser scan for the uniform ratio: a smoke test",
     )
     return parser
 
