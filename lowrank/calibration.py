@@ -29,6 +29,14 @@ MAX_ROWS = 8192
 SEED = 0
 
 
+def sampled(total: int, generator: torch.Generator, device) -> torch.Tensor | slice:
+    """The rows kept of a call's ``total``: all, or MAX_ROWS drawn at random (a regular stride would see
+    one column of every image); the call's sums are then weighted by ``total`` over the rows kept."""
+    if total <= MAX_ROWS:
+        return slice(None)
+    return torch.randperm(total, generator=generator)[:MAX_ROWS].to(device)
+
+
 class CalibrationError(ValueError):
     """A layer's statistics could not be gathered (not the model failing on a batch)."""
 
@@ -110,9 +118,7 @@ def calibrate(
             try:
                 rows = method.calibration_rows(module, args[0].detach(), output.detach())
                 total = rows.shape[0]
-                if total > MAX_ROWS:  # random rows: a regular stride would see one column of every image
-                    rows = rows[torch.randperm(total, generator=generator)[:MAX_ROWS].to(rows.device)]
-                rows = rows.double()
+                rows = rows[sampled(total, generator, rows.device)].double()
                 if name not in sums:
                     sums[name] = rows.new_zeros(rows.shape[1], rows.shape[1])
                     counts[name] = 0

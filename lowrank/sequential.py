@@ -26,7 +26,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from .calibration import MAX_ROWS, SEED, batch_arguments
+from .calibration import SEED, batch_arguments, sampled
 from .log import logger
 from .methods import METHODS, kernel_rows
 from .modules import build_replacement, fill
@@ -155,11 +155,6 @@ def _moments(model, layer, method, batches, fitted, corrects: bool) -> dict | No
     sums, counts = {}, {"kernel": 0, "method": 0}
     generator = torch.Generator().manual_seed(SEED)
 
-    def sampled(total, device):  # random rows, as calibration.calibrate draws them
-        if total <= MAX_ROWS:
-            return slice(None)
-        return torch.randperm(total, generator=generator)[:MAX_ROWS].to(device)
-
     def add(key, left, right, total):  # products in float32 (2x faster than float64 here), sums in float64
         product = left.float().T @ right.float()
         if key not in sums:
@@ -182,7 +177,7 @@ def _moments(model, layer, method, batches, fitted, corrects: bool) -> dict | No
                 if corrects:
                     rows, rows_hat = kernel_rows(layer, dense[index]), kernel_rows(layer, x_hat)
                     total = len(rows)
-                    chosen = sampled(total, rows.device)  # the same rows of both
+                    chosen = sampled(total, generator, rows.device)  # the same rows of both
                     rows, rows_hat = _with_ones(layer, rows[chosen]), _with_ones(layer, rows_hat[chosen])
                     add("cross", rows, rows_hat, total)
                     add("inputs", rows_hat, rows_hat, total)
@@ -191,7 +186,7 @@ def _moments(model, layer, method, batches, fitted, corrects: bool) -> dict | No
                     # Only rows of the outputs read the output, which is then the uncorrected layer's.
                     rows = method.calibration_rows(layer, x_hat, layer(x_hat) if method.fits_outputs(layer) else None)
                     total = len(rows)
-                    rows = rows[sampled(total, rows.device)]
+                    rows = rows[sampled(total, generator, rows.device)]
                     add("method", rows, rows, total)
                     counts["method"] += total
     finally:
